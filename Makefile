@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Each creates .venv and installs everything on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vitcompact-installed
+OUT ?= runs/demo
+
+.PHONY: setup demo test bench-latency bench-accuracy clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision pinned to the pair that installs from this machine kind's local files
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vitcompact demo --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build dist *.egg-info runs

@@ -1,0 +1,41 @@
+"""The `vitcompact` command. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+import vitcompact as vc
+
+from .inspect_cmd import inspect
+
+app = typer.Typer(
+    name="vitcompact",
+    help="Prune ViT attention heads and MLP neurons, build the smaller model, export it and "
+         "measure the speed-up.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitcompact {vc.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+) -> None:
+    """vitcompact: smaller, faster Vision Transformers."""
+
+
+app.command()(inspect)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,71 @@
+"""`vitcompact inspect`: blocks, heads, neurons, params and MACs of a model or artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+import vitcompact as vc
+from vitcompact.artifact import CONFIG
+
+from .common import JsonOption, console, print_json, user_errors
+
+
+def load_any(model: str, num_classes: int | None = None, in_chans: int | None = None,
+             img_size: int | None = None) -> "vc.models.presets.nn.Module":
+    """A model from an artifact directory, a preset or a timm name."""
+    path = Path(model)
+    if path.is_dir() or (path.suffix == "" and (path / CONFIG).exists()):
+        return vc.load(path)
+    if path.suffix in (".safetensors", ".pth", ".pt") or "/" in model:
+        raise vc.ConfigError(f"{model}: pass an artifact directory, a preset or a timm model name "
+                             "(a checkpoint file goes with --checkpoint)")
+    args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
+                                ("img_size", img_size)) if v is not None}
+    return vc.create_model(model, **args)
+
+
+@user_errors
+def inspect(
+    model: str = typer.Argument(..., help="Artifact directory, preset name or timm ViT name."),
+    num_classes: int | None = typer.Option(None, help="Override the number of classes."),
+    img_size: int | None = typer.Option(None, help="Override the input size."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Show blocks, heads, neurons, params and MACs (dense vs compact for an artifact).
+
+    Example: vitcompact inspect vit-cifar-tiny
+    """
+    m = load_any(model, num_classes=num_classes, img_size=img_size)
+    now = vc.count(m)
+    info = getattr(m, "vitcompact_compact", None) or {}
+    dense = info.get("dense")
+    if json_out:
+        print_json({"model": model, "count": now.to_dict(), "dense": dense})
+        return
+    table = Table(title=f"{model}")
+    table.add_column("block", justify="right")
+    table.add_column("heads", justify="right")
+    table.add_column("neurons", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("MACs", justify="right")
+    if dense:
+        table.add_column("dense params", justify="right")
+        table.add_column("dense MACs", justify="right")
+    for i, b in enumerate(now.blocks):
+        row = [str(b.index), str(b.heads), str(b.neurons), f"{b.params:,}", f"{b.macs:,}"]
+        if dense:
+            d = dense["blocks"][i]
+            row = [str(b.index), f"{b.heads}/{d['heads']}", f"{b.neurons}/{d['neurons']}",
+                   f"{b.params:,}", f"{b.macs:,}", f"{d['params']:,}", f"{d['macs']:,}"]
+        table.add_row(*row)
+    total = ["total", str(now.heads), str(now.neurons), f"{now.params:,}", f"{now.macs:,}"]
+    if dense:
+        total += [f"{dense['params']:,}", f"{dense['macs']:,}"]
+    table.add_row(*total, style="bold")
+    console.print(table)
+    if dense:
+        console.print(f"compact/dense: params {now.params / dense['params']:.3f}, "
+                      f"MACs {now.macs / dense['macs']:.3f} (ideal speed-up {dense['macs'] / now.macs:.2f}x)")

@@ -1,0 +1,20 @@
+"""vitcompact: prune ViT heads and MLP neurons, build the smaller model, export it, prove the speed-up."""
+
+__version__ = "0.1.0"
+
+from .accounting import Count, count
+from .artifact import is_compact, load, load_checkpoint, save
+from .compact import compact
+from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataError, MaskError,
+                     UnsupportedModelError, VitCompactError)
+from .models import PRESETS, create_model, vit_layout
+from .prune import (CRITERIA, PruneMasks, ScoreContext, Structure, magnitude_prune, regroup,
+                    structured_prune)
+
+__all__ = [
+    "__version__", "Count", "count", "is_compact", "load", "load_checkpoint", "save", "compact",
+    "ArtifactError", "BackendUnavailableError", "ConfigError", "DataError", "MaskError",
+    "UnsupportedModelError", "VitCompactError", "PRESETS", "create_model", "vit_layout",
+    "CRITERIA", "PruneMasks", "ScoreContext", "Structure", "magnitude_prune", "regroup",
+    "structured_prune",
+]

@@ -1,0 +1,151 @@
+"""Artifacts: a directory with `model.safetensors` + `config.json`. Never a pickle.
+
+`config.json` is timm-style (architecture, model_args, num_classes, ...) plus a `vitcompact`
+section holding the per-block shapes needed to rebuild a compact model, its structure,
+dense/compact accounting and provenance.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .accounting import count
+from .compact import COMPACT_ATTR, apply_block_specs, block_specs, BlockSpec
+from .errors import ArtifactError, ConfigError
+from .io import atomic_path, ensure_dir, read_json, write_json
+from .models.presets import create_model, get_source, set_source
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _data_config(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    in_chans = model.patch_embed.proj.in_channels
+    mean, std = cfg.get("mean", (0.5,) * in_chans), cfg.get("std", (0.5,) * in_chans)
+    if len(mean) != in_chans:
+        mean, std = (float(mean[0]),) * in_chans, (float(std[0]),) * in_chans
+    return {"num_classes": model.num_classes, "img_size": list(model.patch_embed.img_size),
+            "in_chans": in_chans, "mean": list(mean), "std": list(std)}
+
+
+def model_config(model: nn.Module, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json content for a model built by vitcompact."""
+    source = get_source(model)
+    info = getattr(model, COMPACT_ATTR, None) or {}
+    compact_count = count(model).to_dict()
+    return {
+        "architecture": source["architecture"],
+        "model_args": source["model_args"],
+        **_data_config(model),
+        "vitcompact": {
+            "format_version": FORMAT_VERSION,
+            "version": __version__,
+            "preset": source.get("preset"),
+            "blocks": info.get("blocks"),
+            "structure": info.get("structure"),
+            "accounting": {"dense": info.get("dense", compact_count), "compact": compact_count},
+            "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "torch": torch.__version__, **(provenance or {})},
+        },
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
+    """Write `model` to the directory `path` (created if needed); each file atomically."""
+    path = ensure_dir(path)
+    config = model_config(model, provenance)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "vitcompact": __version__})
+    write_json(path / CONFIG, config)
+    return path
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"{path} is not a readable safetensors file: {e}") from None
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for corrupt or unsafe files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path} could not be read as a weights-only checkpoint: {first}") from None
+        for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ArtifactError(f"{path} does not hold a state dict of tensors")
+        return {k.removeprefix("module."): v for k, v in obj.items()}
+    raise ArtifactError(f"{path}: unsupported checkpoint type {path.suffix!r}; use .safetensors, .pth or .pt")
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ArtifactError(f"{where} does not match the model: missing keys {missing[:5]}"
+                            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                            f"{' ...' if len(unexpected) > 5 else ''}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ArtifactError(f"{where}: {k} has shape {tuple(v.shape)} but the model expects "
+                                f"{tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a saved model from its config and load its weights strictly."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not an artifact directory (expected {CONFIG} and {WEIGHTS})")
+    config = read_json(path / CONFIG)
+    try:
+        architecture, model_args = config["architecture"], dict(config["model_args"])
+        section = config.get("vitcompact") or {}
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(f"{path / CONFIG} lacks field {e}") from None
+    try:
+        model = create_model(architecture, **model_args)
+    except ConfigError as e:
+        raise ArtifactError(f"{path / CONFIG}: {e}") from None
+    set_source(model, architecture, model_args, section.get("preset"))
+    if section.get("blocks"):
+        try:
+            specs = [BlockSpec(**b) for b in section["blocks"]]
+        except TypeError as e:
+            raise ArtifactError(f"{path / CONFIG}: bad block spec: {e}") from None
+        apply_block_specs(model, specs)
+        setattr(model, COMPACT_ATTR, {"blocks": section["blocks"], "structure": section.get("structure"),
+                                      "dense": (section.get("accounting") or {}).get("dense")})
+    _load_strict(model, _read_state(path / WEIGHTS), path / WEIGHTS)
+    return model.eval()
+
+
+def load_checkpoint(name: str, checkpoint: str | os.PathLike, **model_args: Any) -> nn.Module:
+    """A dense model `name` (preset or timm name) with a user's weights (.safetensors, .pth, .pt)."""
+    model = create_model(name, **model_args)
+    checkpoint = Path(checkpoint)
+    _load_strict(model, _read_state(checkpoint), checkpoint)
+    return model
+
+
+def is_compact(model: nn.Module) -> bool:
+    return block_specs(model) is not None

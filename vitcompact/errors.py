@@ -1,0 +1,30 @@
+"""The one error hierarchy. Every message tells the user what to change; the CLI prints it on one
+line and exits with code 2."""
+
+
+class VitCompactError(Exception):
+    """Base class of every error vitcompact raises on purpose."""
+
+
+class ConfigError(VitCompactError, ValueError):
+    """An argument or configuration value is out of range or unknown."""
+
+
+class UnsupportedModelError(VitCompactError):
+    """The model (or one of its modules) is not a ViT layout vitcompact can prune."""
+
+
+class MaskError(VitCompactError):
+    """Masks do not match the model, or are not quasi-structured where they must be."""
+
+
+class ArtifactError(VitCompactError):
+    """A file or artifact directory is missing, corrupt, or does not match its config."""
+
+
+class DataError(VitCompactError):
+    """A dataset is missing, corrupt, or unsuitable."""
+
+
+class BackendUnavailableError(VitCompactError):
+    """An optional backend (TensorRT, CUDA, ...) is not installed or has no device."""

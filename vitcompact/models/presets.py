@@ -1,0 +1,86 @@
+"""Named model presets and `create_model`, the one door for building a ViT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch.nn as nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..registry import Registry
+
+SOURCE_ATTR = "vitcompact_source"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A plain timm VisionTransformer configuration: a timm architecture plus constructor args."""
+
+    architecture: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+PRESETS: Registry[Preset] = Registry("preset")
+
+PRESETS.register("vit-cifar-tiny")(Preset(
+    "vit_tiny_patch16_224",
+    dict(img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3, mlp_ratio=2.0, num_classes=10),
+    "ViT-Tiny of the RSST research code: 32 px, patch 4, 192 wide, 9 blocks, 3 heads, MLP x2",
+))
+PRESETS.register("vit-cifar-small")(Preset(
+    "vit_small_patch16_224",
+    dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, num_classes=10),
+    "32 px, patch 4, 384 wide, 12 blocks, 6 heads, MLP x4",
+))
+PRESETS.register("vit-digits")(Preset(
+    "vit_tiny_patch16_224",
+    dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
+         num_classes=10),
+    "for 8x8 digits: patch 2, 64 wide, 4 blocks, 4 heads of 16, MLP x2 (the demo model)",
+))
+PRESETS.register("vit-fashion-tiny")(Preset(
+    "vit_tiny_patch16_224",
+    dict(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=9, num_heads=3, mlp_ratio=2.0,
+         num_classes=10),
+    "vit-cifar-tiny sized, one input channel, 28 px (Fashion-MNIST / MNIST)",
+))
+
+
+def create_model(name: str, **model_args: Any) -> nn.Module:
+    """Build a randomly initialised ViT from a preset name or any timm ViT name.
+
+    Keyword arguments override the preset's (e.g. `num_classes`, `in_chans`, `img_size`). No
+    weights are downloaded; load a checkpoint with `vitcompact.load_checkpoint`.
+    """
+    if name in PRESETS:
+        preset = PRESETS.get(name)
+        architecture, args = preset.architecture, {**preset.model_args, **model_args}
+    else:
+        architecture, args = name, dict(model_args)
+        if architecture not in timm.list_models():
+            known = ", ".join(PRESETS.names())
+            raise ConfigError(f"unknown model {name!r}: not a preset ({known}) nor a timm model name")
+    args.pop("pretrained", None)
+    try:
+        model = timm.create_model(architecture, pretrained=False, **args)
+    except TypeError as e:
+        raise ConfigError(f"bad model argument for {architecture}: {e}") from None
+    set_source(model, architecture, args, preset=name if name in PRESETS else None)
+    return model
+
+
+def set_source(model: nn.Module, architecture: str, model_args: dict[str, Any], preset: str | None = None) -> None:
+    """Remember how to rebuild `model` (timm architecture and constructor args) for saving."""
+    setattr(model, SOURCE_ATTR, {"architecture": architecture, "model_args": dict(model_args), "preset": preset})
+
+
+def get_source(model: nn.Module) -> dict[str, Any]:
+    source = getattr(model, SOURCE_ATTR, None)
+    if source is None:
+        raise UnsupportedModelError(
+            "model has no recorded architecture; build it with vitcompact.create_model or "
+            "vitcompact.load so it can be saved and rebuilt")
+    return source

@@ -1,0 +1,14 @@
+"""The pruning core: masks, magnitude pruning, criteria, selection and regrouping."""
+
+from .criteria import CRITERIA, DATA_DRIVEN, ScoreContext, score_units
+from .magnitude import magnitude_prune
+from .masks import PruneMasks
+from .regroup import TARGETS, regroup, structured_prune
+from .selection import MODES, keep_count, select_units
+from .structure import BlockStructure, Structure
+
+__all__ = [
+    "CRITERIA", "DATA_DRIVEN", "ScoreContext", "score_units", "magnitude_prune", "PruneMasks",
+    "TARGETS", "regroup", "structured_prune", "MODES", "keep_count", "select_units",
+    "BlockStructure", "Structure",
+]

@@ -1,0 +1,172 @@
+"""Importance criteria for heads and neurons: one registry, one signature.
+
+A criterion takes the model (already masked: scores come from the current masked weights, so a
+pruned unit cannot come back through stale values), the element masks and a `ScoreContext`, and
+returns, per block, one score per head and one per neuron (None for a removed branch). Higher
+means more important.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.adapter import unit_weights
+from ..registry import Registry
+from .masks import PruneMasks, per_head, per_neuron
+
+BlockScores = tuple["torch.Tensor | None", "torch.Tensor | None"]
+Criterion = Callable[[nn.Module, PruneMasks, "ScoreContext"], list[BlockScores]]
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+DATA_DRIVEN = ("l1", "l2", "saliency")
+
+
+@dataclass
+class ScoreContext:
+    """Calibration data for data-driven criteria: an iterable of (images, labels) batches."""
+
+    data: Iterable[Any] | None = None
+    num_batches: int = 8
+    device: torch.device | str | None = None
+
+    def batches(self, criterion: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.data is None:
+            raise ConfigError(f"criterion {criterion!r} needs calibration data: pass data= "
+                              "(an iterable of (images, labels) batches)")
+        out = []
+        for batch in itertools.islice(self.data, self.num_batches):
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            out.append((x, y))
+        if not out:
+            raise ConfigError(f"criterion {criterion!r} got empty calibration data")
+        return out
+
+
+def _unit_sums(masks: PruneMasks, tensors: dict[str, torch.Tensor]) -> list[BlockScores]:
+    """Sum per-weight values over each unit's incoming and outgoing weights."""
+    scores: list[BlockScores] = []
+    for block in masks.layout.blocks:
+        head = neuron = None
+        if block.num_heads:
+            q, p = f"{block.name}.attn.qkv.weight", f"{block.name}.attn.proj.weight"
+            head = per_head(q, tensors[q], block) + per_head(p, tensors[p], block)
+        if block.hidden:
+            f1, f2 = f"{block.name}.mlp.fc1.weight", f"{block.name}.mlp.fc2.weight"
+            neuron = per_neuron(f1, tensors[f1]) + per_neuron(f2, tensors[f2])
+        scores.append((head, neuron))
+    return scores
+
+
+def _masked_weights(model: nn.Module, masks: PruneMasks) -> dict[str, torch.Tensor]:
+    out = {}
+    for block in masks.layout.blocks:
+        for name, p in unit_weights(model, block).items():
+            out[name] = p.detach().float() * masks[name].to(p.device)
+    return out
+
+
+@CRITERIA.register("remain")
+def remain(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """Number of surviving weights of the unit."""
+    return _unit_sums(masks, {n: m.float() for n, m in masks.masks.items()})
+
+
+@CRITERIA.register("magnitude")
+def magnitude(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """L1 norm of the unit's masked weights."""
+    return _unit_sums(masks, {n: w.abs() for n, w in _masked_weights(model, masks).items()})
+
+
+def _masked_copy(model: nn.Module, masks: PruneMasks, device) -> nn.Module:
+    import copy
+    scoring = copy.deepcopy(model)
+    if device is not None:
+        scoring.to(device)
+    masks.apply_(scoring)
+    return scoring.eval()
+
+
+def _activation_scores(model: nn.Module, masks: PruneMasks, ctx: ScoreContext, name: str,
+                       reduce: Callable[[torch.Tensor], torch.Tensor], finish) -> list[BlockScores]:
+    """Accumulate reduce(|output|) per head over qkv outputs and per neuron over fc1 outputs."""
+    scoring = _masked_copy(model, masks, ctx.device)
+    device = next(scoring.parameters()).device
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    counts: dict[tuple[int, str], int] = {}
+    hooks = []
+    for block in masks.layout.blocks:
+        b = scoring.blocks[block.index]
+
+        def add(key, value, n):
+            sums[key] = sums.get(key, 0) + value
+            counts[key] = counts.get(key, 0) + n
+
+        if block.num_heads:
+            def on_qkv(mod, inp, out, block=block):
+                o = out.detach().float().reshape(*out.shape[:-1], 3, block.num_heads, block.head_dim)
+                o = o.movedim(-2, 0).reshape(block.num_heads, -1)
+                add((block.index, "head"), reduce(o).sum(dim=1), o.shape[1])
+            hooks.append(b.attn.qkv.register_forward_hook(on_qkv))
+        if block.hidden:
+            def on_fc1(mod, inp, out, block=block):
+                o = out.detach().float().reshape(-1, out.shape[-1]).t()
+                add((block.index, "neuron"), reduce(o).sum(dim=1), o.shape[1])
+            hooks.append(b.mlp.fc1.register_forward_hook(on_fc1))
+    try:
+        with torch.no_grad():
+            for x, _ in ctx.batches(name):
+                scoring(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    scores: list[BlockScores] = []
+    for block in masks.layout.blocks:
+        head = finish(sums[(block.index, "head")] / counts[(block.index, "head")]) if block.num_heads else None
+        neuron = finish(sums[(block.index, "neuron")] / counts[(block.index, "neuron")]) if block.hidden else None
+        scores.append((None if head is None else head.cpu(), None if neuron is None else neuron.cpu()))
+    return scores
+
+
+@CRITERIA.register("l1")
+def l1(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """Mean |activation| of the unit's qkv outputs (heads) or pre-activation fc1 output (neurons)."""
+    return _activation_scores(model, masks, ctx, "l1", torch.abs, lambda t: t)
+
+
+@CRITERIA.register("l2")
+def l2(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """RMS activation of the same outputs as `l1`."""
+    return _activation_scores(model, masks, ctx, "l2", torch.square, torch.sqrt)
+
+
+@CRITERIA.register("saliency")
+def saliency(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """First-order Taylor importance: sum over the unit's weights of |w * dL/dw|, over N batches."""
+    scoring = _masked_copy(model, masks, ctx.device)
+    device = next(scoring.parameters()).device
+    weights = {n: p for n, p in scoring.named_parameters() if n in masks.masks}
+    totals = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in weights.items()}
+    for x, y in ctx.batches("saliency"):
+        if y is None:
+            raise ConfigError("criterion 'saliency' needs labelled calibration batches (images, labels)")
+        scoring.zero_grad(set_to_none=True)
+        logits = scoring(x.to(device))
+        F.cross_entropy(logits, y.to(device)).backward()
+        for n, p in weights.items():
+            totals[n] += (p.detach().float() * p.grad.float()).abs()
+    scores = _unit_sums(masks, {n: t.cpu() for n, t in totals.items()})
+    return scores
+
+
+def score_units(model: nn.Module, masks: PruneMasks, criteria: str,
+                ctx: ScoreContext | None = None) -> list[BlockScores]:
+    """Scores per block with the named criterion."""
+    fn = CRITERIA.get(criteria)
+    return fn(model, masks, ctx or ScoreContext())
