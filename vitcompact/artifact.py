@@ -104,10 +104,10 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
         raise ArtifactError(f"{where} does not match the model: missing keys {missing[:5]}"
                             f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                             f"{' ...' if len(unexpected) > 5 else ''}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ArtifactError(f"{where}: {k} has shape {tuple(v.shape)} but the model expects "
-                                f"{tuple(own[k].shape)}")
+    for k, expected in own.items():
+        if tuple(state[k].shape) != tuple(expected.shape):
+            raise ArtifactError(f"{where}: {k} has shape {tuple(state[k].shape)} but the model "
+                                f"expects {tuple(expected.shape)}")
     model.load_state_dict(state, strict=True)
 
 

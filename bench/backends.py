@@ -1,0 +1,151 @@
+"""Inference backends the harness times: onnxruntime (CPU, CUDA, TensorRT) and PyTorch eager.
+
+A backend loads a `BenchModel` once and hands out, per batch size, a callable that runs one
+inference on a fixed random batch and returns only when the result is ready (GPU work included),
+so the harness can time it with a wall clock. Thread settings are pinned at load and reported by
+`settings()`; they go into the benchmark's environment record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from vitcompact.errors import BackendUnavailableError, ConfigError
+from vitcompact.registry import Registry
+
+from .sources import BenchModel
+
+Runner = Callable[[], object]
+Loaded = Callable[[int], Runner]  # batch size -> one-inference callable
+
+
+class Backend(Protocol):
+    name: str
+    on_gpu: bool
+
+    def load(self, model: BenchModel) -> Loaded: ...
+
+    def settings(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    threads: int
+    graph_optimization: str = "all"
+    seed: int = 0
+
+
+BACKENDS: Registry[Callable[[BackendOptions], Backend]] = Registry("bench backend")
+
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def random_batch(batch: int, input_size: tuple[int, int, int], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *input_size), dtype=np.float32)
+
+
+class OrtBackend:
+    """onnxruntime with one execution provider; sequential execution, pinned intra-op threads."""
+
+    def __init__(self, name: str, providers: tuple[str, ...], options: BackendOptions, on_gpu: bool):
+        import onnxruntime as ort
+        if options.graph_optimization not in GRAPH_LEVELS:
+            raise ConfigError(f"unknown graph optimisation level {options.graph_optimization!r}; "
+                              f"choose one of: {', '.join(GRAPH_LEVELS)}")
+        provider = providers[0]
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"backend {name} needs onnxruntime's {provider}, which this onnxruntime "
+                f"{ort.__version__} lacks (install onnxruntime-gpu on a machine with an NVIDIA GPU)")
+        self.name, self.provider, self.providers = name, provider, list(providers)
+        self.options, self.on_gpu = options, on_gpu
+
+    def _session_options(self):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.options.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.options.graph_optimization]
+        return so
+
+    def load(self, model: BenchModel) -> Loaded:
+        import onnxruntime as ort
+        session = ort.InferenceSession(str(model.onnx()), self._session_options(),
+                                       providers=self.providers)
+        if session.get_providers()[0] != self.provider:
+            # onnxruntime silently falls back to CPU when the device cannot be used.
+            raise BackendUnavailableError(f"backend {self.name}: onnxruntime could not start "
+                                          f"{self.provider} (no usable GPU?)")
+        input_name = session.get_inputs()[0].name
+
+        def bind(batch: int) -> Runner:
+            x = random_batch(batch, model.input_size, self.options.seed)
+            if not self.on_gpu:
+                return lambda: session.run(None, {input_name: x})
+            # Inputs and outputs stay on the GPU so host copies are not timed.
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+            for out in session.get_outputs():
+                binding.bind_output(out.name, "cuda", 0)
+            return lambda: session.run_with_iobinding(binding)
+        return bind
+
+    def settings(self) -> dict:
+        return {"backend": self.name, "provider": self.provider, "threads": self.options.threads,
+                "inter_op_threads": 1, "execution_mode": "sequential",
+                "graph_optimization": self.options.graph_optimization}
+
+
+class TorchBackend:
+    """PyTorch eager on CPU under `inference_mode`, with `torch.set_num_threads` pinned."""
+
+    name, on_gpu = "torch", False
+
+    def __init__(self, options: BackendOptions):
+        self.options = options
+
+    def load(self, model: BenchModel) -> Loaded:
+        if model.module is None:
+            raise ConfigError(f"{model.label}: the torch backend needs a model (artifact directory, "
+                              "preset or timm name), not an ONNX file; use --backend ort-cpu")
+        torch.set_num_threads(self.options.threads)
+        module = model.module.eval()
+
+        def bind(batch: int) -> Runner:
+            x = torch.from_numpy(random_batch(batch, model.input_size, self.options.seed))
+
+            def run() -> torch.Tensor:
+                with torch.inference_mode():
+                    return module(x)
+            return run
+        return bind
+
+    def settings(self) -> dict:
+        return {"backend": self.name, "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads()}
+
+
+BACKENDS.register("ort-cpu")(
+    lambda o: OrtBackend("ort-cpu", ("CPUExecutionProvider",), o, on_gpu=False))
+BACKENDS.register("ort-cuda")(
+    lambda o: OrtBackend("ort-cuda", ("CUDAExecutionProvider",), o, on_gpu=True))
+# TensorRT through onnxruntime's TensorRT provider: the engine is built from the same ONNX file,
+# and any node TensorRT cannot take falls back to CUDA.
+BACKENDS.register("tensorrt")(
+    lambda o: OrtBackend("tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider"), o,
+                         on_gpu=True))
+BACKENDS.register("torch")(TorchBackend)
+
+
+def make_backend(name: str, options: BackendOptions) -> Backend:
+    return BACKENDS.get(name)(options)

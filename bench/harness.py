@@ -1,0 +1,164 @@
+"""`benchmark(dense, compact, BenchConfig)`: dense vs compact latency, interleaved, in one process.
+
+Per batch size: both models are warmed up, then timed in rounds A B A B ... (each round runs the
+dense model `runs_per_round` times, then the compact model as often), so drift of a shared machine
+hits both sides alike. The number of rounds is capped by `time_budget_s` (estimated from the last
+warm-up run) but never below `min_rounds`. The order actually run is recorded in the result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from vitcompact.errors import ConfigError
+
+from .backends import BackendOptions, Runner, make_backend
+from .environment import environment, physical_cores
+from .sources import BenchModel, ModelSource, check_pair, ideal_speedup, resolve
+from .stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
+
+SCHEMA = "vitcompact.bench/1"
+CPU_BATCH_SIZES = (1, 8, 32)
+GPU_BATCH_SIZES = (1, 8, 32, 64, 128, 256)
+
+
+@dataclass
+class BenchConfig:
+    backend: str = "ort-cpu"
+    batch_sizes: tuple[int, ...] | None = None  # None: 1, 8, 32 on CPU; up to 256 on GPU
+    threads: int | None = None                  # None: every physical core available
+    warmup: int = 3                             # untimed runs per model and batch size
+    rounds: int = 20
+    runs_per_round: int = 3
+    min_rounds: int = 5
+    time_budget_s: float | None = 60.0          # per batch size, both models together
+    confidence: float = 0.95
+    graph_optimization: str = "all"             # onnxruntime: disable, basic, extended, all
+    seed: int = 0                               # input batch and bootstrap
+
+    def check(self) -> None:
+        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
+            raise ConfigError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        for name in ("rounds", "runs_per_round", "min_rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class BatchResult:
+    batch_size: int
+    dense: LatencyStats
+    compact: LatencyStats
+    speedup: SpeedUp                 # measured: dense p50 / compact p50, with its interval
+    ideal_speedup: float | None      # dense MACs / compact MACs
+    rounds: int
+    dense_ms: list[list[float]] = field(repr=False)    # [round][run]
+    compact_ms: list[list[float]] = field(repr=False)
+
+    @property
+    def efficiency(self) -> float | None:
+        """Measured speed-up as a fraction of the ideal one."""
+        return None if self.ideal_speedup is None else self.speedup.value / self.ideal_speedup
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["efficiency"] = self.efficiency
+        return d
+
+
+@dataclass
+class BenchResult:
+    config: BenchConfig
+    dense: BenchModel
+    compact: BenchModel
+    batches: list[BatchResult]
+    environment: dict
+    order: list[tuple[str, int]]  # ("dense" | "compact", batch size) of every timed round half
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        return {"schema": self.schema, "config": asdict(self.config),
+                "dense": self.dense.to_dict(), "compact": self.compact.to_dict(),
+                "ideal_speedup": ideal_speedup(self.dense, self.compact),
+                "batches": [b.to_dict() for b in self.batches],
+                "environment": self.environment, "order": [list(o) for o in self.order]}
+
+
+def _time_ms(run: Runner) -> float:
+    start = time.perf_counter_ns()
+    run()
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+def plan_rounds(config: BenchConfig, seconds_per_round: float | None) -> int:
+    """Rounds to time: `config.rounds`, fewer if the time budget says so, never under min_rounds."""
+    if config.time_budget_s is None or not seconds_per_round:
+        return config.rounds
+    fit = math.floor(config.time_budget_s / seconds_per_round)
+    return max(min(config.min_rounds, config.rounds), min(config.rounds, fit))
+
+
+def measure_pair(dense: Runner, compact: Runner, batch: int, config: BenchConfig,
+                 order: list[tuple[str, int]]) -> tuple[list[list[float]], list[list[float]]]:
+    """Warm up both, then time them in alternating rounds; appends the run order to `order`."""
+    last = {"dense": 0.0, "compact": 0.0}
+    for _ in range(config.warmup):
+        last["dense"] = _time_ms(dense)
+        last["compact"] = _time_ms(compact)
+    per_round_s = (last["dense"] + last["compact"]) * config.runs_per_round / 1000.0
+    rounds = plan_rounds(config, per_round_s if config.warmup else None)
+    dense_ms, compact_ms = [], []
+    for _ in range(rounds):
+        dense_ms.append([_time_ms(dense) for _ in range(config.runs_per_round)])
+        order.append(("dense", batch))
+        compact_ms.append([_time_ms(compact) for _ in range(config.runs_per_round)])
+        order.append(("compact", batch))
+    return dense_ms, compact_ms
+
+
+def _flat(rounds: list[list[float]]) -> list[float]:
+    return [t for r in rounds for t in r]
+
+
+def summarise(batch: int, dense_ms: list[list[float]], compact_ms: list[list[float]],
+              ideal: float | None, config: BenchConfig) -> BatchResult:
+    return BatchResult(batch, latency_stats(_flat(dense_ms), batch), latency_stats(_flat(compact_ms), batch),
+                       speedup_interval(dense_ms, compact_ms, config.confidence, seed=config.seed),
+                       ideal, len(dense_ms), dense_ms, compact_ms)
+
+
+def benchmark(dense: ModelSource, compact: ModelSource, config: BenchConfig | None = None,
+              progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Time `dense` and `compact` (modules, artifact dirs, names or .onnx files) on one backend.
+
+    onnxruntime backends export modules to ONNX in a temporary folder. `progress`, if given,
+    receives one line per batch size as it completes.
+    """
+    config = config or BenchConfig()
+    config.check()
+    threads = config.threads or physical_cores()
+    backend = make_backend(config.backend, BackendOptions(threads, config.graph_optimization, config.seed))
+    dense_model, compact_model = resolve(dense), resolve(compact)
+    check_pair(dense_model, compact_model)
+    batch_sizes = tuple(config.batch_sizes or (GPU_BATCH_SIZES if backend.on_gpu else CPU_BATCH_SIZES))
+    dense_loaded, compact_loaded = backend.load(dense_model), backend.load(compact_model)
+    ideal = ideal_speedup(dense_model, compact_model)
+    order: list[tuple[str, int]] = []
+    batches = []
+    for batch in batch_sizes:
+        dense_ms, compact_ms = measure_pair(dense_loaded(batch), compact_loaded(batch), batch, config, order)
+        result = summarise(batch, dense_ms, compact_ms, ideal, config)
+        batches.append(result)
+        if progress:
+            progress(f"batch {batch}: dense {result.dense.p50:.2f} ms, compact {result.compact.p50:.2f} ms, "
+                     f"speed-up {result.speedup.value:.3f}x (ideal {ideal or float('nan'):.3f}x)")
+    resolved = BenchConfig(**{**asdict(config), "batch_sizes": batch_sizes, "threads": threads})
+    return BenchResult(resolved, dense_model, compact_model, batches,
+                       environment(backend.settings()), order)

@@ -1,0 +1,76 @@
+"""Writing ONNX files atomically, with their external-data file when there is one.
+
+Work happens in a hidden staging folder beside the destination; only a finished, verified file is
+moved into place (its `.data` file first, so the `.onnx` never points at missing weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+
+from vitcompact.errors import ArtifactError
+from vitcompact.io import ensure_dir
+
+# Protobuf cannot serialise a message over 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def data_file(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    total = 0
+    for init in proto.graph.initializer:
+        if init.raw_data:
+            total += len(init.raw_data)
+        else:
+            total += 4 * max(len(init.float_data), len(init.int64_data) * 2, len(init.int32_data))
+    return total
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> Path:
+    """Write `proto` to `path`; weights go to `path.data` when asked or (None) when too large."""
+    if external_data is None:
+        external_data = weight_bytes(proto) > EXTERNAL_DATA_BYTES
+    data_file(path).unlink(missing_ok=True)
+    if external_data:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file(path).name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return path
+
+
+@contextlib.contextmanager
+def staging(path: str | os.PathLike) -> Iterator[Path]:
+    """A private folder beside `path` for intermediate files; removed afterwards, whatever happens."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ArtifactError(f"{path}: the output file name must end in .onnx")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder; give the path of the .onnx file to write")
+    ensure_dir(path.parent)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(staged: Path, path: Path) -> Path:
+    """Move a staged ONNX file (and its data file, if any) to `path`, replacing what is there."""
+    path = Path(path)
+    if data_file(staged).exists():
+        os.replace(data_file(staged), data_file(path))
+    else:
+        data_file(path).unlink(missing_ok=True)
+    os.replace(staged, path)
+    return path

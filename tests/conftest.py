@@ -1,0 +1,58 @@
+"""Shared test fixtures: small models of every supported ViT family."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import vitcompact as vc
+
+# Every adapter family the issue names, shrunk to 32 px / patch 8 / 2 blocks to stay fast.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "vit_tiny": ("vit_tiny_patch16_224", {}),
+    "vit_small": ("vit_small_patch16_224", {}),
+    "deit_small": ("deit_small_patch16_224", {}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "reg4": ("vit_little_patch16_reg4_gap_256", {}),
+    "layerscale": ("deit3_small_patch16_224", {}),
+    "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True}),
+    "gap_no_cls": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    torch.set_num_threads(int(os.environ.get("VITCOMPACT_TEST_THREADS", "1")))
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give biases and LayerScale gammas non-trivial values so equality tests mean something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or name.endswith(".gamma"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if name.endswith(".gamma") else 0.0))
+    return model.eval()
+
+
+def make_family(key: str, depth: int = 2, seed: int = 0, **overrides) -> torch.nn.Module:
+    name, extra = FAMILIES[key]
+    torch.manual_seed(seed)
+    model = vc.create_model(name, img_size=32, patch_size=8, depth=depth, num_classes=10,
+                            **{**extra, **overrides})
+    return randomize_(model, seed)
+
+
+def input_for(model: torch.nn.Module, batch: int, seed: int = 0) -> torch.Tensor:
+    c = model.patch_embed.proj.in_channels
+    h, w = model.patch_embed.img_size
+    return torch.randn(batch, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def calibration(model: torch.nn.Module, batches: int = 2, batch: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    num_classes = model.num_classes
+    return [(input_for(model, batch, seed + i), torch.randint(0, num_classes, (batch,), generator=g))
+            for i in range(batches)]

@@ -1,0 +1,146 @@
+"""`load_data`: a source's images resized to the model's input, normalised, split, as DataLoaders.
+
+The validation split comes off the training set with a fixed seed; the test set is only for the
+final report (nothing in vitcompact selects or scores on it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError, DataError
+from .sources import DATA_SOURCES
+
+
+class ImageDataset(Dataset):
+    """uint8 images held in memory; normalised (and lightly augmented) per sample.
+
+    Augmentation uses torch's global RNG, which the training loop seeds per run so the sample
+    order and crops repeat exactly (and a resumed run matches an uninterrupted one).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor,
+                 std: torch.Tensor, augment: bool = False, flip: bool = False):
+        self.images, self.labels = images, labels
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+        self.augment, self.flip = augment, flip
+        self.pad = max(1, images.shape[-1] // 8)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def without_augmentation(self) -> "ImageDataset":
+        return ImageDataset(self.images, self.labels, self.mean.flatten(), self.std.flatten())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].float().div_(255.0)
+        if self.augment:
+            # Random translation by up to `pad` pixels (zero padding), then an optional flip.
+            h, w = x.shape[-2:]
+            padded = F.pad(x, (self.pad,) * 4)
+            dy, dx = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = padded[:, dy:dy + h, dx:dx + w]
+            if self.flip and bool(torch.randint(0, 2, ()).item()):
+                x = x.flip(-1)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+@dataclass
+class DataBundle:
+    """Train / validation / test loaders of one dataset, with what a model and report need."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    source: str = ""
+
+    def calibration(self) -> DataLoader:
+        """Training images without augmentation in a fixed order: data for data-driven criteria."""
+        ds = self.train.dataset
+        base = ds.without_augmentation() if isinstance(ds, ImageDataset) else ds
+        return DataLoader(base, batch_size=self.train.batch_size, shuffle=False)
+
+
+def _to_channels(images: torch.Tensor, in_chans: int) -> torch.Tensor:
+    c = images.shape[1]
+    if c == in_chans:
+        return images
+    if c == 1:
+        return images.expand(-1, in_chans, -1, -1)
+    if in_chans == 1 and c == 3:
+        # ITU-R 601 luma, the usual RGB -> grey conversion.
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise DataError(f"cannot convert {c}-channel images to the model's {in_chans} input channels")
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == (size, size):
+        return images.contiguous()
+    out = []
+    for part in images.split(chunk):
+        r = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
+        out.append(r.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def load_data(source: str = "digits", root: str | os.PathLike | None = None, img_size: int = 8,
+              in_chans: int = 1, batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
+              augment: bool = True, limit: int | None = None) -> DataBundle:
+    """Load a built-in source (`DATA_SOURCES`) resized to `img_size` with `in_chans` channels.
+
+    `val_fraction` of the training images (a permutation fixed by `seed`) become the validation
+    set. `limit` caps the training pool and the test set (quick runs and tests). Normalisation
+    uses the per-channel mean and std of the training split.
+    """
+    spec = DATA_SOURCES.get(source)
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if img_size < 1 or in_chans < 1 or batch_size < 1:
+        raise ConfigError("img_size, in_chans and batch_size must be positive")
+    if limit is not None and limit < 2:
+        raise ConfigError(f"limit must be at least 2, got {limit}")
+    raw = spec.read(Path(root) if root is not None else None)
+    order = torch.randperm(len(raw.train_labels), generator=torch.Generator().manual_seed(seed))
+    if limit is not None:
+        order = order[:limit]
+    n_val = max(1, int(round(len(order) * val_fraction)))
+    if n_val >= len(order):
+        raise DataError(f"{source}: {len(order)} training images are too few for a validation split")
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    test_x, test_y = raw.test_images, raw.test_labels
+    if limit is not None:
+        test_x, test_y = test_x[:limit], test_y[:limit]
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return _resize(_to_channels(images, in_chans), img_size)
+
+    train_x = prepare(raw.train_images[train_idx])
+    val_x, test_x = prepare(raw.train_images[val_idx]), prepare(test_x)
+    scaled = train_x.float().div(255.0)
+    mean = scaled.mean(dim=(0, 2, 3))
+    std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    num_classes = len(raw.class_names)
+
+    def loader(x, y, train: bool) -> DataLoader:
+        ds = ImageDataset(x, y, mean, std, augment=augment and train, flip=spec.flip)
+        # The trainer re-creates the training loader per epoch with its own seeded order.
+        return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed) if train else None)
+
+    return DataBundle(loader(train_x, raw.train_labels[train_idx], True),
+                      loader(val_x, raw.train_labels[val_idx], False),
+                      loader(test_x, test_y, False), num_classes,
+                      tuple(float(v) for v in mean), tuple(float(v) for v in std),
+                      list(raw.class_names), source)

@@ -1,0 +1,217 @@
+"""`train` and `evaluate`: AdamW (or SGD), warm-up + cosine, label smoothing, clipping, AMP on GPU.
+
+Masks, when given, hold pruned weights at exactly zero: they are applied before the first step
+and again after every optimiser step (AdamW's momentum and weight decay would otherwise move them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from timm.optim import param_groups_weight_decay
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigError
+from ..prune.masks import PruneMasks
+from . import distributed
+from .seeding import seed_everything
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `warmup_epochs` may be fractional; `clip_grad=None` disables clipping.
+    `distill_alpha` weighs the teacher's soft targets when a teacher is passed to `train`."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0
+    amp: bool = True
+    device: str | None = None
+    seed: int = 0
+    deterministic: bool = True
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    progress: bool = True
+
+    def check(self) -> "TrainConfig":
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GradientPenalty(Protocol):
+    """Called after backward (gradients unscaled) with the run's global step; edits gradients in
+    place and returns the value to log (RSST's λ)."""
+
+    def __call__(self, model: nn.Module, step: int, total_steps: int) -> float: ...
+
+
+@dataclass
+class TrainResult:
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    val: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    optimizer_state: dict[str, Any] | None = None
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    return torch.device(config.device) if config.device else distributed.default_device()
+
+
+def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target KL, scaled by T^2 so its gradient size does not depend on T."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None) -> dict[str, float]:
+    """Top-1, top-5 (only with more than 5 classes) and mean cross-entropy over `loader`."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    num_classes = None
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        num_classes = logits.shape[-1]
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, num_classes), dim=-1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(-1).sum())
+        total += len(y)
+    model.train(was_training)
+    if total == 0:
+        raise ConfigError("evaluation loader is empty")
+    out = {"top1": correct1 / total}
+    if num_classes is not None and num_classes > 5:
+        out["top5"] = correct5 / total
+    out["loss"] = loss_sum / total
+    return out
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: PruneMasks | None = None, *,
+          penalty: GradientPenalty | None = None, teacher: nn.Module | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, description: str = "train") -> TrainResult:
+    """Train `model` on `bundle.train` for `config.epochs`, validating on `bundle.val` each epoch.
+
+    `masks` keeps pruned weights at exactly zero. `penalty` edits gradients before each step
+    (RSST). `teacher` adds knowledge distillation. `on_epoch` receives each epoch's metrics.
+    Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by rank.
+    """
+    config = (config or TrainConfig()).check()
+    device = resolve_device(config)
+    distributed.setup(device)
+    seed_everything(config.seed, config.deterministic)
+    model.to(device).train()
+    if masks is not None:
+        masks.apply_(model)
+    if teacher is not None:
+        teacher.to(device).eval()
+    net = distributed.wrap(model, device)
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = math.ceil(len(bundle.train.dataset) / (bundle.train.batch_size * distributed.world_size()))
+    total = steps_per_epoch * config.epochs
+    warmup = min(total, int(round(config.warmup_epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, warmup, total, config.min_lr / config.lr))
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    result = TrainResult()
+    step, last_penalty = 0, 0.0
+    with _progress(config.progress and distributed.is_main()) as bar:
+        task = bar.add_task(description, total=total)
+        for epoch in range(config.epochs):
+            loss_sum, seen = 0.0, 0
+            for x, y in distributed.epoch_loader(bundle.train, config.seed, epoch):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    logits = net(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(x).float()
+                        kd = distill_loss(logits.float(), t_logits, config.distill_temperature)
+                        loss = (1 - config.distill_alpha) * loss + config.distill_alpha * kd
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                if penalty is not None:
+                    last_penalty = penalty(model, step, total)
+                if config.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if masks is not None:
+                    masks.apply_(model)
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                step += 1
+                bar.update(task, advance=1)
+            val = evaluate(model, bundle.val, device)
+            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                      "train_loss": distributed.mean_across_ranks(loss_sum / max(1, seen), device),
+                      **{f"val_{k}": v for k, v in val.items()}}
+            if penalty is not None:
+                record["lambda"] = last_penalty
+            bar.update(task, description=f"{description} epoch {epoch + 1}/{config.epochs} "
+                                         f"loss {record['train_loss']:.3f} val top1 {val['top1']:.3f}")
+            result.epochs.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+    result.val = evaluate(model, bundle.val, device) if not result.epochs else {
+        k.removeprefix("val_"): v for k, v in result.epochs[-1].items() if k.startswith("val_")}
+    result.steps = step
+    result.optimizer_state = optimizer.state_dict()
+    model.eval()
+    return result
