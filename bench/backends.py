@@ -36,6 +36,7 @@ class Backend(Protocol):
 class BackendOptions:
     threads: int
     graph_optimization: str = "all"
+    onnx_optimize: str = "off"  # the exporter's transformer fusion: off, on, auto
     seed: int = 0
 
 
@@ -80,8 +81,8 @@ class OrtBackend:
 
     def load(self, model: BenchModel) -> Loaded:
         import onnxruntime as ort
-        session = ort.InferenceSession(str(model.onnx()), self._session_options(),
-                                       providers=self.providers)
+        path = model.onnx(self.options.onnx_optimize)
+        session = ort.InferenceSession(str(path), self._session_options(), providers=self.providers)
         if session.get_providers()[0] != self.provider:
             # onnxruntime silently falls back to CPU when the device cannot be used.
             raise BackendUnavailableError(f"backend {self.name}: onnxruntime could not start "
@@ -103,7 +104,8 @@ class OrtBackend:
     def settings(self) -> dict:
         return {"backend": self.name, "provider": self.provider, "threads": self.options.threads,
                 "inter_op_threads": 1, "execution_mode": "sequential",
-                "graph_optimization": self.options.graph_optimization}
+                "graph_optimization": self.options.graph_optimization,
+                "onnx_optimize": self.options.onnx_optimize}
 
 
 class TorchBackend:

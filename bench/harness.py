@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import torch
+
 from vitcompact.errors import ConfigError
 
 from .backends import BackendOptions, Runner, make_backend
@@ -23,10 +25,13 @@ from .stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
 SCHEMA = "vitcompact.bench/1"
 CPU_BATCH_SIZES = (1, 8, 32)
 GPU_BATCH_SIZES = (1, 8, 32, 64, 128, 256)
+ONNX_OPTIMIZE = ("off", "on", "auto")  # the exporter's modes; "auto" may treat the two models differently
 
 
 @dataclass
 class BenchConfig:
+    """How `benchmark` times: backend, batch sweep, threads, warm-up, rounds and their budget."""
+
     backend: str = "ort-cpu"
     batch_sizes: tuple[int, ...] | None = None  # None: 1, 8, 32 on CPU; up to 256 on GPU
     threads: int | None = None                  # None: every physical core available
@@ -37,6 +42,7 @@ class BenchConfig:
     time_budget_s: float | None = 60.0          # per batch size, both models together
     confidence: float = 0.95
     graph_optimization: str = "all"             # onnxruntime: disable, basic, extended, all
+    onnx_optimize: str = "off"                  # exporter's transformer fusion for both models
     seed: int = 0                               # input batch and bootstrap
 
     def check(self) -> None:
@@ -49,6 +55,13 @@ class BenchConfig:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.onnx_optimize not in ONNX_OPTIMIZE:
+            raise ConfigError(f"onnx_optimize must be one of {', '.join(ONNX_OPTIMIZE)}, "
+                              f"got {self.onnx_optimize!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"confidence must be between 0 and 1, got {self.confidence}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"time_budget_s must be positive (or None), got {self.time_budget_s}")
 
 
 @dataclass
@@ -84,7 +97,8 @@ class BenchResult:
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
-        return {"schema": self.schema, "config": asdict(self.config),
+        config = {**asdict(self.config), "batch_sizes": list(self.config.batch_sizes or ())}
+        return {"schema": self.schema, "config": config,
                 "dense": self.dense.to_dict(), "compact": self.compact.to_dict(),
                 "ideal_speedup": ideal_speedup(self.dense, self.compact),
                 "batches": [b.to_dict() for b in self.batches],
@@ -144,21 +158,29 @@ def benchmark(dense: ModelSource, compact: ModelSource, config: BenchConfig | No
     config = config or BenchConfig()
     config.check()
     threads = config.threads or physical_cores()
-    backend = make_backend(config.backend, BackendOptions(threads, config.graph_optimization, config.seed))
+    backend = make_backend(config.backend, BackendOptions(threads, config.graph_optimization,
+                                                             config.onnx_optimize, config.seed))
     dense_model, compact_model = resolve(dense), resolve(compact)
     check_pair(dense_model, compact_model)
     batch_sizes = tuple(config.batch_sizes or (GPU_BATCH_SIZES if backend.on_gpu else CPU_BATCH_SIZES))
-    dense_loaded, compact_loaded = backend.load(dense_model), backend.load(compact_model)
     ideal = ideal_speedup(dense_model, compact_model)
     order: list[tuple[str, int]] = []
     batches = []
-    for batch in batch_sizes:
-        dense_ms, compact_ms = measure_pair(dense_loaded(batch), compact_loaded(batch), batch, config, order)
-        result = summarise(batch, dense_ms, compact_ms, ideal, config)
-        batches.append(result)
-        if progress:
-            progress(f"batch {batch}: dense {result.dense.p50:.2f} ms, compact {result.compact.p50:.2f} ms, "
-                     f"speed-up {result.speedup.value:.3f}x (ideal {ideal or float('nan'):.3f}x)")
+    torch_threads = torch.get_num_threads()  # the torch backend pins threads process-wide
+    try:
+        dense_loaded, compact_loaded = backend.load(dense_model), backend.load(compact_model)
+        for batch in batch_sizes:
+            dense_ms, compact_ms = measure_pair(dense_loaded(batch), compact_loaded(batch), batch,
+                                                config, order)
+            result = summarise(batch, dense_ms, compact_ms, ideal, config)
+            batches.append(result)
+            if progress:
+                progress(f"batch {batch}: dense {result.dense.p50:.2f} ms, compact "
+                         f"{result.compact.p50:.2f} ms, speed-up {result.speedup.value:.3f}x "
+                         f"(ideal {'n/a' if ideal is None else f'{ideal:.3f}x'})")
+        settings = backend.settings()
+    finally:
+        torch.set_num_threads(torch_threads)
     resolved = BenchConfig(**{**asdict(config), "batch_sizes": batch_sizes, "threads": threads})
     return BenchResult(resolved, dense_model, compact_model, batches,
-                       environment(backend.settings()), order)
+                       environment(settings), order)

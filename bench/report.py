@@ -49,11 +49,17 @@ def to_markdown(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
+def _batch_ticks(ax, sizes: list[int]) -> None:
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xticks([], minor=True)  # log-scale minor ticks would label 2x10^0 and the like
+
+
 def plot(result: BenchResult, path: str | os.PathLike) -> Path:
     """Latency vs batch size for both models, and measured (with interval) vs ideal speed-up."""
     import matplotlib
     matplotlib.use("Agg")  # files only; never open a window
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     sizes = [b.batch_size for b in result.batches]
     fig, (lat, spd) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -65,7 +71,8 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
                      label=f"{name} p50 (bar to p90)")
     lat.set(xscale="log", yscale="log", xlabel="batch size", ylabel="latency per batch (ms)",
             title="Latency")
-    lat.set_xticks(sizes, [str(s) for s in sizes])
+    _batch_ticks(lat, sizes)
+    lat.yaxis.set_major_formatter(ScalarFormatter())
     lat.legend()
     measured = [b.speedup.value for b in result.batches]
     err = [[b.speedup.value - b.speedup.low for b in result.batches],
@@ -77,7 +84,7 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
         spd.plot(sizes, ideal, linestyle="--", color="black", label="ideal (MACs ratio)")
     spd.axhline(1.0, color="grey", linewidth=0.8)
     spd.set(xscale="log", xlabel="batch size", ylabel="speed-up (dense / compact)", title="Speed-up")
-    spd.set_xticks(sizes, [str(s) for s in sizes])
+    _batch_ticks(spd, sizes)
     spd.legend()
     fig.suptitle(f"{result.dense.label} vs {result.compact.label} "
                  f"({result.environment.get('backend')}, {result.environment.get('threads')} thread(s))",
@@ -90,8 +97,9 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
 
 
 def write_report(result: BenchResult, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write bench.json, bench.md and bench.png into `out_dir`; return their paths by kind."""
+    """Write bench.json, bench.md and bench.png into `out_dir`; return their paths keyed
+    "json", "md" and "png"."""
     out = ensure_dir(out_dir)
     return {"json": write_json(out / JSON_NAME, result.to_dict()),
-            "markdown": write_text(out / MARKDOWN_NAME, to_markdown(result)),
-            "plot": plot(result, out / PLOT_NAME)}
+            "md": write_text(out / MARKDOWN_NAME, to_markdown(result)),
+            "png": plot(result, out / PLOT_NAME)}

@@ -34,23 +34,35 @@ class BenchModel:
     macs: int | None                  # per image; None when an ONNX file does not record it
     module: nn.Module | None = None
     onnx_path: Path | None = None
+    export_notes: dict[str, str] = field(default_factory=dict)  # optimise mode -> exporter's note
     _export_dir: Path | None = field(default=None, repr=False)
+    _exports: dict[str, Path] = field(default_factory=dict, repr=False)
 
-    def onnx(self) -> Path:
-        """The model as an ONNX file, exported to a private temporary folder on first call."""
-        if self.onnx_path is not None:
-            return self.onnx_path
-        from vitcompact.export import to_onnx  # bench -> export, never the other way
-        self._export_dir = Path(tempfile.mkdtemp(prefix="vitcompact-bench-"))
-        weakref.finalize(self, shutil.rmtree, self._export_dir, True)
+    def onnx(self, optimize: str = "off") -> Path:
+        """The model as an ONNX file, exported to a private temporary folder on first use.
+
+        `optimize` is the exporter's graph-fusion mode; the bench default "off" gives dense and
+        compact the same plain graph, since "auto" may fuse one and not the other.
+        """
+        if self.onnx_path is not None and (self._export_dir is None or optimize in self._exports):
+            return self._exports.get(optimize, self.onnx_path)
+        from vitcompact.export import ExportConfig, to_onnx  # bench -> export, never the other way
+        if self._export_dir is None:
+            self._export_dir = Path(tempfile.mkdtemp(prefix="vitcompact-bench-"))
+            weakref.finalize(self, shutil.rmtree, self._export_dir, True)
         # The dynamo exporter prints progress lines; they would corrupt `--json` output.
         with contextlib.redirect_stdout(io.StringIO()):
-            self.onnx_path = Path(to_onnx(self.module.eval(), self._export_dir / "model.onnx").path)
+            result = to_onnx(self.module.eval(), self._export_dir / f"model-{optimize}.onnx",
+                             ExportConfig(verify=False, optimize=optimize))
+        self._exports[optimize] = self.onnx_path = Path(result.path)
+        optimized = getattr(result, "optimized", None)
+        self.export_notes[optimize] = getattr(optimized, "reason", "") if optimized else ""
         return self.onnx_path
 
     def to_dict(self) -> dict:
         return {"label": self.label, "input_size": list(self.input_size), "macs": self.macs,
-                "onnx": str(self.onnx_path) if self.onnx_path and not self._export_dir else None}
+                "onnx": str(self.onnx_path) if self.onnx_path and not self._export_dir else None,
+                "export_notes": dict(self.export_notes)}
 
 
 def _module_label(module: nn.Module) -> str:

@@ -8,7 +8,13 @@ import typer
 
 import vitcompact as vc
 
+from .bench_cmd import bench
+from .compact_cmd import compact
+from .export_cmd import export_app
 from .inspect_cmd import inspect
+from .pipeline_cmd import demo, pipeline
+from .prune_cmd import prune
+from .train_cmd import train
 
 app = typer.Typer(
     name="vitcompact",
@@ -34,7 +40,14 @@ def root(
     """vitcompact: smaller, faster Vision Transformers."""
 
 
+app.command()(train)
+app.command()(prune)
+app.command()(compact)
 app.command()(inspect)
+app.add_typer(export_app, name="export")
+app.command()(bench)
+app.command()(pipeline)
+app.command()(demo)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 import vitcompact as vc
-from vitcompact.artifact import CONFIG
 
 from .common import JsonOption, console, print_json, user_errors
 
@@ -17,11 +16,13 @@ def load_any(model: str, num_classes: int | None = None, in_chans: int | None = 
              img_size: int | None = None) -> "vc.models.presets.nn.Module":
     """A model from an artifact directory, a preset or a timm name."""
     path = Path(model)
-    if path.is_dir() or (path.suffix == "" and (path / CONFIG).exists()):
+    if path.is_dir():
         return vc.load(path)
-    if path.suffix in (".safetensors", ".pth", ".pt") or "/" in model:
-        raise vc.ConfigError(f"{model}: pass an artifact directory, a preset or a timm model name "
-                             "(a checkpoint file goes with --checkpoint)")
+    if path.exists():
+        raise vc.ConfigError(f"{model} is a file; pass an artifact directory, a preset or a timm model "
+                             "name (a checkpoint file goes with --checkpoint)")
+    if "/" in model or path.suffix in (".safetensors", ".pth", ".pt", ".onnx"):
+        raise vc.ArtifactError(f"{model} does not exist")
     args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
                                 ("img_size", img_size)) if v is not None}
     return vc.create_model(model, **args)

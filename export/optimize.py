@@ -75,9 +75,12 @@ def run_optimizer(src: Path, dst: Path, external_data: bool | None) -> dict[str,
     return fusions
 
 
-def time_interleaved(paths: tuple[Path, Path], batch: int, rounds: int = 15,
-                     warmup: int = 3) -> tuple[float, float]:
-    """Median ms per run of two ONNX files, alternating runs so drift hits both alike."""
+def time_interleaved(paths: tuple[Path, Path], batch: int, rounds: int = 15, warmup: int = 3,
+                     budget_s: float = 10.0) -> tuple[float, float]:
+    """Median ms per run of two ONNX files, alternating runs so drift hits both alike.
+
+    Stops early (after at least 5 rounds) once `budget_s` is spent, so large models export in time.
+    """
     sessions = [ort_session(p) for p in paths]
     name, chw = input_shape(sessions[0])
     x = sample_inputs(chw, batch)
@@ -85,7 +88,10 @@ def time_interleaved(paths: tuple[Path, Path], batch: int, rounds: int = 15,
         for _ in range(warmup):
             s.run(None, {name: x})
     times: list[list[float]] = [[], []]
-    for _ in range(rounds):
+    start = time.perf_counter()
+    for done in range(rounds):
+        if done >= 5 and time.perf_counter() - start > budget_s:
+            break
         for i, s in enumerate(sessions):
             t0 = time.perf_counter()
             s.run(None, {name: x})

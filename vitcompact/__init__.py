@@ -10,6 +10,9 @@ from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataEr
 from .models import PRESETS, create_model, vit_layout
 from .prune import (CRITERIA, PruneMasks, ScoreContext, Structure, magnitude_prune, regroup,
                     structured_prune)
+from .data import DATA_SOURCES, DataBundle, load_data
+from .prune.loop import PruneConfig, PruneResult, prune
+from .train import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "__version__", "Count", "count", "is_compact", "load", "load_checkpoint", "save", "compact",
@@ -17,4 +20,6 @@ __all__ = [
     "UnsupportedModelError", "VitCompactError", "PRESETS", "create_model", "vit_layout",
     "CRITERIA", "PruneMasks", "ScoreContext", "Structure", "magnitude_prune", "regroup",
     "structured_prune",
+    "DATA_SOURCES", "DataBundle", "load_data", "PruneConfig", "PruneResult", "prune",
+    "TrainConfig", "TrainResult", "evaluate", "train",
 ]

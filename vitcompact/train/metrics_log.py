@@ -44,9 +44,12 @@ class MetricsLog:
         if not self.enabled:
             return
         if self.path is not None:
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self.save(self.path)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -31,7 +31,7 @@ class TrainConfig:
     `distill_alpha` weighs the teacher's soft targets when a teacher is passed to `train`."""
 
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 3e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     optimizer: str = "adamw"

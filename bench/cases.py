@@ -1,0 +1,43 @@
+"""The dense / compact pairs the benchmark scripts measure, built the same way each time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import vitcompact as vc
+
+
+@dataclass(frozen=True)
+class PruneCase:
+    """Layer-wise magnitude pruning of `head_ratio` of each block's heads, `mlp_ratio` of its neurons."""
+
+    name: str
+    slug: str  # folder-name form
+    head_ratio: float
+    mlp_ratio: float
+
+
+# The research configuration removes 2 of 6 heads (vit_small) or 1 of 3 (vit-cifar-tiny): a third.
+RESEARCH = PruneCase("heads 1/3, MLP 0.3", "research", 1 / 3, 0.3)
+HALF = PruneCase("heads 0.5, MLP 0.5", "half", 0.5, 0.5)
+
+
+def dense_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return vc.create_model(name).eval()
+
+
+def compact_model(dense: nn.Module, case: PruneCase, round_to: int = 1) -> nn.Module:
+    """The compact model of `dense` for `case`; `round_to` aligns MLP widths to a multiple."""
+    masks = vc.regroup(dense, vc.magnitude_prune(dense, 0.3), target="both", head_ratio=case.head_ratio,
+                       mlp_ratio=case.mlp_ratio, mode="layer-wise", round_to=round_to)
+    return vc.compact(dense, masks).eval()
+
+
+def describe(model: nn.Module) -> str:
+    """Heads and MLP width of the first block, e.g. '4 heads, MLP 1075'."""
+    block = model.blocks[0]
+    return f"{block.attn.num_heads} heads, MLP {block.mlp.fc1.out_features}"

@@ -1,0 +1,70 @@
+"""`vitcompact bench`: dense vs compact latency, measured speed-up beside the ideal one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vitcompact.bench import BACKENDS, BenchConfig, benchmark, write_report
+from vitcompact.errors import ConfigError
+
+from .common import JsonOption, console, err_console, print_json, user_errors
+
+
+def parse_batch_sizes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--batch-sizes takes comma-separated integers like 1,8,32, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--batch-sizes takes positive integers like 1,8,32, got {text!r}")
+    return sizes
+
+
+@user_errors
+def bench(
+    dense: str = typer.Argument(..., help="Dense model: artifact directory, preset, timm name or "
+                                          ".onnx file."),
+    compact: str = typer.Argument(..., help="Compact model: artifact directory or .onnx file (or a name)."),
+    backend: str = typer.Option("ort-cpu", help=f"One of: {', '.join(BACKENDS.names())}."),
+    batch_sizes: str | None = typer.Option(None, help="Comma-separated, e.g. 1,8,32 "
+                                                       "(default 1,8,32 on CPU, up to 256 on GPU)."),
+    threads: int | None = typer.Option(None, help="Threads per model (default: all physical cores)."),
+    rounds: int = typer.Option(20, help="Timed rounds (A B alternations) per batch size, at most."),
+    runs_per_round: int = typer.Option(3, help="Timed runs of each model per round."),
+    time_budget: float = typer.Option(60.0, help="Seconds per batch size that cap the rounds."),
+    out: Path | None = typer.Option(None, help="Write bench.json, bench.md and bench.png here."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Measure dense vs compact latency (interleaved, pinned threads) and compare with the ideal.
+
+    Example: vitcompact bench vit_small_patch16_224 runs/demo/compact --batch-sizes 1,8 --threads 1
+    """
+    config = BenchConfig(backend=backend, batch_sizes=parse_batch_sizes(batch_sizes), threads=threads,
+                         rounds=rounds, runs_per_round=runs_per_round, time_budget_s=time_budget)
+    progress = None if json_out else (lambda line: err_console.print(line, markup=False))
+    result = benchmark(dense, compact, config, progress=progress)
+    paths = write_report(result, out) if out is not None else {}
+    if json_out:
+        print_json({**result.to_dict(), "files": {k: str(v) for k, v in paths.items()}})
+        return
+    table = Table(title=f"{result.dense.label} vs {result.compact.label} "
+                        f"({result.environment['backend']}, {result.environment['threads']} thread(s))")
+    level = int(result.config.confidence * 100)
+    for name in ("batch", "dense p50 ms", "compact p50 ms", escape(f"speed-up [{level}% CI]"), "ideal",
+                 "dense img/s", "compact img/s"):
+        table.add_column(name, justify="right")
+    for b in result.batches:
+        s = b.speedup
+        table.add_row(str(b.batch_size), f"{b.dense.p50:.2f}", f"{b.compact.p50:.2f}",
+                      escape(f"{s.value:.3f}x [{s.low:.3f}, {s.high:.3f}]"),
+                      "n/a" if b.ideal_speedup is None else f"{b.ideal_speedup:.3f}x",
+                      f"{b.dense.throughput:.1f}", f"{b.compact.throughput:.1f}")
+    console.print(table)
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")

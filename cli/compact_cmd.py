@@ -1,0 +1,43 @@
+"""`vitcompact compact`: physically remove the pruned heads and neurons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+import vitcompact as vc
+
+from .common import JsonOption, console, print_json, user_errors
+from .inspect_cmd import load_any
+
+
+@user_errors
+def compact(
+    model: str = typer.Argument(..., help="Pruned (masked) artifact directory, preset or timm name."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output artifact directory for the compact model."),
+    masks: Path | None = typer.Option(None, "--masks", help="masks.safetensors from `vitcompact prune`; "
+                                      "default: read the masks from the model's zero weights."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Dense weights (.safetensors/.pth) "
+                                           "for a preset or timm MODEL."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Build the smaller model (same function as the masked one) and save it as an artifact.
+
+    Example: vitcompact compact runs/prune/pruned --masks runs/prune/masks.safetensors --out runs/compact
+    """
+    dense = vc.load_checkpoint(model, checkpoint) if checkpoint else load_any(model)
+    prune_masks = vc.PruneMasks.load(masks) if masks else None
+    small = vc.compact(dense, prune_masks)
+    vc.save(small, out, provenance={"compacted_from": str(model), "masks": str(masks) if masks else None})
+    before, after = vc.count(dense), vc.count(small)
+    summary = {"out": str(out), "dense": {"params": before.params, "macs": before.macs},
+               "compact": {"params": after.params, "macs": after.macs, "heads": after.heads,
+                           "neurons": after.neurons},
+               "ideal_speedup": before.macs / after.macs}
+    if json_out:
+        print_json(summary)
+        return
+    console.print(f"compact model written to {out}: {after.heads} heads, {after.neurons} neurons, "
+                  f"params {before.params:,} -> {after.params:,}, MACs {before.macs:,} -> {after.macs:,} "
+                  f"(ideal speed-up {summary['ideal_speedup']:.2f}x)")

@@ -1,0 +1,77 @@
+"""`vitcompact pipeline` and `vitcompact demo`: the whole loop in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import JsonOption, console, print_json, user_errors
+
+
+def _run(cfg, json_out: bool) -> None:
+    from .workflow import run_pipeline
+
+    log = (lambda msg: None) if json_out else console.print
+    result = run_pipeline(cfg, log=log)
+    if json_out:
+        print_json({"out": str(result.out), "files": result.files, **result.summary})
+        return
+    s = result.summary
+    console.print(f"\n[bold]{s['structure']}[/bold]; params {s['params']['dense']:,} -> {s['params']['compact']:,}, "
+                  f"MACs {s['macs']['dense']:,} -> {s['macs']['compact']:,} (ideal {s['ideal_speedup']:.2f}x)")
+    acc = s["accuracy"]
+    console.print(f"test top-1: dense {acc['dense_test_top1']:.4f}, compact {acc['compact_test_top1']:.4f} "
+                  f"(ONNX {acc['compact_onnx_test_top1']:.4f})")
+    for row in s["latency"]:
+        console.print(f"batch {row['batch']:>4}: dense {row['dense_p50_ms']:.3f} ms, compact "
+                      f"{row['compact_p50_ms']:.3f} ms, speed-up {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x)")
+    console.print(f"report: {result.files['report']}  plot: {result.files['plot']}  onnx: {result.files['onnx']}")
+
+
+@user_errors
+def pipeline(
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML file with PipelineConfig keys."),
+    model: str | None = typer.Option(None, help="Preset, timm name or artifact directory."),
+    checkpoint: str | None = typer.Option(None, help="Dense weights for MODEL (.safetensors/.pth)."),
+    data: str | None = typer.Option(None, help="Data source (digits, fashion-mnist, mnist, cifar10, ...)."),
+    data_root: str | None = typer.Option(None, help="Folder of the data source's files."),
+    method: str | None = typer.Option(None, help="rsst, refill or oneshot."),
+    head_ratio: float | None = typer.Option(None, help="Fraction of heads to remove, in [0, 1)."),
+    mlp_ratio: float | None = typer.Option(None, help="Fraction of MLP neurons to remove, in [0, 1)."),
+    criteria: str | None = typer.Option(None, help="remain, magnitude, l1, l2 or saliency."),
+    train_epochs: int | None = typer.Option(None, help="Dense training epochs before pruning (0: none)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Run folder."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Prune -> compact -> export -> verify -> bench, from flags or a TOML config file.
+
+    Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
+    """
+    from .workflow import PipelineConfig
+
+    overrides = dict(model=model, checkpoint=checkpoint, data=data, data_root=data_root, method=method,
+                     head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=criteria,
+                     train_epochs=train_epochs, out=out)
+    if config is not None:
+        cfg = PipelineConfig.from_toml(config, **overrides)
+    else:
+        cfg = PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
+    _run(cfg, json_out)
+
+
+@user_errors
+def demo(
+    out: str = typer.Option("runs/demo", "--out", "-o", help="Run folder."),
+    json_out: bool = JsonOption,
+) -> None:
+    """The main job, end to end on the built-in digits data, in a few minutes on a CPU.
+
+    Trains a small ViT, RSST-prunes heads and MLP neurons, compacts, exports ONNX, verifies parity,
+    benchmarks dense vs compact and writes report.md, a PNG plot, the ONNX file and the artifact.
+
+    Example: vitcompact demo --out runs/demo
+    """
+    from .workflow import PipelineConfig
+
+    _run(PipelineConfig(out=out), json_out)

@@ -1,0 +1,75 @@
+"""`vitcompact prune`: RSST / Refill / one-shot pruning to a head and neuron structure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+import vitcompact as vc
+from vitcompact.prune.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
+from vitcompact.prune.schedules import LAMBDA_SCHEDULES
+from vitcompact.train import TrainConfig
+
+from .common import JsonOption, console, print_json, user_errors
+from .train_cmd import DataOption, DataRootOption, check_writable, model_and_data
+
+_defaults = PruneConfig()
+
+
+@user_errors
+def prune(
+    model: str = typer.Argument(..., help="Trained artifact directory, preset or timm ViT name."),
+    data: str = DataOption,
+    data_root: Path | None = DataRootOption,
+    method: str = typer.Option(_defaults.method, help=f"One of: {', '.join(METHODS)}."),
+    head_ratio: float = typer.Option(_defaults.head_ratio, help="Fraction of heads to remove, [0, 1)."),
+    mlp_ratio: float = typer.Option(_defaults.mlp_ratio, help="Fraction of MLP neurons to remove, [0, 1)."),
+    target: str = typer.Option(_defaults.target, help="head, mlp or both."),
+    criteria: str = typer.Option(_defaults.criteria, help=f"Unit importance: {', '.join(vc.CRITERIA.names())}."),
+    mode: str = typer.Option(_defaults.mode, help="layer-wise or global selection."),
+    round_to: int = typer.Option(_defaults.round_to, help="Round kept MLP widths up to a multiple."),
+    states: int = typer.Option(_defaults.states, help="Pruning states (one-shot spends them fine-tuning)."),
+    epochs_per_state: int = typer.Option(_defaults.epochs_per_state, help="Training epochs per state."),
+    finetune_epochs: int = typer.Option(_defaults.finetune_epochs, help="Fine-tuning epochs at the end."),
+    lr: float = typer.Option(_defaults.lr, help="Learning rate of every training pass."),
+    lambda_schedule: str = typer.Option(_defaults.lambda_schedule,
+                                        help=f"RSST λ growth: {', '.join(LAMBDA_SCHEDULES.names())}."),
+    lambda_max: float = typer.Option(_defaults.lambda_max, help="RSST λ cap."),
+    lambda_exponent: float = typer.Option(_defaults.lambda_exponent, help="k of exp_custom_exponents."),
+    rewind: str = typer.Option(_defaults.rewind, help=f"Refill rewind: {', '.join(REWINDS)}."),
+    dense_epochs: int = typer.Option(_defaults.dense_epochs, help="Dense epochs inside the loop (for rewind)."),
+    distill: bool = typer.Option(False, "--distill", help="Distil from the dense model while training."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    seed: int = typer.Option(0, help="Seed."),
+    checkpoint: Path | None = typer.Option(None, help="Dense weights (.safetensors/.pth) for MODEL."),
+    out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, masks, pruned artifact)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last state."),
+    wandb_project: str | None = typer.Option(None, "--wandb-project", help="Also log to wandb."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Prune heads and MLP neurons; writes masks, structure, metrics and the masked model.
+
+    Example: vitcompact prune runs/dense --data digits --method rsst --head-ratio 0.3 --mlp-ratio 0.3 --out runs/rsst
+    """
+    config = PruneConfig(
+        method=method, head_ratio=head_ratio, mlp_ratio=mlp_ratio, target=target, criteria=criteria,
+        mode=mode, round_to=round_to, states=states, epochs_per_state=epochs_per_state,
+        finetune_epochs=finetune_epochs, lr=lr, lambda_schedule=lambda_schedule, lambda_max=lambda_max,
+        lambda_exponent=lambda_exponent, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
+        train=TrainConfig(progress=not json_out), out_dir=out, resume=resume, seed=seed,
+        wandb_project=wandb_project).check()
+    check_writable(out)
+    if not resume and (out / "run.json").exists():
+        raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
+    m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
+    result = prune_model(m, bundle, config)
+    vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
+                                           "val": result.val, "test": result.test,
+                                           "structure": result.structure.summary()})
+    summary = {"out": str(out), "structure": result.structure.summary(), "val": result.val, "test": result.test}
+    if json_out:
+        print_json(summary)
+        return
+    console.print(f"{result.structure.summary()}  val top1 {result.val['top1']:.4f}  "
+                  f"test top1 {result.test['top1']:.4f}  saved to {out}")

@@ -1,0 +1,79 @@
+"""`vitcompact train`: train a dense ViT (from scratch or a checkpoint) and save it as an artifact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.nn as nn
+import typer
+
+import vitcompact as vc
+from vitcompact.data import DATA_SOURCES, DataBundle, load_data
+from vitcompact.train import MetricsLog, TrainConfig, evaluate, train as train_model
+
+from .common import JsonOption, console, print_json, user_errors
+from .inspect_cmd import load_any
+
+DataOption = typer.Option("digits", "--data", help=f"Data source: {', '.join(DATA_SOURCES.names())}.")
+DataRootOption = typer.Option(None, "--data-root", help="Folder of the data source's files.")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when `out` cannot be created or written (nothing half-written)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise vc.ArtifactError(f"cannot write to {out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK):
+        raise vc.ArtifactError(f"cannot write to {out}: {probe} is not writable")
+
+
+def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Path | None,
+                   batch_size: int, seed: int) -> tuple[nn.Module, DataBundle]:
+    """The model (artifact, preset or timm name, optionally with checkpoint weights) and its data,
+    resized to the model's input."""
+    m = vc.load_checkpoint(model, checkpoint) if checkpoint is not None else load_any(model)
+    vc.vit_layout(m)
+    size = m.patch_embed.img_size
+    bundle = load_data(data, root=data_root, img_size=int(size[0]), in_chans=m.patch_embed.proj.in_channels,
+                       batch_size=batch_size, seed=seed)
+    if bundle.num_classes != m.num_classes:
+        raise vc.ConfigError(f"{data} has {bundle.num_classes} classes but the model has {m.num_classes}; "
+                             "pick a model built for this data")
+    return m, bundle
+
+
+@user_errors
+def train(
+    model: str = typer.Argument(..., help="Preset, timm ViT name or artifact directory."),
+    data: str = DataOption,
+    data_root: Path | None = DataRootOption,
+    epochs: int = typer.Option(10, help="Training epochs."),
+    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (AdamW, cosine with warm-up)."),
+    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    seed: int = typer.Option(0, help="Seed (data split, initial order, augmentation)."),
+    checkpoint: Path | None = typer.Option(None, help="Start from these weights (.safetensors/.pth)."),
+    out: Path = typer.Option(..., "--out", help="Output artifact directory."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Train a dense model and save it (the starting point of pruning).
+
+    Example: vitcompact train vit-digits --data digits --epochs 10 --out runs/dense
+    """
+    config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, progress=not json_out).check()
+    check_writable(out)
+    m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
+    log = MetricsLog()
+    result = train_model(m, bundle, config, on_epoch=log.write, description="train")
+    test = evaluate(m, bundle.test)
+    vc.save(m, out, provenance={"stage": "train", "data": data, "train": config.to_dict(),
+                                "epochs": result.epochs, "val": result.val, "test": test})
+    log.save(out / "metrics.jsonl")
+    summary = {"out": str(out), "val": result.val, "test": test, "epochs": epochs}
+    if json_out:
+        print_json(summary)
+        return
+    console.print(f"val top1 {result.val['top1']:.4f}  test top1 {test['top1']:.4f}  saved to {out}")

@@ -1,0 +1,102 @@
+"""Reduced-precision variants of an exported fp32 ONNX file: FP16 (for GPUs) and INT8 (dynamic).
+
+Both keep float32 inputs and outputs, so the same preprocessing feeds every variant. Their outputs
+differ from fp32 by design; each variant reports its difference and top-1 agreement with the fp32
+file, and `bench/export_variants.py` measures the accuracy effect on real data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+
+from vitcompact.errors import ArtifactError, ConfigError
+
+from .files import data_file, publish, save_onnx, staging
+from .metadata import raw_metadata
+from .onnx import ExportResult, opset_of, restamp
+from .verify import DEFAULT_BATCHES, check_onnx, verify_against_onnx
+
+# Loose sanity bounds on max abs logit difference against fp32, for the report's pass flag only.
+VARIANT_ATOL = {"fp16": 1e-2, "int8": 0.25}
+
+
+def variant_path(src: Path, precision: str) -> Path:
+    return src.with_name(f"{src.stem}.{precision}.onnx")
+
+
+def _source(src: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+    src = Path(src)
+    if not src.is_file():
+        raise ArtifactError(f"{src} does not exist; export the fp32 model first (to_onnx)")
+    meta = raw_metadata(onnx.load(str(src), load_external_data=False))
+    if meta.get("precision", "fp32") != "fp32":
+        raise ConfigError(f"{src} is already {meta['precision']}; convert the fp32 export instead")
+    return src, meta
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # onnxruntime.quantization warns through the root logger to suggest its optional pre-processing.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _finish(staged: Path, src: Path, dst: Path, meta: dict[str, str], precision: str,
+            verify: bool, start: float) -> ExportResult:
+    proto = restamp(staged, {**meta, "precision": precision})
+    parity = None
+    if verify:
+        check_onnx(staged)
+        parity = verify_against_onnx(staged, src, DEFAULT_BATCHES, VARIANT_ATOL[precision])
+    external = data_file(staged).exists()
+    publish(staged, dst)
+    return ExportResult(dst, precision, opset_of(proto), parity, None, external, raw_metadata(proto),
+                        time.perf_counter() - start)
+
+
+def to_fp16(src: str | os.PathLike, dst: str | os.PathLike | None = None, verify: bool = True,
+            external_data: bool | None = None) -> ExportResult:
+    """An FP16 copy of the fp32 ONNX file `src` (default `<stem>.fp16.onnx` beside it)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    start = time.perf_counter()
+    src, meta = _source(src)
+    dst = Path(dst) if dst is not None else variant_path(src, "fp16")
+    with staging(dst) as stage:
+        staged = stage / dst.name
+        model = OnnxModel(onnx.load(str(src)))
+        model.convert_float_to_float16(keep_io_types=True)
+        # The converter appends the input casts after their consumers; ONNX requires sorted nodes.
+        model.topological_sort()
+        save_onnx(model.model, staged, external_data)
+        return _finish(staged, src, dst, meta, "fp16", verify, start)
+
+
+def to_int8(src: str | os.PathLike, dst: str | os.PathLike | None = None, verify: bool = True,
+            per_channel: bool = False, external_data: bool | None = None) -> ExportResult:
+    """Dynamic INT8 quantisation (weights int8, activations quantised at run time) of `src`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    start = time.perf_counter()
+    src, meta = _source(src)
+    dst = Path(dst) if dst is not None else variant_path(src, "int8")
+    with staging(dst) as stage, _quiet_root_logger():
+        staged = stage / dst.name
+        try:
+            quantize_dynamic(str(src), str(staged), weight_type=QuantType.QInt8, per_channel=per_channel,
+                             use_external_data_format=bool(external_data or data_file(src).exists()))
+        except Exception as e:  # the quantiser raises bare exceptions on graphs it cannot handle
+            raise ArtifactError(f"onnxruntime could not quantise {src}: {type(e).__name__}: {e}") from None
+        return _finish(staged, src, dst, meta, "int8", verify, start)

@@ -1,0 +1,118 @@
+"""CLI commands on tiny models: success paths and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vitcompact as vc
+from vitcompact.cli.app import app
+from vitcompact.prune import PruneMasks
+
+runner = CliRunner()
+
+
+def one_line_error(result, expected: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A masked dense artifact and its masks file, as `vitcompact prune` leaves them."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = vc.create_model("vit-digits", depth=2)
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), head_ratio=0.5, mlp_ratio=0.5)
+    masks.apply_(model)
+    vc.save(model, root / "pruned")
+    masks.save(root / "masks.safetensors")
+    return root
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    listed = set(re.findall(r"^\W+(\w+)\s{2,}\S", result.output, flags=re.M))
+    commands = {"train", "prune", "compact", "export", "bench", "inspect", "pipeline", "demo"}
+    assert commands <= listed
+    for command in commands - {"export"}:
+        assert "Example:" in runner.invoke(app, [command, "--help"]).output, command
+    for sub in ("onnx", "tensorrt"):
+        assert "Example:" in runner.invoke(app, ["export", sub, "--help"]).output, sub
+
+
+def test_compact_command(pruned, tmp_path):
+    out = tmp_path / "compact"
+    result = runner.invoke(app, ["compact", str(pruned / "pruned"), "--masks", str(pruned / "masks.safetensors"),
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["compact"]["heads"] == 4 and summary["compact"]["neurons"] == 128
+    small = vc.load(out)
+    assert [b.attn.num_heads for b in small.blocks] == [2, 2]
+    # without --masks the masks come from the zero weights and give the same model
+    again = runner.invoke(app, ["compact", str(pruned / "pruned"), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(vc.load(tmp_path / "again")(x), small(x))
+
+
+def test_compact_bad_inputs_leave_nothing_behind(pruned, tmp_path):
+    out = tmp_path / "out"
+    one_line_error(runner.invoke(app, ["compact", str(tmp_path / "missing"), "--out", str(out)]),
+                   "missing does not exist")
+    assert not out.exists()
+    one_line_error(runner.invoke(app, ["compact", str(pruned / "pruned"), "--masks", str(tmp_path / "none.safetensors"),
+                                       "--out", str(out)]), "does not exist")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    one_line_error(runner.invoke(app, ["compact", str(pruned / "pruned"), "--masks", str(tmp_path / "bad.safetensors"),
+                                       "--out", str(out)]), "is not a readable safetensors mask file")
+    (tmp_path / "bad.pth").write_bytes(b"corrupt checkpoint")
+    one_line_error(runner.invoke(app, ["compact", "vit-digits", "--checkpoint", str(tmp_path / "bad.pth"),
+                                       "--out", str(out)]), "could not be read as a weights-only checkpoint")
+    one_line_error(runner.invoke(app, ["compact", "resnet18", "--out", str(out)]), "not a timm VisionTransformer")
+    assert not out.exists()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    one_line_error(runner.invoke(app, ["compact", str(pruned / "pruned"), "--out", str(blocker / "sub")]),
+                   "cannot create output folder")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_folder(pruned, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        one_line_error(runner.invoke(app, ["compact", str(pruned / "pruned"), "--out", str(locked)]),
+                       "is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_mismatched_masks_are_refused(pruned, tmp_path):
+    other = vc.create_model("vit-digits", depth=3)
+    PruneMasks.ones(other).save(tmp_path / "other.safetensors")
+    one_line_error(runner.invoke(app, ["compact", str(pruned / "pruned"), "--masks", str(tmp_path / "other.safetensors"),
+                                       "--out", str(tmp_path / "o")]), "masks do not match")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_config_errors(tmp_path):
+    bad = tmp_path / "p.toml"
+    bad.write_text("model = 'vit-digits'\n[prune]\nhead_ratios = 0.3\n")
+    one_line_error(runner.invoke(app, ["pipeline", "--config", str(bad)]), "unknown key(s) head_ratios")
+    bad.write_text("model = [\n")
+    one_line_error(runner.invoke(app, ["pipeline", "--config", str(bad)]), "is not valid TOML")
+    one_line_error(runner.invoke(app, ["pipeline", "--config", str(tmp_path / "nope.toml")]), "does not exist")

@@ -1,0 +1,235 @@
+"""The pruning loop: λ schedules, the penalised set, the reached structure, resume, torchrun."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vitcompact as vc
+from vitcompact.cli.app import app
+from vitcompact.errors import ConfigError
+from vitcompact.prune.loop import PruneConfig, apply_hard, prune, state_ratio
+from vitcompact.prune.penalty import RSSTPenalty, penalised_weights
+from vitcompact.prune.schedules import LAMBDA_SCHEDULES, LambdaSchedule
+from vitcompact.prune.selection import keep_count
+from vitcompact.train import TrainConfig
+
+QUIET = TrainConfig(progress=False)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return vc.load_data("digits", batch_size=32, limit=160)
+
+
+def tiny():
+    torch.manual_seed(0)
+    return vc.create_model("vit-digits", depth=2)
+
+
+def quick(**kw) -> PruneConfig:
+    base = dict(head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1, finetune_epochs=0, train=QUIET)
+    return PruneConfig(**{**base, **kw})
+
+
+FORMULAS = {
+    "x": lambda t, T, k: t,
+    "x^2": lambda t, T, k: t * t,
+    "x^3": lambda t, T, k: t ** 3,
+    "exp": lambda t, T, k: math.exp(t / T) - 1,
+    "exp_custom": lambda t, T, k: (math.exp(t / T) - 1) / (math.e - 1),
+    "exp_custom_exponents": lambda t, T, k: (math.exp(k * t / T) - 1) / (math.exp(k) - 1),
+}
+
+
+def test_every_registered_schedule_has_a_formula_here():
+    assert LAMBDA_SCHEDULES.names() == sorted(FORMULAS)
+
+
+@pytest.mark.parametrize("name", sorted(FORMULAS))
+def test_schedule_matches_its_formula_and_cap(name):
+    schedule = LambdaSchedule(name, cap=0.5, base=0.01, exponent=3.0)
+    for t in (0, 1, 7, 40, 100):
+        assert schedule(t, 100) == pytest.approx(min(0.5, 0.01 * FORMULAS[name](t, 100, 3.0)), rel=1e-12)
+    assert schedule(0, 100) == 0.0
+    assert schedule(10**6, 100) == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(FORMULAS))
+def test_default_base_reaches_the_cap_half_way(name):
+    schedule = LambdaSchedule(name, cap=2.0, exponent=3.0)
+    assert schedule(50, 100) == pytest.approx(2.0)
+    assert schedule(25, 100) < 2.0
+
+
+def test_penalty_touches_exactly_the_weights_the_structure_drops():
+    model = tiny()
+    element = vc.magnitude_prune(model, 0.4)
+    structured = vc.regroup(model, element, head_ratio=0.5, mlp_ratio=0.5)
+    targets = penalised_weights(structured, element)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    penalty = RSSTPenalty(structured, element, LambdaSchedule("x", cap=10.0, base=0.25))
+    assert penalty(model, 4, 100) == 1.0
+    for name, p in model.named_parameters():
+        if name in targets:
+            expected = p.detach() * (~structured[name] & element[name])
+            assert torch.equal(p.grad, expected)
+            assert 0 < int(targets[name].sum()) < int((~structured[name]).sum())
+        else:
+            assert int(p.grad.count_nonzero()) == 0
+
+
+def test_state_ratios_end_exactly_at_the_final_ratio():
+    assert state_ratio(0.3, 3, 3) == 0.3
+    ratios = [state_ratio(0.3, s, 3) for s in (1, 2, 3)]
+    assert ratios == sorted(ratios) and ratios[0] == pytest.approx(1 - 0.7 ** (1 / 3))
+    assert [keep_count(128, r, 1) for r in ratios][-1] == keep_count(128, 0.3, 1)
+
+
+@pytest.mark.parametrize("method", ["rsst", "refill", "oneshot"])
+def test_loop_reaches_the_requested_structure(bundle, method):
+    model = tiny()
+    result = prune(model, bundle, quick(method=method))
+    assert [len(b.heads) for b in result.structure.blocks] == [keep_count(4, 0.5, 1)] * 2
+    assert [len(b.neurons) for b in result.structure.blocks] == [keep_count(128, 0.3, 1)] * 2
+    for name, m in result.masks.masks.items():
+        assert int(model.get_parameter(name)[~m].count_nonzero()) == 0
+    assert result.masks == vc.PruneMasks.from_weights(model) or result.masks.is_quasi_structured()
+    ends = [r for r in result.metrics if r["phase"] == "state_end"]
+    assert len(ends) == (1 if method == "oneshot" else 2)
+    assert ends[-1]["kept_heads"] == 4 and ends[-1]["kept_neurons"] == 2 * keep_count(128, 0.3, 1)
+    assert set(result.test) == {"top1", "top5", "loss"}
+
+
+def test_rsst_penalty_fades_the_dropped_weights(bundle):
+    config = quick(states=1, epochs_per_state=2, lambda_max=5.0, lr=0.05,
+                   train=TrainConfig(optimizer="sgd", clip_grad=None, progress=False))
+    end = [r for r in prune(tiny(), bundle, config).metrics if r["phase"] == "state_end"][0]
+    assert end["penalised_norm_after"] < 0.5 * end["penalised_norm_before"]
+
+
+def test_refill_rewinds_survivors_to_init_as_copies(bundle):
+    model = tiny()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune(model, bundle, quick(method="refill", rewind="init", dense_epochs=1, states=1,
+                                        epochs_per_state=0))
+    expected = {k: v.clone() for k, v in init.items()}
+    reference = tiny()
+    reference.load_state_dict(expected)
+    apply_hard(reference, result.masks)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_resume_ends_with_the_same_masks_and_weights(bundle, tmp_path):
+    full = prune(tiny(), bundle, quick(out_dir=tmp_path / "full", finetune_epochs=1))
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "full", partial)
+    shutil.rmtree(partial / "checkpoints" / "state_002")
+    for name in ("masks.safetensors", "structure.json", "result.json"):
+        (partial / name).unlink()
+    resumed_model = tiny()
+    resumed = prune(resumed_model, bundle, quick(out_dir=partial, finetune_epochs=1, resume=True))
+    assert resumed.masks == full.masks
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
+                                                 resumed_model.state_dict().values()))
+    assert [r["phase"] for r in resumed.metrics] == [r["phase"] for r in full.metrics]
+    assert vc.PruneMasks.load(partial / "masks.safetensors") == full.masks
+
+
+def test_resume_refuses_changed_settings_and_fresh_runs_refuse_a_used_folder(bundle, tmp_path):
+    prune(tiny(), bundle, quick(states=1, epochs_per_state=0, out_dir=tmp_path))
+    with pytest.raises(ConfigError, match="--resume with different settings: head_ratio was 0.5, now 0.25"):
+        prune(tiny(), bundle, quick(states=1, epochs_per_state=0, head_ratio=0.25, out_dir=tmp_path, resume=True))
+    with pytest.raises(ConfigError, match="already holds a pruning run; resume it"):
+        prune(tiny(), bundle, quick(states=1, epochs_per_state=0, out_dir=tmp_path))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(method="lth"), "unknown method 'lth'; choose one of: rsst, refill, oneshot"),
+    (dict(head_ratio=1.0), r"head_ratio must be in \[0, 1\), got 1.0"),
+    (dict(rewind="init"), "rewind='init' needs dense_epochs >= 1"),
+    (dict(lambda_schedule="log"), "unknown lambda schedule 'log'; choose one of: exp, exp_custom"),
+    (dict(criteria="taylor"), "unknown criterion 'taylor'"),
+])
+def test_bad_prune_config_is_refused(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(**kw).check()
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import hashlib, os, sys
+    import torch
+    import vitcompact as vc
+    from vitcompact.prune.loop import PruneConfig, prune
+    torch.manual_seed(int(os.environ["RANK"]))  # different init per rank: DDP must align them
+    model = vc.create_model("vit-digits", depth=2)
+    bundle = vc.load_data("digits", batch_size=16, limit=96)
+    result = prune(model, bundle, PruneConfig(head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1,
+                   finetune_epochs=0, train=vc.TrainConfig(progress=False), out_dir=sys.argv[2]))
+    digest = hashlib.sha256()
+    for name in sorted(result.masks.masks):
+        digest.update(result.masks.masks[name].numpy().tobytes())
+    with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.txt"), "w") as f:
+        f.write(digest.hexdigest())
+""")
+
+
+def test_two_torchrun_processes_agree_on_the_masks(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(script), str(tmp_path), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hashes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    saved = vc.PruneMasks.load(tmp_path / "out" / "masks.safetensors")
+    digest = hashlib.sha256()
+    for name in sorted(saved.masks):
+        digest.update(saved.masks[name].numpy().tobytes())
+    assert digest.hexdigest() == hashes[0]
+
+
+def test_cli_prune_writes_masks_structure_metrics_and_artifact(tmp_path):
+    out = tmp_path / "rsst"
+    result = CliRunner().invoke(app, ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5",
+                                      "--states", "1", "--epochs-per-state", "1", "--finetune-epochs", "0",
+                                      "--batch-size", "128", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    for name in ("masks.safetensors", "structure.json", "metrics.jsonl", "config.json", "model.safetensors"):
+        assert (out / name).is_file(), name
+    model, masks = vc.load(out), vc.PruneMasks.load(out / "masks.safetensors")
+    assert masks.structure().kept_heads == 8
+    assert vc.PruneMasks.from_weights(model).structure().kept_heads == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["vit-digits", "--head-ratio", "1.5"], r"error: head_ratio must be in [0, 1), got 1.5"),
+    (["vit-digits", "--data", "mnist", "--data-root", "/nonexistent"], "error: data folder /nonexistent does not exist"),
+    (["resnet18"], "error: model is a ResNet, not a timm VisionTransformer"),
+])
+def test_cli_prune_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "never"
+    result = CliRunner().invoke(app, ["prune", *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[0].startswith(message)
+    assert not out.exists()
+
+
+def test_cli_prune_unwritable_output_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(app, ["prune", "vit-digits", "--out", str(blocker / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: cannot write to {blocker / 'out'}: {blocker} is not a folder"

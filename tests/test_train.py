@@ -1,0 +1,139 @@
+"""Training: masked weights stay exactly zero, runs repeat exactly, metrics are what they say."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from typer.testing import CliRunner
+
+import vitcompact as vc
+from vitcompact.cli.app import app
+from vitcompact.errors import ConfigError
+from vitcompact.train import MetricsLog, TrainConfig, evaluate, train
+from vitcompact.train.trainer import _lr_factor, distill_loss
+
+FAST = dict(epochs=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return vc.load_data("digits", batch_size=32, limit=160)
+
+
+def tiny():
+    torch.manual_seed(0)
+    return vc.create_model("vit-digits", depth=2)
+
+
+def test_pruned_weights_stay_exactly_zero_through_adamw(bundle):
+    model = tiny()
+    masks = vc.magnitude_prune(model, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, bundle, TrainConfig(weight_decay=0.5, **FAST), masks=masks)
+    for name, m in masks.masks.items():
+        w = model.get_parameter(name)
+        assert int((w[~m] != 0).sum()) == 0
+        assert not torch.equal(w[m], before[name][m])  # the kept weights did train
+
+
+def test_training_repeats_exactly_with_the_same_seed(bundle):
+    a, b = tiny(), tiny()
+    ra = train(a, bundle, TrainConfig(seed=3, **FAST))
+    rb = train(b, bundle, TrainConfig(seed=3, **FAST))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert ra.epochs == rb.epochs
+
+
+def test_epoch_metrics_reach_the_callback(bundle):
+    seen = []
+    result = train(tiny(), bundle, TrainConfig(epochs=2, progress=False), on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [1, 2]
+    assert seen[-1]["step"] == 2 * math.ceil(len(bundle.train.dataset) / 32) == result.steps
+    assert set(seen[0]) == {"epoch", "step", "lr", "train_loss", "val_top1", "val_top5", "val_loss"}
+
+
+class FixedLogits(nn.Module):
+    """Returns the logits stored for each input index (input = index as a float)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, x):
+        return self.logits[x.long().flatten()]
+
+
+def test_evaluate_top1_top5_and_loss_exactly():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0, 0], [0.0, 1, 2, 3, 4, 5, 6], [1.0, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    labels = torch.tensor([0, 0, 6])
+    loader = [(torch.arange(3).float(), labels)]
+    out = evaluate(FixedLogits(logits), loader)
+    assert out["top1"] == pytest.approx(1 / 3)
+    assert out["top5"] == pytest.approx(1 / 3)  # rows 1 and 2: the label ranks last
+    assert out["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+    few = evaluate(FixedLogits(logits[:, :4]), [(torch.arange(3).float(), torch.tensor([0, 3, 0]))])
+    assert set(few) == {"top1", "loss"} and few["top1"] == 1.0
+
+
+def test_warmup_then_cosine_learning_rate():
+    assert _lr_factor(0, 4, 20, 0.01) == 0.25
+    assert _lr_factor(3, 4, 20, 0.01) == 1.0
+    assert _lr_factor(4, 4, 20, 0.01) == 1.0
+    assert _lr_factor(12, 4, 20, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert _lr_factor(20, 4, 20, 0.01) == pytest.approx(0.01)
+
+
+def test_distillation_loss_is_zero_for_identical_logits():
+    x = torch.randn(4, 10)
+    assert float(distill_loss(x, x, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(x, x.flip(-1), 2.0)) > 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer", "lamb", "unknown optimizer 'lamb'; choose one of: adamw, sgd"),
+    ("lr", 0.0, "lr must be > 0, got 0.0"),
+    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\), got 1.0"),
+])
+def test_bad_train_config_is_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value}).check()
+
+
+def test_wandb_requested_but_missing_is_a_clear_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ConfigError, match=r"wandb logging was requested but wandb is not installed"):
+        MetricsLog(wandb_project="demo")
+
+
+def test_cli_train_writes_a_dense_artifact(tmp_path):
+    out = tmp_path / "dense"
+    result = CliRunner().invoke(app, ["train", "vit-digits", "--data", "digits", "--epochs", "1",
+                                      "--batch-size", "128", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    model = vc.load(out)
+    provenance = vc.io.read_json(out / "config.json")["vitcompact"]["provenance"]
+    assert provenance["stage"] == "train" and len(provenance["epochs"]) == 1
+    assert len(MetricsLog.read(out / "metrics.jsonl")) == 1
+    assert model.num_classes == 10
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "mnist", "--data-root", "/nonexistent/mnist"], "error: data folder /nonexistent/mnist does not exist"),
+    (["--data", "digits", "--optimizer", "lamb"], "error: unknown optimizer 'lamb'; choose one of: adamw, sgd"),
+])
+def test_cli_train_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    out = tmp_path / "never"
+    result = CliRunner().invoke(app, ["train", "vit-digits", "--epochs", "1", "--out", str(out), *args])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[0].startswith(message)
+    assert not out.exists()

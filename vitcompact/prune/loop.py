@@ -1,0 +1,358 @@
+"""`prune`: the iterative loop (RSST, Refill) and the one-shot baseline, on the pruning core.
+
+Each state s = 1..S magnitude-prunes the surviving weights (compounding), regroups the element
+masks into whole heads and neurons at that state's ratio, then
+- refill: applies the structured mask at once, optionally rewinds the survivors, and retrains;
+- rsst: retrains with a growing penalty on the weights the structure will drop, then cuts them;
+- oneshot: a single state at the final ratio, then the whole epoch budget as fine-tuning.
+Removed units never come back (each state's mask lies within the previous one) and the last
+state uses the user's ratios exactly, so the final structure is what a direct `regroup` gives.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..io import ensure_dir, read_json, write_json
+from ..models.adapter import vit_layout
+from ..train import distributed
+from ..train.metrics_log import MetricsLog
+from ..train.seeding import rng_state, seed_everything, set_rng_state
+from ..train.trainer import TrainConfig, evaluate, resolve_device, train
+from . import checkpoint
+from .criteria import CRITERIA
+from .magnitude import check_ratio, magnitude_prune
+from .masks import PruneMasks
+from .penalty import RSSTPenalty
+from .regroup import TARGETS, regroup
+from .schedules import LambdaSchedule
+from .selection import MODES
+from .structure import Structure
+
+METHODS = ("rsst", "refill", "oneshot")
+REWINDS = ("none", "init", "epoch")
+# Fields that may differ between a run and its resumption.
+RESUME_FREE = ("out_dir", "resume", "wandb_project")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. Epoch budget: `states * epochs_per_state + finetune_epochs` for every
+    method (one-shot spends it all fine-tuning). `prune_rate=None` picks the per-state magnitude
+    rate so element sparsity tracks the structural target. `rewind` (Refill only) to `init` or
+    to `epoch` `rewind_epoch` needs `dense_epochs` of dense training inside the loop. `lr` is the
+    learning rate of every training pass; `train` holds the other settings (its epochs, lr and
+    seed are set per pass)."""
+
+    method: str = "rsst"
+    head_ratio: float = 0.3
+    mlp_ratio: float = 0.3
+    target: str = "both"
+    criteria: str = "magnitude"
+    mode: str = "layer-wise"
+    min_keep: int = 1
+    round_to: int = 1
+    num_batches: int = 8
+    states: int = 3
+    epochs_per_state: int = 2
+    finetune_epochs: int = 2
+    prune_rate: float | None = None
+    lambda_schedule: str = "x"
+    lambda_max: float = 1.0
+    lambda_base: float | None = None
+    lambda_exponent: float = 4.0
+    rewind: str = "none"
+    rewind_epoch: int = 1
+    dense_epochs: int = 0
+    distill: bool = False
+    lr: float = 1e-3
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: Path | None = None
+    resume: bool = False
+    seed: int = 0
+    wandb_project: str | None = None
+
+    def check(self) -> "PruneConfig":
+        for name, value, choices in (("method", self.method, METHODS), ("target", self.target, TARGETS),
+                                     ("mode", self.mode, MODES), ("rewind", self.rewind, REWINDS)):
+            if value not in choices:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+        CRITERIA.get(self.criteria)
+        check_ratio("head_ratio", self.head_ratio)
+        check_ratio("mlp_ratio", self.mlp_ratio)
+        if self.prune_rate is not None:
+            check_ratio("prune_rate", self.prune_rate)
+        if self.states < 1:
+            raise ConfigError(f"states must be >= 1, got {self.states}")
+        for name in ("epochs_per_state", "finetune_epochs", "dense_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rewind != "none" and self.dense_epochs < 1:
+            raise ConfigError(f"rewind={self.rewind!r} needs dense_epochs >= 1 (the weights to rewind "
+                              "to come from dense training inside the loop); or use rewind='none'")
+        if self.rewind == "epoch" and not 0 <= self.rewind_epoch <= self.dense_epochs:
+            raise ConfigError(f"rewind_epoch must be in [0, dense_epochs={self.dense_epochs}], got {self.rewind_epoch}")
+        self.schedule()
+        dataclasses.replace(self.train, lr=self.lr).check()
+        return self
+
+    def schedule(self) -> LambdaSchedule:
+        return LambdaSchedule(self.lambda_schedule, self.lambda_max, self.lambda_base, self.lambda_exponent)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out_dir"] = str(self.out_dir) if self.out_dir is not None else None
+        return d
+
+
+@dataclass
+class StatePlan:
+    index: int
+    head_ratio: float
+    mlp_ratio: float
+    rate: float
+    epochs: int
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    masks: PruneMasks
+    structure: Structure
+    metrics: list[dict[str, Any]]
+    val: dict[str, float]
+    test: dict[str, float]
+    out_dir: Path | None = None
+
+
+def state_ratio(final: float, state: int, states: int) -> float:
+    """Ratio for state s of S: kept fraction (1 - r)^(s/S), and exactly r at the last state."""
+    return final if state == states else 1.0 - (1.0 - final) ** (state / states)
+
+
+def plan_states(model: nn.Module, config: PruneConfig) -> tuple[list[StatePlan], int]:
+    """The per-state ratios, magnitude rates and training epochs, and the fine-tuning epochs."""
+    layout = vit_layout(model)
+    attn = sum(b.num_heads * b.head_dim * layout.embed_dim * 4 for b in layout.blocks)
+    mlp = sum(b.hidden * layout.embed_dim * 2 for b in layout.blocks)
+    head_r = config.head_ratio if config.target != "mlp" else 0.0
+    mlp_r = config.mlp_ratio if config.target != "head" else 0.0
+    removed = (attn * head_r + mlp * mlp_r) / max(1, attn + mlp)
+    if config.method == "oneshot":
+        rate = config.prune_rate if config.prune_rate is not None else removed
+        budget = config.states * config.epochs_per_state + config.finetune_epochs
+        return [StatePlan(1, head_r, mlp_r, rate, 0)], budget
+    S = config.states
+    rate = config.prune_rate if config.prune_rate is not None else 1.0 - (1.0 - removed) ** (1.0 / S)
+    plans = [StatePlan(s, state_ratio(head_r, s, S), state_ratio(mlp_r, s, S), rate, config.epochs_per_state)
+             for s in range(1, S + 1)]
+    return plans, config.finetune_epochs
+
+
+@torch.no_grad()
+def apply_hard(model: nn.Module, hard: PruneMasks) -> None:
+    """Zero the masked weights and the biases of removed units. Those biases feed only masked
+    outgoing weights, so the function is unchanged, but data-driven criteria then score removed
+    units 0 and never pick them again."""
+    hard.apply_(model)
+    for block in hard.layout.blocks:
+        heads, neurons = hard.unit_states(block)
+        b = model.blocks[block.index]
+        if heads is not None and b.attn.qkv.bias is not None:
+            view = b.attn.qkv.bias.view(3, block.num_heads, block.head_dim)
+            view[:, ~heads.kept.to(view.device)] = 0
+        if neurons is not None and b.mlp.fc1.bias is not None:
+            b.mlp.fc1.bias[~neurons.kept.to(b.mlp.fc1.bias.device)] = 0
+
+
+def _intersect(a: PruneMasks, b: PruneMasks) -> PruneMasks:
+    return PruneMasks({n: a[n] & b[n].to(a[n].device) for n in a.layout.weight_names()}, a.layout)
+
+
+def _summary(hard: PruneMasks) -> dict[str, Any]:
+    structure = hard.structure()
+    sparsity = hard.sparsity()["all"]
+    return {"sparsity": sparsity["pruned"] / sparsity["total"], "kept_heads": structure.kept_heads,
+            "kept_neurons": structure.kept_neurons}
+
+
+class _Run:
+    """State shared by the phases of one `prune` call."""
+
+    def __init__(self, model: nn.Module, bundle, config: PruneConfig):
+        self.model, self.bundle, self.config = model, bundle, config
+        self.out = Path(config.out_dir) if config.out_dir is not None else None
+        self.main = distributed.is_main()
+        records = []
+        if self.out is not None and config.resume:
+            records = MetricsLog.read(self.out / "metrics.jsonl")
+        self.log = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None,
+                              config.wandb_project, records, config.to_dict(), enabled=self.main)
+
+    def train_config(self, epochs: int, phase: int) -> TrainConfig:
+        # A seed per phase: each phase's data order and augmentation repeat on resume.
+        return dataclasses.replace(self.config.train, epochs=epochs, lr=self.config.lr,
+                                   seed=self.config.seed * 1000 + phase)
+
+    def logger(self, phase: str, state: int, hard: PruneMasks):
+        summary = _summary(hard)
+
+        def on_epoch(record: dict[str, Any]) -> None:
+            self.log.write({"phase": phase, "state": state, **record, **summary})
+        return on_epoch
+
+    def checkpoint(self, state: int, element: PruneMasks, hard: PruneMasks, opt_state, info: dict) -> None:
+        if self.out is not None and self.main:
+            checkpoint.save_state(self.out, state, self.model, element, hard, opt_state,
+                                  {**info, "rng": rng_state()})
+        distributed.barrier()
+
+
+def _check_resume(out: Path, config: PruneConfig) -> None:
+    saved = read_json(out / "run.json")
+    now = config.to_dict()
+    for key, value in saved.items():
+        if key not in RESUME_FREE and now.get(key) != value:
+            raise ConfigError(f"--resume with different settings: {key} was {value!r}, now {now.get(key)!r}; "
+                              "use the original settings or a new output folder")
+
+
+def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneResult:
+    """Prune heads and MLP neurons of a trained `model` to the configured ratios (see module doc).
+
+    Returns the trained, hard-masked model (weights of removed units exactly zero), its
+    quasi-structured masks and structure, the metrics records, and validation and test accuracy
+    (the test set is used for this final report only).
+    """
+    config = (config or PruneConfig()).check()
+    device = resolve_device(config.train)
+    distributed.setup(device)
+    model.to(device)
+    plans, finetune_epochs = plan_states(model, config)
+    run = _Run(model, bundle, config)
+    out = run.out
+    start, element, hard, rewind_state = 0, PruneMasks.ones(model), PruneMasks.from_weights(model), None
+    # A model that arrives pruned keeps its removed units removed; a dense one gets all-ones masks.
+    hard = hard if hard.is_quasi_structured() else PruneMasks.ones(model)
+    element = _intersect(element, hard)
+    done = None
+    if out is not None:
+        started = (out / "run.json").is_file()
+        if started and not config.resume:
+            raise ConfigError(f"{out} already holds a pruning run; resume it (--resume) or choose a new folder")
+        if started:
+            _check_resume(out, config)
+            done = checkpoint.last_finished(out)
+        # Every rank reads the folder before rank 0 writes to it.
+        distributed.barrier()
+        if run.main and not started:
+            ensure_dir(out)
+            write_json(out / "run.json", config.to_dict())
+    # Records of a state that did not finish are dropped; that state runs again.
+    run.log.records = [r for r in run.log.records if done is not None and r.get("state", -1) <= done
+                       and r["phase"] != "final"]
+
+    if done is not None:
+        element, hard, info = checkpoint.load_state(out, done, model)
+        element, hard = element.to(device), hard.to(device)
+        set_rng_state(info["rng"])
+        start = done
+    elif config.dense_epochs:
+        seed_everything(config.seed)
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        snapshots = {0: init}
+
+        def keep_snapshot(record: dict[str, Any]) -> None:
+            if record["epoch"] == config.rewind_epoch:
+                snapshots[record["epoch"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            run.logger("dense", 0, hard)(record)
+        result = train(model, bundle, run.train_config(config.dense_epochs, 0), hard,
+                       on_epoch=keep_snapshot, description="dense")
+        if config.rewind != "none" and out is not None and run.main:
+            checkpoint.save_tensors(out / "rewind.safetensors",
+                                    snapshots[0 if config.rewind == "init" else config.rewind_epoch])
+        rewind_state = snapshots[0 if config.rewind == "init" else config.rewind_epoch] if config.rewind != "none" else None
+        run.checkpoint(0, element, hard, result.optimizer_state, {"phase": "dense", "val": result.val})
+    if config.rewind != "none" and rewind_state is None:
+        rewind_state = checkpoint.load_tensors(out / "rewind.safetensors") if out is not None else None
+        if rewind_state is None:
+            raise ConfigError("cannot rewind: the rewind weights were not kept; resume needs out_dir")
+
+    teacher = None
+    if config.distill:
+        if out is not None and config.resume and (out / "teacher.safetensors").is_file():
+            teacher = copy.deepcopy(model)
+            teacher.load_state_dict(checkpoint.load_tensors(out / "teacher.safetensors"))
+        else:
+            teacher = copy.deepcopy(model)
+            if out is not None and run.main:
+                checkpoint.save_tensors(out / "teacher.safetensors", teacher.state_dict())
+        teacher.requires_grad_(False)
+
+    calibration = bundle.calibration() if config.criteria in ("l1", "l2", "saliency") else None
+    for plan in plans:
+        if plan.index <= start:
+            continue
+        seed_everything(config.seed * 1000 + plan.index)
+        # Scores come from the current trained, masked weights (never stale or rewound ones).
+        element = magnitude_prune(model, plan.rate, masks=element)
+        structured = regroup(model, element, config.target, plan.head_ratio, plan.mlp_ratio,
+                             config.criteria, config.mode, config.min_keep, config.round_to,
+                             data=calibration, num_batches=config.num_batches, device=device)
+        structured = distributed.broadcast_masks(_intersect(structured, hard))
+        element = distributed.broadcast_masks(element)
+        info: dict[str, Any] = {"head_ratio": plan.head_ratio,
+                                "mlp_ratio": plan.mlp_ratio, "rate": plan.rate}
+        opt_state = None
+        if config.method == "rsst":
+            penalty = RSSTPenalty(structured, element, config.schedule())
+            norm_before = penalty.norm(model)
+            result = train(model, bundle, run.train_config(plan.epochs, plan.index), hard,
+                           penalty=penalty, teacher=teacher, on_epoch=run.logger("rsst", plan.index, hard),
+                           description=f"rsst state {plan.index}/{len(plans)}")
+            info.update({"lambda": penalty.value, "penalised_norm_before": norm_before,
+                         "penalised_norm_after": penalty.norm(model)})
+            opt_state = result.optimizer_state
+            hard = structured
+            apply_hard(model, hard)
+        else:
+            hard = structured
+            if rewind_state is not None:
+                with torch.no_grad():
+                    for k, t in model.state_dict().items():
+                        t.copy_(rewind_state[k])
+            apply_hard(model, hard)
+            if plan.epochs:
+                result = train(model, bundle, run.train_config(plan.epochs, plan.index), hard, teacher=teacher,
+                               on_epoch=run.logger(config.method, plan.index, hard),
+                               description=f"{config.method} state {plan.index}/{len(plans)}")
+                opt_state = result.optimizer_state
+        element = _intersect(element, hard)
+        info.update({"val": evaluate(model, bundle.val, device), **_summary(hard)})
+        run.log.write({"phase": "state_end", "state": plan.index, **{k: v for k, v in info.items() if k != "val"},
+                       **{f"val_{k}": v for k, v in info["val"].items()}})
+        run.checkpoint(plan.index, element, hard, opt_state, {"phase": "state", **info})
+
+    if finetune_epochs:
+        train(model, bundle, run.train_config(finetune_epochs, len(plans) + 1), hard, teacher=teacher,
+              on_epoch=run.logger("finetune", len(plans) + 1, hard), description="fine-tune")
+    apply_hard(model, hard)
+    val, test = evaluate(model, bundle.val, device), evaluate(model, bundle.test, device)
+    structure = hard.structure()
+    run.log.write({"phase": "final", **{f"val_{k}": v for k, v in val.items()},
+                   **{f"test_{k}": v for k, v in test.items()}, **_summary(hard)})
+    run.log.close()
+    if out is not None and run.main:
+        hard.save(out / "masks.safetensors")
+        structure.save(out / "structure.json")
+        write_json(out / "result.json", {"val": val, "test": test, "structure": structure.summary()})
+    distributed.barrier()
+    return PruneResult(model, hard, structure, run.log.records, val, test, out)
