@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=None, help="Fashion-MNIST IDX folder (default: Debian's path)")
     p.add_argument("--model", default="vit-fashion-tiny")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="override the preset's patch (7 gives 17 tokens instead of 50: a CPU budget)")
     p.add_argument("--limit", type=int, default=None, help="cap training pool and test set (CPU budget)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dense-epochs", type=int, default=10)
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = ensure_dir(args.out)
-    model = vc.create_model(args.model)
+    model = vc.create_model(args.model, **({"patch_size": args.patch_size} if args.patch_size else {}))
     bundle = vc.load_data("fashion-mnist", root=args.root, img_size=int(model.patch_embed.img_size[0]),
                           in_chans=model.patch_embed.proj.in_channels, batch_size=args.batch_size,
                           seed=args.seed, limit=args.limit)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"method": method, "epochs": budget, **_row(result.test),
                      "structure": result.structure.summary()})
         print(f"{method}: test top1 {result.test['top1']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    report = {"model": args.model, "train_images": len(bundle.train.dataset), "test_images": len(bundle.test.dataset),
+    report = {"model": args.model, "patch_size": int(model.patch_embed.patch_size[0]), "train_images": len(bundle.train.dataset), "test_images": len(bundle.test.dataset),
               "dense_epochs": args.dense_epochs, "prune_epochs": budget, "seconds": time.perf_counter() - started,
               "rows": rows}
     write_json(out / "accuracy.json", report)

@@ -21,7 +21,6 @@ from typing import Union
 import torch.nn as nn
 
 import vitcompact as vc
-from vitcompact.artifact import CONFIG
 from vitcompact.errors import ArtifactError, ConfigError
 
 ModelSource = Union[nn.Module, str, os.PathLike, "BenchModel"]
@@ -112,12 +111,7 @@ def resolve(source: ModelSource) -> BenchModel:
     path, label = Path(source), str(source)
     if path.suffix == ".onnx":
         return _from_onnx(path, label)
-    if path.is_dir() or (path / CONFIG).exists():
-        return _from_module(vc.load(path), label)
-    if "/" in str(source) or path.suffix:
-        raise ConfigError(f"{source}: pass an artifact directory, an .onnx file, a preset or a "
-                          "timm model name")
-    return _from_module(vc.create_model(str(source)), label)
+    return _from_module(vc.load_model(source), label)
 
 
 def ideal_speedup(dense: BenchModel, compact: BenchModel) -> float | None:

@@ -9,7 +9,6 @@ import typer
 import vitcompact as vc
 
 from .common import JsonOption, console, print_json, user_errors
-from .inspect_cmd import load_any
 
 
 @user_errors
@@ -26,7 +25,7 @@ def compact(
 
     Example: vitcompact compact runs/prune/pruned --masks runs/prune/masks.safetensors --out runs/compact
     """
-    dense = vc.load_checkpoint(model, checkpoint) if checkpoint else load_any(model)
+    dense = vc.load_model(model, checkpoint)
     prune_masks = vc.PruneMasks.load(masks) if masks else None
     small = vc.compact(dense, prune_masks)
     vc.save(small, out, provenance={"compacted_from": str(model), "masks": str(masks) if masks else None})

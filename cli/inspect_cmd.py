@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import torch.nn as nn
 import typer
 from rich.table import Table
 
@@ -13,19 +12,11 @@ from .common import JsonOption, console, print_json, user_errors
 
 
 def load_any(model: str, num_classes: int | None = None, in_chans: int | None = None,
-             img_size: int | None = None) -> "vc.models.presets.nn.Module":
-    """A model from an artifact directory, a preset or a timm name."""
-    path = Path(model)
-    if path.is_dir():
-        return vc.load(path)
-    if path.exists():
-        raise vc.ConfigError(f"{model} is a file; pass an artifact directory, a preset or a timm model "
-                             "name (a checkpoint file goes with --checkpoint)")
-    if "/" in model or path.suffix in (".safetensors", ".pth", ".pt", ".onnx"):
-        raise vc.ArtifactError(f"{model} does not exist")
+             img_size: int | None = None) -> nn.Module:
+    """A model from an artifact directory, a preset or a timm name (with optional overrides)."""
     args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
                                 ("img_size", img_size)) if v is not None}
-    return vc.create_model(model, **args)
+    return vc.load_model(model, **args)
 
 
 @user_errors

@@ -10,9 +10,9 @@ from .common import JsonOption, console, print_json, user_errors
 
 
 def _run(cfg, json_out: bool) -> None:
-    from .workflow import run_pipeline
+    from .workflow import _quiet, run_pipeline
 
-    log = (lambda msg: None) if json_out else console.print
+    log = _quiet if json_out else console.print
     result = run_pipeline(cfg, log=log)
     if json_out:
         print_json({"out": str(result.out), "files": result.files, **result.summary})
@@ -42,6 +42,7 @@ def pipeline(
     criteria: str | None = typer.Option(None, help="remain, magnitude, l1, l2 or saliency."),
     train_epochs: int | None = typer.Option(None, help="Dense training epochs before pruning (0: none)."),
     out: str | None = typer.Option(None, "--out", "-o", help="Run folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     json_out: bool = JsonOption,
 ) -> None:
     """Prune -> compact -> export -> verify -> bench, from flags or a TOML config file.
@@ -52,7 +53,7 @@ def pipeline(
 
     overrides = dict(model=model, checkpoint=checkpoint, data=data, data_root=data_root, method=method,
                      head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=criteria,
-                     train_epochs=train_epochs, out=out)
+                     train_epochs=train_epochs, out=out, overwrite=overwrite or None)
     if config is not None:
         cfg = PipelineConfig.from_toml(config, **overrides)
     else:
@@ -67,6 +68,8 @@ def demo(
 ) -> None:
     """The main job, end to end on the built-in digits data, in a few minutes on a CPU.
 
+    The run folder is replaced when the new run has finished (a failed run leaves it as it was).
+
     Trains a small ViT, RSST-prunes heads and MLP neurons, compacts, exports ONNX, verifies parity,
     benchmarks dense vs compact and writes report.md, a PNG plot, the ONNX file and the artifact.
 
@@ -74,4 +77,4 @@ def demo(
     """
     from .workflow import PipelineConfig
 
-    _run(PipelineConfig(out=out), json_out)
+    _run(PipelineConfig(out=out, overwrite=True), json_out)

@@ -13,7 +13,6 @@ from vitcompact.data import DATA_SOURCES, DataBundle, load_data
 from vitcompact.train import MetricsLog, TrainConfig, evaluate, train as train_model
 
 from .common import JsonOption, console, print_json, user_errors
-from .inspect_cmd import load_any
 
 DataOption = typer.Option("digits", "--data", help=f"Data source: {', '.join(DATA_SOURCES.names())}.")
 DataRootOption = typer.Option(None, "--data-root", help="Folder of the data source's files.")
@@ -34,7 +33,7 @@ def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Pa
                    batch_size: int, seed: int) -> tuple[nn.Module, DataBundle]:
     """The model (artifact, preset or timm name, optionally with checkpoint weights) and its data,
     resized to the model's input."""
-    m = vc.load_checkpoint(model, checkpoint) if checkpoint is not None else load_any(model)
+    m = vc.load_model(model, checkpoint)
     vc.vit_layout(m)
     size = m.patch_embed.img_size
     bundle = load_data(data, root=data_root, img_size=int(size[0]), in_chans=m.patch_embed.proj.in_channels,

@@ -4,23 +4,33 @@ bench together (the core never imports those)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import vitcompact as vc
 from vitcompact.bench import BenchConfig, benchmark, write_report
-from vitcompact.data import load_data
+from vitcompact.bench.backends import BACKENDS
+from vitcompact.bench.sources import resolve
+from vitcompact.data import DATA_SOURCES, load_data
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, to_onnx
 from vitcompact.io import ensure_dir, write_json, write_text
 from vitcompact.prune.loop import PruneConfig, prune
 from vitcompact.train import TrainConfig, evaluate, train
+
+from .common import console
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,9 +63,10 @@ class PipelineConfig:
     optimize: str = "auto"
     backend: str = "ort-cpu"
     batch_sizes: tuple[int, ...] = (1, 32, 256)
-    threads: int | None = None
-    bench_seconds: float = 8.0
+    threads: int | None = 1  # one pinned thread: steadier ratios than sharing cores
+    bench_seconds: float = 10.0
     seed: int = 0
+    overwrite: bool = False
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
@@ -107,61 +118,105 @@ def _onnx_top1(path: Path, loader) -> float:
     return correct / max(total, 1)
 
 
+def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, BenchConfig]:
+    """Every stage's config, checked before any work starts, so bad input fails in a second."""
+    prune_cfg = PruneConfig(
+        method=cfg.method, target=cfg.target, head_ratio=cfg.head_ratio, mlp_ratio=cfg.mlp_ratio,
+        criteria=cfg.criteria, mode=cfg.mode, states=cfg.states, epochs_per_state=cfg.epochs_per_state,
+        finetune_epochs=cfg.finetune_epochs, lr=cfg.lr, seed=cfg.seed, out_dir=Path(cfg.out) / "prune")
+    prune_cfg.check()
+    export_cfg = ExportConfig(opset=cfg.opset, optimize=cfg.optimize).validate()
+    bench_cfg = BenchConfig(backend=cfg.backend, batch_sizes=cfg.batch_sizes, threads=cfg.threads,
+                            time_budget_s=cfg.bench_seconds, seed=cfg.seed)
+    bench_cfg.check()
+    BACKENDS.get(cfg.backend)
+    DATA_SOURCES.get(cfg.data)
+    if cfg.train_epochs < 0:
+        raise ConfigError(f"train_epochs must be >= 0, got {cfg.train_epochs}")
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it "
+                          "or choose another --out")
+    return prune_cfg, export_cfg, bench_cfg
+
+
 def run_pipeline(cfg: PipelineConfig, log=print) -> PipelineResult:
-    """Run every stage, writing into `cfg.out`; returns the summary that `report.md` shows."""
-    out = ensure_dir(cfg.out)
+    """Run every stage into a hidden sibling folder that replaces `cfg.out` only when all stages
+    succeed: a failed or interrupted run leaves the previous folder as it was."""
+    _stage_configs(cfg)
+    out = Path(cfg.out)
+    ensure_dir(out.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        result = _run(dataclasses.replace(cfg, out=str(work)), log, out)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    result.out = out
+    result.files = {k: str(out / Path(v).relative_to(work)) for k, v in result.files.items()}
+    return result
+
+
+def _run(cfg: PipelineConfig, log, final_out: Path) -> PipelineResult:
+    quiet = log is _quiet
+    prune_cfg, export_cfg, bench_cfg = _stage_configs(cfg)
+    prune_cfg.train = TrainConfig(progress=not quiet)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    stage = _Stages(log)
 
-    with stage("model and data"):
-        model = (vc.load_checkpoint(cfg.model, cfg.checkpoint) if cfg.checkpoint else
-                 vc.load(cfg.model) if Path(cfg.model).is_dir() else vc.create_model(cfg.model))
-        vc.vit_layout(model)
-        in_chans, img_size = _model_input_size(model)
-        bundle = load_data(cfg.data, root=cfg.data_root, img_size=img_size, in_chans=in_chans,
-                           batch_size=cfg.batch_size, seed=cfg.seed)
-        if bundle.num_classes != model.num_classes:
-            raise ConfigError(f"{cfg.data} has {bundle.num_classes} classes but the model has "
-                              f"{model.num_classes}; pass a model built for it")
+    # Model and data first and silently: most user errors surface here, before any output.
+    model = vc.load_model(cfg.model, cfg.checkpoint)
+    vc.vit_layout(model)
+    in_chans, img_size = _model_input_size(model)
+    bundle = load_data(cfg.data, root=cfg.data_root, img_size=img_size, in_chans=in_chans,
+                       batch_size=cfg.batch_size, seed=cfg.seed)
+    if bundle.num_classes != model.num_classes:
+        raise ConfigError(f"{cfg.data} has {bundle.num_classes} classes but the model has "
+                          f"{model.num_classes}; pass a model built for it")
+    out = ensure_dir(cfg.out)
     if cfg.train_epochs > 0:
-        with stage(f"train dense model ({cfg.train_epochs} epochs)"):
-            train(model, bundle, TrainConfig(epochs=cfg.train_epochs, lr=cfg.lr, seed=cfg.seed),
+        with _stage(f"train dense model ({cfg.train_epochs} epochs)", log):
+            train(model, bundle, TrainConfig(epochs=cfg.train_epochs, lr=cfg.lr, seed=cfg.seed, progress=not quiet),
                   description="dense")
     dense_test = evaluate(model, bundle.test)
     vc.save(model, out / "dense", provenance={"data": cfg.data, "test": dense_test})
 
-    with stage(f"{cfg.method} pruning (heads {cfg.head_ratio}, MLP {cfg.mlp_ratio})"):
-        result = prune(copy.deepcopy(model), bundle, PruneConfig(
-            method=cfg.method, target=cfg.target, head_ratio=cfg.head_ratio, mlp_ratio=cfg.mlp_ratio,
-            criteria=cfg.criteria, mode=cfg.mode, states=cfg.states, epochs_per_state=cfg.epochs_per_state,
-            finetune_epochs=cfg.finetune_epochs, lr=cfg.lr, seed=cfg.seed, out_dir=out / "prune"))
+    with _stage(f"{cfg.method} pruning (heads {cfg.head_ratio}, MLP {cfg.mlp_ratio})", log):
+        result = prune(copy.deepcopy(model), bundle, prune_cfg)
 
-    with stage("compact"):
+    with _stage("compact and evaluate", log, total=2) as advance:
         pruned = result.model.eval()
         small = vc.compact(pruned, result.masks).eval()
         x = torch.randn(4, in_chans, img_size, img_size)
         with torch.no_grad():
             compact_gap = float((small(x) - pruned(x)).abs().max())
+        advance()
         compact_test = evaluate(small, bundle.test)
         vc.save(small, out / "compact", provenance={"data": cfg.data, "method": cfg.method,
                                                     "test": compact_test})
+        advance()
 
-    with stage("export ONNX and verify"):
-        export_cfg = ExportConfig(opset=cfg.opset, optimize=cfg.optimize)
+    with _stage("export ONNX, verify, evaluate", log, total=3) as advance:
         dense_onnx = to_onnx(model, out / "dense.onnx", export_cfg)
+        advance()
         compact_onnx = to_onnx(small, out / "compact.onnx", export_cfg)
+        advance()
         onnx_top1 = _onnx_top1(compact_onnx.path, bundle.test)
+        advance()
 
-    with stage(f"benchmark dense vs compact ({cfg.backend})"):
-        bench = benchmark(dense_onnx.path, compact_onnx.path, BenchConfig(
-            backend=cfg.backend, batch_sizes=cfg.batch_sizes, threads=cfg.threads,
-            time_budget_s=cfg.bench_seconds, seed=cfg.seed))
+    with _stage(f"benchmark dense vs compact ({cfg.backend})", log, total=len(cfg.batch_sizes)) as advance:
+        dense_bm, compact_bm = resolve(dense_onnx.path), resolve(compact_onnx.path)
+        dense_bm.label, compact_bm.label = "dense.onnx", "compact.onnx"  # not the temporary run folder
+        bench = benchmark(dense_bm, compact_bm, bench_cfg, progress=advance)
         bench_files = write_report(bench, out / "bench")
 
     dense_count, compact_count = vc.count(model), vc.count(small)
     summary = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                   "out": str(final_out)},
         "accuracy": {"dense_test_top1": dense_test["top1"], "compact_test_top1": compact_test["top1"],
                      "compact_onnx_test_top1": onnx_top1},
         "structure": result.masks.structure().summary(),
@@ -209,26 +264,21 @@ def render_report(s: dict[str, Any], plot: Path) -> str:
     return "\n".join(lines)
 
 
-class _Stages:
-    """Announce each stage with a spinner and its duration (the stages have their own bars)."""
+@contextlib.contextmanager
+def _stage(name: str, log, total: int | None = None) -> Iterator[Callable[[], None]]:
+    """Announce a stage and time it; with `total`, show a progress bar that the callback advances
+    (stages that train draw their own bars, and rich allows one live display at a time)."""
+    t0 = time.perf_counter()
+    if total is None or log is _quiet:
+        log(f"[bold]>> {name}[/bold]")
+        yield lambda *_: None
+    else:
+        with Progress(TextColumn("[bold]>> {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task(name, total=total)
+            yield lambda *_: bar.advance(task)
+    log(f"   done in {time.perf_counter() - t0:.1f} s")
 
-    def __init__(self, log):
-        self.log = log
 
-    def __call__(self, name: str):
-        return _Stage(name, self.log)
-
-
-class _Stage:
-    def __init__(self, name: str, log):
-        self.name, self.log = name, log
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        self.log(f"[bold]>> {self.name}[/bold]")
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.log(f"   done in {time.perf_counter() - self.t0:.1f} s")
-        return False
+def _quiet(*_: Any) -> None:
+    """The log of a --json run: nothing but the JSON reaches stdout."""

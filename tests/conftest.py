@@ -56,3 +56,15 @@ def calibration(model: torch.nn.Module, batches: int = 2, batch: int = 4, seed: 
     num_classes = model.num_classes
     return [(input_for(model, batch, seed + i), torch.randint(0, num_classes, (batch,), generator=g))
             for i in range(batches)]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """160 digits images (train/val/test split as load_data makes it), batch 32."""
+    return vc.load_data("digits", batch_size=32, limit=160)
+
+
+def tiny():
+    """The demo preset cut to two blocks, seeded."""
+    torch.manual_seed(0)
+    return vc.create_model("vit-digits", depth=2)

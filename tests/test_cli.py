@@ -116,3 +116,41 @@ def test_pipeline_config_errors(tmp_path):
     bad.write_text("model = [\n")
     one_line_error(runner.invoke(app, ["pipeline", "--config", str(bad)]), "is not valid TOML")
     one_line_error(runner.invoke(app, ["pipeline", "--config", str(tmp_path / "nope.toml")]), "does not exist")
+
+
+def test_pipeline_runs_end_to_end_from_a_config_file(tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text(
+        'model = "vit-digits"\n[train]\ntrain_epochs = 1\n[prune]\nmethod = "rsst"\nhead_ratio = 0.5\n'
+        "mlp_ratio = 0.5\nstates = 1\nepochs_per_state = 1\nfinetune_epochs = 0\n"
+        "[bench]\nbatch_sizes = [2]\nbench_seconds = 0.5\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["structure"] == "8/16 heads, 256/512 neurons kept"
+    assert summary["compact_vs_masked_max_abs_diff"] <= 1e-5
+    assert summary["params"] == {"dense": 136138, "compact": 69962}
+    assert [row["batch"] for row in summary["latency"]] == [2]
+    assert summary["accuracy"]["compact_onnx_test_top1"] == pytest.approx(
+        summary["accuracy"]["compact_test_top1"], abs=0.01)
+    for name in ("report.md", "summary.json", "compact.onnx", "dense.onnx", "compact/config.json",
+                 "compact/model.safetensors", "bench/bench.png", "prune/masks.safetensors"):
+        assert (out / name).is_file(), name
+    assert (out / "bench/bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| params | 136,138 | 69,962 |" in report and "![latency](bench/bench.png)" in report
+    assert [p.name for p in out.rglob(".*.tmp")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml", "run"]  # no partial folder left
+    again = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out)])
+    one_line_error(again, f"{out} already exists and is not empty; pass --overwrite")
+    assert json.loads((out / "summary.json").read_text())["config"]["out"] == str(out)
+
+
+def test_pipeline_bad_flags(tmp_path):
+    one_line_error(runner.invoke(app, ["pipeline", "--head-ratio", "1.2", "--out", str(tmp_path / "r")]),
+                   "head_ratio must be in [0, 1), got 1.2")
+    one_line_error(runner.invoke(app, ["pipeline", "--model", "resnet18", "--out", str(tmp_path / "r")]),
+                   "not a timm VisionTransformer")
+    one_line_error(runner.invoke(app, ["pipeline", "--data", "imagefolder", "--data-root", str(tmp_path / "nope"),
+                                       "--out", str(tmp_path / "r")]), "nope")

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny
 from typer.testing import CliRunner
 
 import vitcompact as vc
@@ -25,15 +26,6 @@ from vitcompact.train import TrainConfig
 
 QUIET = TrainConfig(progress=False)
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return vc.load_data("digits", batch_size=32, limit=160)
-
-
-def tiny():
-    torch.manual_seed(0)
-    return vc.create_model("vit-digits", depth=2)
 
 
 def quick(**kw) -> PruneConfig:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tiny
 from typer.testing import CliRunner
 
 import vitcompact as vc
@@ -17,15 +18,6 @@ from vitcompact.train.trainer import _lr_factor, distill_loss
 
 FAST = dict(epochs=1, progress=False)
 
-
-@pytest.fixture(scope="module")
-def bundle():
-    return vc.load_data("digits", batch_size=32, limit=160)
-
-
-def tiny():
-    torch.manual_seed(0)
-    return vc.create_model("vit-digits", depth=2)
 
 
 def test_pruned_weights_stay_exactly_zero_through_adamw(bundle):

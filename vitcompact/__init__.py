@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .accounting import Count, count
-from .artifact import is_compact, load, load_checkpoint, save
+from .artifact import is_compact, load, load_checkpoint, load_model, save
 from .compact import compact
 from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataError, MaskError,
                      UnsupportedModelError, VitCompactError)
@@ -15,7 +15,7 @@ from .prune.loop import PruneConfig, PruneResult, prune
 from .train import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
-    "__version__", "Count", "count", "is_compact", "load", "load_checkpoint", "save", "compact",
+    "__version__", "Count", "count", "is_compact", "load", "load_checkpoint", "load_model", "save", "compact",
     "ArtifactError", "BackendUnavailableError", "ConfigError", "DataError", "MaskError",
     "UnsupportedModelError", "VitCompactError", "PRESETS", "create_model", "vit_layout",
     "CRITERIA", "PruneMasks", "ScoreContext", "Structure", "magnitude_prune", "regroup",

@@ -147,5 +147,22 @@ def load_checkpoint(name: str, checkpoint: str | os.PathLike, **model_args: Any)
     return model
 
 
+def load_model(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+               **model_args: Any) -> nn.Module:
+    """The one door from a user's model argument to a module: an artifact directory, or a preset
+    / timm name (randomly initialised, or with `checkpoint` weights)."""
+    path = Path(spec)
+    if checkpoint is not None:
+        return load_checkpoint(str(spec), checkpoint, **model_args)
+    if path.is_dir():
+        return load(path)
+    if path.exists():
+        raise ConfigError(f"{spec} is a file; pass an artifact directory, a preset or a timm model "
+                          "name (a checkpoint file goes with --checkpoint)")
+    if "/" in str(spec) or path.suffix in (".safetensors", ".pth", ".pt", ".onnx"):
+        raise ArtifactError(f"{spec} does not exist")
+    return create_model(str(spec), **model_args)
+
+
 def is_compact(model: nn.Module) -> bool:
     return block_specs(model) is not None

@@ -106,14 +106,7 @@ def _compact_attention(block: nn.Module, layout: BlockLayout, state: UnitState,
         if attn.qkv.bias is not None:
             weights["attn.qkv.bias"] = head_view("qkv.weight", attn.qkv.bias.view(-1, 1), layout)[:, kept].reshape(-1)
         weights["attn.proj.weight"] = head_view("proj.weight", proj_w, layout)[:, kept].reshape(proj_w.shape[0], -1)
-        has_bias = attn.proj.bias is not None or bool(const.any())
-        if has_bias:
-            weights["attn.proj.bias"] = const
-    else:
-        has_bias = bool(const.any())
-        if has_bias:
-            weights["attn.value"] = const
-    return kept.numel(), has_bias, weights
+    return _place_constant("attn", "proj", kept.numel(), attn.proj.bias is not None, const, weights)
 
 
 @torch.no_grad()
@@ -136,14 +129,22 @@ def _compact_mlp(block: nn.Module, state: UnitState,
         if mlp.fc1.bias is not None:
             weights["mlp.fc1.bias"] = mlp.fc1.bias[kept]
         weights["mlp.fc2.weight"] = fc2_w[:, kept]
-        has_bias = mlp.fc2.bias is not None or bool(const.any())
-        if has_bias:
-            weights["mlp.fc2.bias"] = const
+    return _place_constant("mlp", "fc2", kept.numel(), mlp.fc2.bias is not None, const, weights)
+
+
+def _place_constant(branch: str, out_layer: str, kept: int, had_bias: bool, const: torch.Tensor,
+                    weights: dict[str, torch.Tensor]) -> tuple[int, bool, dict[str, torch.Tensor]]:
+    """Put a branch's constant output where the compact block keeps it: in the bias of its output
+    layer, or, with no unit left, in the constant branch (none at all when it is zero)."""
+    if kept:
+        has_bias = had_bias or bool(const.any())
+        key = f"{branch}.{out_layer}.bias"
     else:
         has_bias = bool(const.any())
-        if has_bias:
-            weights["mlp.value"] = const
-    return kept.numel(), has_bias, weights
+        key = f"{branch}.value"
+    if has_bias:
+        weights[key] = const
+    return kept, has_bias, weights
 
 
 @torch.no_grad()
