@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench-latency bench-accuracy clean
+.PHONY: setup demo test bench-latency bench-compact bench-accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Benchmarks (not tests): they print measured figures; see README "Results".
+bench-latency: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.suite_latency
+
+bench-compact: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.compact_latency
+
+bench-accuracy: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.accuracy_fashion --patch-size 7 --limit 12000 --dense-epochs 10 \
+		--states 2 --epochs-per-state 2 --finetune-epochs 2 --batch-size 128 --lr 1e-3 --out runs/accuracy_fashion
 
 clean:
 	rm -rf build dist *.egg-info runs

@@ -71,6 +71,7 @@ def _module_label(module: nn.Module) -> str:
 
 
 def _from_module(module: nn.Module, label: str) -> BenchModel:
+    vc.vit_layout(module)  # refuses non-ViT models with a message naming them
     in_chans = module.patch_embed.proj.in_channels
     h, w = module.patch_embed.img_size
     return BenchModel(label, (in_chans, h, w), vc.count(module).macs, module=module.eval())

@@ -23,7 +23,7 @@ def compact(
 ) -> None:
     """Build the smaller model (same function as the masked one) and save it as an artifact.
 
-    Example: vitcompact compact runs/prune/pruned --masks runs/prune/masks.safetensors --out runs/compact
+    Example: vitcompact compact runs/rsst --masks runs/rsst/masks.safetensors --out runs/compact
     """
     dense = vc.load_model(model, checkpoint)
     prune_masks = vc.PruneMasks.load(masks) if masks else None

@@ -9,7 +9,7 @@ import typer
 import vitcompact as vc
 from vitcompact.prune.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
 from vitcompact.prune.schedules import LAMBDA_SCHEDULES
-from vitcompact.train import TrainConfig
+from vitcompact.train import TrainConfig, distributed
 
 from .common import JsonOption, console, print_json, user_errors
 from .train_cmd import DataOption, DataRootOption, check_writable, model_and_data
@@ -64,6 +64,8 @@ def prune(
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
     m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
     result = prune_model(m, bundle, config)
+    if not distributed.is_main():  # under torchrun every rank holds the same masks; rank 0 writes
+        return
     vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
                                            "val": result.val, "test": result.test,
                                            "structure": result.structure.summary()})

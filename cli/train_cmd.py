@@ -10,7 +10,7 @@ import typer
 
 import vitcompact as vc
 from vitcompact.data import DATA_SOURCES, DataBundle, load_data
-from vitcompact.train import MetricsLog, TrainConfig, evaluate, train as train_model
+from vitcompact.train import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
 
 from .common import JsonOption, console, print_json, user_errors
 
@@ -68,6 +68,8 @@ def train(
     log = MetricsLog()
     result = train_model(m, bundle, config, on_epoch=log.write, description="train")
     test = evaluate(m, bundle.test)
+    if not distributed.is_main():  # under torchrun rank 0 alone writes
+        return
     vc.save(m, out, provenance={"stage": "train", "data": data, "train": config.to_dict(),
                                 "epochs": result.epochs, "val": result.val, "test": test})
     log.save(out / "metrics.jsonl")

@@ -154,3 +154,45 @@ def test_pipeline_bad_flags(tmp_path):
                    "not a timm VisionTransformer")
     one_line_error(runner.invoke(app, ["pipeline", "--data", "imagefolder", "--data-root", str(tmp_path / "nope"),
                                        "--out", str(tmp_path / "r")]), "nope")
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "corrupt.pth").write_bytes(b"not a checkpoint")
+    (root / "corrupt.onnx").write_bytes(b"not onnx")
+    (root / "blocker").write_text("a file where a folder should be")
+    return root
+
+
+# Every command that reads a model, with each kind of bad input: message fragment asserted.
+BAD_INPUTS = [
+    ("export-missing", ["export", "onnx", "{root}/missing", "{root}/o.onnx"], "missing does not exist"),
+    ("export-non-vit", ["export", "onnx", "resnet18", "{root}/o.onnx"], "not a timm VisionTransformer"),
+    ("export-unwritable", ["export", "onnx", "vit-digits", "{root}/blocker/o.onnx"], "blocker"),
+    ("tensorrt-missing", ["export", "tensorrt", "{root}/missing.onnx", "{root}/o.engine"], ""),
+    ("bench-missing", ["bench", "{root}/missing", "vit-digits"], "missing does not exist"),
+    ("bench-corrupt-onnx", ["bench", "{root}/corrupt.onnx", "vit-digits"], "is not a readable ONNX file"),
+    ("bench-non-vit", ["bench", "resnet18", "vit-digits"], "not a timm VisionTransformer"),
+    ("inspect-missing", ["inspect", "{root}/missing"], "missing does not exist"),
+    ("train-corrupt-checkpoint", ["train", "vit-digits", "--checkpoint", "{root}/corrupt.pth", "--out",
+                                  "{root}/t"], "could not be read as a weights-only checkpoint"),
+    ("train-non-vit", ["train", "resnet18", "--out", "{root}/t"], "not a timm VisionTransformer"),
+    ("train-unwritable", ["train", "vit-digits", "--out", "{root}/blocker/t"], "blocker"),
+    ("prune-ratio", ["prune", "vit-digits", "--head-ratio", "1.0", "--out", "{root}/p"],
+     "head_ratio must be in [0, 1), got 1.0"),
+    ("prune-missing-data", ["prune", "vit-digits", "--data", "fashion-mnist", "--data-root", "{root}/none",
+                            "--out", "{root}/p"], "none"),
+    ("prune-corrupt-checkpoint", ["prune", "vit-digits", "--checkpoint", "{root}/corrupt.pth", "--out",
+                                  "{root}/p"], "could not be read as a weights-only checkpoint"),
+    ("compact-non-vit", ["compact", "resnet18", "--out", "{root}/c"], "not a timm VisionTransformer"),
+    ("pipeline-ratio", ["pipeline", "--mlp-ratio", "-0.1", "--out", "{root}/r"], "mlp_ratio must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_every_command_refuses_bad_input_in_one_line(bad_files, name, args, message):
+    before = sorted(p.name for p in bad_files.iterdir())
+    result = runner.invoke(app, [a.format(root=bad_files) for a in args])
+    one_line_error(result, message)
+    assert sorted(p.name for p in bad_files.iterdir()) == before  # nothing (half-)written
