@@ -107,6 +107,20 @@ def test_wandb_requested_but_missing_is_a_clear_error(monkeypatch):
         MetricsLog(wandb_project="demo")
 
 
+def test_wandb_logging_works_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLog(tmp_path / "metrics.jsonl", wandb_project="vitcompact-test", run_config={"seed": 0})
+    log.write({"phase": "rsst", "epoch": 1, "val_top1": 0.5, "lambda": 0.25})
+    log.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert MetricsLog.read(tmp_path / "metrics.jsonl") == [{"phase": "rsst", "epoch": 1, "val_top1": 0.5,
+                                                            "lambda": 0.25}]
+
+
 def test_cli_train_writes_a_dense_artifact(tmp_path):
     out = tmp_path / "dense"
     result = CliRunner().invoke(app, ["train", "vit-digits", "--data", "digits", "--epochs", "1",
