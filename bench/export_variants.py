@@ -11,22 +11,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
 
 import vitcompact as vc
 from vitcompact.data import load_data
 from vitcompact.export import ExportConfig, to_fp16, to_int8, to_onnx
-from vitcompact.export.verify import onnx_runner, ort_session
-
-
-def top1(predict, loader) -> float:
-    correct = total = 0
-    for images, labels in loader:
-        logits = np.asarray(predict(images.numpy().astype(np.float32)))
-        correct += int((logits.argmax(-1) == labels.numpy()).sum())
-        total += len(labels)
-    return correct / total
+from vitcompact.export.verify import loader_top1 as top1, onnx_runner, ort_session, torch_runner
 
 
 def main() -> None:
@@ -45,8 +34,7 @@ def main() -> None:
 
     fp32 = to_onnx(model, out / "model.onnx", ExportConfig(optimize="off"))
     variants = [fp32, to_fp16(fp32.path), to_int8(fp32.path, per_channel=args.per_channel)]
-    with torch.no_grad():
-        results = {"pytorch": top1(lambda x: model(torch.from_numpy(x)).numpy(), bundle.test)}
+    results = {"pytorch": top1(torch_runner(model), bundle.test)}
     for v in variants:
         results[f"onnx_{v.precision}"] = top1(onnx_runner(ort_session(v.path)), bundle.test)
     sizes = {v.precision: v.path.stat().st_size for v in variants}

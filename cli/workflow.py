@@ -26,6 +26,7 @@ from vitcompact.bench.sources import resolve
 from vitcompact.data import DATA_SOURCES, load_data
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, to_onnx
+from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, write_json, write_text
 from vitcompact.prune.loop import PruneConfig, prune
 from vitcompact.train import TrainConfig, evaluate, train
@@ -102,20 +103,6 @@ class PipelineResult:
 
 def _model_input_size(model: torch.nn.Module) -> tuple[int, int]:
     return model.patch_embed.proj.in_channels, model.patch_embed.img_size[0]
-
-
-def _onnx_top1(path: Path, loader) -> float:
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    correct = total = 0
-    for images, labels in loader:
-        logits = session.run(None, {name: images.numpy()})[0]
-        correct += int((np.argmax(logits, axis=1) == labels.numpy()).sum())
-        total += len(labels)
-    return correct / max(total, 1)
 
 
 def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, BenchConfig]:
@@ -207,7 +194,7 @@ def _run(cfg: PipelineConfig, log, final_out: Path) -> PipelineResult:
         same = "on" if compact_onnx.optimized else "off"
         dense_onnx = to_onnx(model, out / "dense.onnx", dataclasses.replace(export_cfg, optimize=same))
         advance()
-        onnx_top1 = _onnx_top1(compact_onnx.path, bundle.test)
+        onnx_top1 = loader_top1(onnx_runner(ort_session(compact_onnx.path)), bundle.test)
         advance()
 
     with _stage(f"benchmark dense vs compact ({cfg.backend})", log, total=len(cfg.batch_sizes)) as advance:

@@ -121,6 +121,16 @@ def compare(path: Path, reference: str, run: Callable[[np.ndarray], np.ndarray],
     return report
 
 
+def loader_top1(predict: Callable[[np.ndarray], np.ndarray], loader) -> float:
+    """Top-1 accuracy of a numpy-in, logits-out runner over (images, labels) batches."""
+    correct = total = 0
+    for images, labels in loader:
+        logits = np.asarray(predict(images.numpy().astype(np.float32)))
+        correct += int((logits.argmax(-1) == labels.numpy()).sum())
+        total += len(labels)
+    return correct / max(total, 1)
+
+
 def onnx_runner(session: ort.InferenceSession) -> Callable[[np.ndarray], np.ndarray]:
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]

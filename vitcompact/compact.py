@@ -19,7 +19,6 @@ from .models.adapter import BlockLayout, vit_layout
 from .models.layers import ConstantBranch
 from .models.presets import SOURCE_ATTR
 from .prune.masks import PruneMasks, UnitState, head_view
-from .prune.structure import Structure
 
 COMPACT_ATTR = "vitcompact_compact"
 
@@ -40,7 +39,6 @@ def _linear(in_f: int, out_f: int, bias: bool, like: nn.Linear) -> nn.Linear:
 
 def resize_block(block: nn.Module, spec: BlockSpec) -> None:
     """Replace the block's attention and MLP modules with ones of the spec's sizes (in place)."""
-    dim = block.norm1.normalized_shape[0] if hasattr(block.norm1, "normalized_shape") else None
     attn = block.attn
     if not isinstance(attn, ConstantBranch):
         dim = attn.qkv.in_features
@@ -158,14 +156,13 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
     masks.check_model(model)
     layout = masks.layout
     specs, new_weights = [], {}
-    for block in layout.blocks:
-        heads, neurons = masks.unit_states(block)
-        for unit, state in (("head", heads), ("neuron", neurons)):
+    states = [masks.unit_states(block) for block in layout.blocks]
+    for block, pair in zip(layout.blocks, states):  # refuse before building anything
+        for unit, state in zip(("head", "neuron"), pair):
             if state is not None:
                 _check_units(block, unit, state)
-    for block in layout.blocks:
+    for block, (heads, neurons) in zip(layout.blocks, states):
         b = model.blocks[block.index]
-        heads, neurons = masks.unit_states(block)
         n = block.name
         num_heads, proj_bias = 0, isinstance(b.attn, ConstantBranch) and b.attn.value is not None
         hidden, fc2_bias = 0, isinstance(b.mlp, ConstantBranch) and b.mlp.value is not None
@@ -184,7 +181,8 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
     for name, value in new_weights.items():
         state[name] = value.clone()
     small.load_state_dict(state, strict=True)
-    structure = masks.structure() if masks.is_quasi_structured() else None
+    quasi = all(s is None or bool(s.whole.all()) for pair in states for s in pair)
+    structure = masks.structure() if quasi else None
     previous = getattr(model, COMPACT_ATTR, None)
     setattr(small, COMPACT_ATTR, {
         "blocks": [asdict(s) for s in specs],
@@ -200,10 +198,3 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
 def block_specs(model: nn.Module) -> list[BlockSpec] | None:
     info = getattr(model, COMPACT_ATTR, None)
     return [BlockSpec(**s) for s in info["blocks"]] if info else None
-
-
-def compact_structure(model: nn.Module) -> Structure | None:
-    info = getattr(model, COMPACT_ATTR, None)
-    if info and info.get("structure"):
-        return Structure.from_dict(info["structure"])
-    return None

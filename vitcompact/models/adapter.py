@@ -12,8 +12,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..errors import UnsupportedModelError
 from .layers import ConstantBranch
 
-PRUNABLE = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -161,7 +159,7 @@ def unit_weights(model: nn.Module, block: BlockLayout) -> dict[str, nn.Parameter
     return out
 
 
-def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+def prunable_weights(model: nn.Module, layout: ViTLayout | None = None) -> dict[str, nn.Parameter]:
     """All qkv/proj/fc1/fc2 weights of the model, by full parameter name."""
-    layout = vit_layout(model)
+    layout = layout or vit_layout(model)
     return {n: p for b in layout.blocks for n, p in unit_weights(model, b).items()}

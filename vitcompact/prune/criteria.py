@@ -101,13 +101,13 @@ def _activation_scores(model: nn.Module, masks: PruneMasks, ctx: ScoreContext, n
     sums: dict[tuple[int, str], torch.Tensor] = {}
     counts: dict[tuple[int, str], int] = {}
     hooks = []
+
+    def add(key, value, n):
+        sums[key] = sums.get(key, 0) + value
+        counts[key] = counts.get(key, 0) + n
+
     for block in masks.layout.blocks:
         b = scoring.blocks[block.index]
-
-        def add(key, value, n):
-            sums[key] = sums.get(key, 0) + value
-            counts[key] = counts.get(key, 0) + n
-
         if block.num_heads:
             def on_qkv(mod, inp, out, block=block):
                 o = out.detach().float().reshape(*out.shape[:-1], 3, block.num_heads, block.head_dim)
@@ -161,8 +161,7 @@ def saliency(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[Blo
         F.cross_entropy(logits, y.to(device)).backward()
         for n, p in weights.items():
             totals[n] += (p.detach().float() * p.grad.float()).abs()
-    scores = _unit_sums(masks, {n: t.cpu() for n, t in totals.items()})
-    return scores
+    return _unit_sums(masks, {n: t.cpu() for n, t in totals.items()})
 
 
 def score_units(model: nn.Module, masks: PruneMasks, criteria: str,

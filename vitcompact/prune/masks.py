@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ArtifactError, MaskError
 from ..io import atomic_path
-from ..models.adapter import BlockLayout, ViTLayout, unit_weights, vit_layout
+from ..models.adapter import BlockLayout, ViTLayout, prunable_weights, unit_weights, vit_layout
 from .structure import BlockStructure, Structure
 
 
@@ -30,6 +30,11 @@ class UnitState:
     @property
     def kept(self) -> torch.Tensor:
         return self.in_ones & self.out_ones
+
+    @property
+    def whole(self) -> torch.Tensor:
+        """Units that are all kept or all removed across every one of their weights."""
+        return self.kept | (self.in_zeros & self.out_zeros)
 
     @property
     def mixed(self) -> torch.Tensor:
@@ -65,6 +70,13 @@ def _all_per_unit(name: str, m: torch.Tensor, block: BlockLayout) -> torch.Tenso
     return per_unit(name, (~m).to(torch.int32), block) == 0
 
 
+def _first_mixed(block: BlockLayout, states: tuple[UnitState | None, UnitState | None]) -> str | None:
+    for unit, state in zip(("head", "neuron"), states):
+        if state is not None and not bool(state.whole.all()):
+            return f"block {block.index} {unit} {int((~state.whole).nonzero()[0])}"
+    return None
+
+
 class PruneMasks:
     """Element masks for the prunable weights of one model, with its layout.
 
@@ -85,14 +97,14 @@ class PruneMasks:
     @classmethod
     def ones(cls, model: nn.Module) -> "PruneMasks":
         layout = vit_layout(model)
-        weights = {n: p for b in layout.blocks for n, p in unit_weights(model, b).items()}
+        weights = prunable_weights(model, layout)
         return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in weights.items()}, layout)
 
     @classmethod
     def from_weights(cls, model: nn.Module) -> "PruneMasks":
         """Masks of the nonzero weights: what an already-pruned model says about itself."""
         layout = vit_layout(model)
-        weights = {n: p for b in layout.blocks for n, p in unit_weights(model, b).items()}
+        weights = prunable_weights(model, layout)
         return cls({n: p.detach() != 0 for n, p in weights.items()}, layout)
 
     def clone(self) -> "PruneMasks":
@@ -114,7 +126,7 @@ class PruneMasks:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise MaskError unless these masks fit the model's prunable weights name for name."""
-        weights = {n: p for b in vit_layout(model).blocks for n, p in unit_weights(model, b).items()}
+        weights = prunable_weights(model)
         if sorted(weights) != sorted(self.masks):
             missing = sorted(set(weights) - set(self.masks))
             extra = sorted(set(self.masks) - set(weights))
@@ -150,12 +162,9 @@ class PruneMasks:
     def first_mixed_unit(self) -> str | None:
         """Name of the first unit whose weights are partly kept, or None when quasi-structured."""
         for block in self.layout.blocks:
-            for unit, state in zip(("head", "neuron"), self.unit_states(block)):
-                if state is None:
-                    continue
-                whole = (state.in_ones & state.out_ones) | (state.in_zeros & state.out_zeros)
-                if not bool(whole.all()):
-                    return f"block {block.index} {unit} {int((~whole).nonzero()[0])}"
+            mixed = _first_mixed(block, self.unit_states(block))
+            if mixed is not None:
+                return mixed
         return None
 
     def is_quasi_structured(self) -> bool:
@@ -163,13 +172,13 @@ class PruneMasks:
 
     def structure(self) -> Structure:
         """Kept heads and neurons per block; MaskError when the masks are not quasi-structured."""
-        mixed = self.first_mixed_unit()
-        if mixed is not None:
-            raise MaskError(f"masks are not quasi-structured: {mixed} is partly masked; "
-                            "run regroup() first")
         blocks = []
         for block in self.layout.blocks:
             heads, neurons = self.unit_states(block)
+            mixed = _first_mixed(block, (heads, neurons))
+            if mixed is not None:
+                raise MaskError(f"masks are not quasi-structured: {mixed} is partly masked; "
+                                "run regroup() first")
             blocks.append(BlockStructure(
                 heads=heads.kept.nonzero().flatten().tolist() if heads is not None else [],
                 neurons=neurons.kept.nonzero().flatten().tolist() if neurons is not None else [],
