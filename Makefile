@@ -33,7 +33,9 @@ bench-compact: $(STAMP)
 
 bench-accuracy: $(STAMP)
 	$(BIN)/python -m vitcompact.bench.accuracy_fashion --patch-size 7 --limit 12000 --dense-epochs 10 \
-		--states 2 --epochs-per-state 2 --finetune-epochs 2 --batch-size 128 --lr 1e-3 --out runs/accuracy_fashion
+		--lr 1e-3 --prune-lr 5e-4 --states 2 --epochs-per-state 1 --finetune-epochs 1 \
+		--lambda-schedule exp_custom_exponents --lambda-exponent 5 --lambda-max 10 --lambda-base 10 \
+		--seeds 0,1,2 --batch-size 128 --out runs/accuracy_fashion
 
 clean:
 	rm -rf build dist *.egg-info runs

@@ -32,10 +32,11 @@ def prune(
     states: int = typer.Option(_defaults.states, help="Pruning states (one-shot spends them fine-tuning)."),
     epochs_per_state: int = typer.Option(_defaults.epochs_per_state, help="Training epochs per state."),
     finetune_epochs: int = typer.Option(_defaults.finetune_epochs, help="Fine-tuning epochs at the end."),
-    lr: float = typer.Option(_defaults.lr, help="Learning rate of every training pass."),
+    lr: float = typer.Option(_defaults.lr, help="Peak learning rate: all passes share one warm-up + cosine schedule."),
     lambda_schedule: str = typer.Option(_defaults.lambda_schedule,
                                         help=f"RSST λ growth: {', '.join(LAMBDA_SCHEDULES.names())}."),
     lambda_max: float = typer.Option(_defaults.lambda_max, help="RSST λ cap."),
+    lambda_base: float | None = typer.Option(None, help="RSST λ scale (default: λ reaches the cap half-way through each state)."),
     lambda_exponent: float = typer.Option(_defaults.lambda_exponent, help="k of exp_custom_exponents."),
     rewind: str = typer.Option(_defaults.rewind, help=f"Refill rewind: {', '.join(REWINDS)}."),
     dense_epochs: int = typer.Option(_defaults.dense_epochs, help="Dense epochs inside the loop (for rewind)."),
@@ -56,7 +57,7 @@ def prune(
         method=method, head_ratio=head_ratio, mlp_ratio=mlp_ratio, target=target, criteria=criteria,
         mode=mode, round_to=round_to, states=states, epochs_per_state=epochs_per_state,
         finetune_epochs=finetune_epochs, lr=lr, lambda_schedule=lambda_schedule, lambda_max=lambda_max,
-        lambda_exponent=lambda_exponent, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
+        lambda_base=lambda_base, lambda_exponent=lambda_exponent, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
         train=TrainConfig(progress=not json_out), out_dir=out, resume=resume, seed=seed,
         wandb_project=wandb_project).check()
     check_writable(out)

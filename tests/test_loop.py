@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
+from vitcompact.prune import checkpoint
 from vitcompact.prune.loop import PruneConfig, apply_hard, prune, state_ratio
 from vitcompact.prune.penalty import RSSTPenalty, penalised_weights
 from vitcompact.prune.schedules import LAMBDA_SCHEDULES, LambdaSchedule
 from vitcompact.prune.selection import keep_count
-from vitcompact.train import TrainConfig
+from vitcompact.train import TrainConfig, steps_per_epoch
 
 QUIET = TrainConfig(progress=False)
 
@@ -108,6 +109,17 @@ def test_rsst_penalty_fades_the_dropped_weights(bundle):
                    train=TrainConfig(optimizer="sgd", clip_grad=None, progress=False))
     end = [r for r in prune(tiny(), bundle, config).metrics if r["phase"] == "state_end"][0]
     assert end["penalised_norm_after"] < 0.5 * end["penalised_norm_before"]
+
+
+def test_pruning_passes_follow_one_schedule_and_carry_the_optimiser(bundle, tmp_path):
+    config = quick(method="refill", states=2, epochs_per_state=1, finetune_epochs=1, lr=1e-3,
+                   out_dir=tmp_path, train=TrainConfig(warmup_epochs=1.0, min_lr=1e-5, progress=False))
+    records = prune(tiny(), bundle, config).metrics
+    lrs = [r["lr"] for r in records if r["phase"] in ("refill", "finetune")]
+    assert len(lrs) == 3 and 1e-3 > lrs[0] > lrs[1] > lrs[2] and lrs[2] == pytest.approx(1e-5)
+    saved = checkpoint.load_optimizer(tmp_path, 2)
+    steps = {int(v["step"]) for v in saved["state"].values()}
+    assert steps == {2 * steps_per_epoch(bundle)}  # two passes of one epoch, one optimiser
 
 
 def test_refill_rewinds_survivors_to_init_as_copies(bundle):

@@ -78,6 +78,38 @@ def test_warmup_then_cosine_learning_rate():
     assert _lr_factor(20, 4, 20, 0.01) == pytest.approx(0.01)
 
 
+def test_a_run_shorter_than_its_warmup_still_decays_to_min_lr(bundle):
+    result = train(tiny(), bundle, TrainConfig(epochs=1, warmup_epochs=5.0, lr=1e-3, min_lr=1e-5, progress=False))
+    assert result.epochs[-1]["lr"] == pytest.approx(1e-5)
+
+
+class _Probe:
+    """A gradient penalty that records the gradient norm it sees and adds `push` to one weight."""
+
+    def __init__(self, push: float):
+        self.push, self.norms = push, []
+
+    def __call__(self, model, step, total_steps):
+        self.norms.append(float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm()))
+        model.head.weight.grad[0, 0] += self.push
+        return self.push
+
+
+def test_penalty_comes_after_clipping_and_leaves_other_gradients_alone():
+    one_step = vc.load_data("digits", batch_size=512, limit=160)  # the training split is one batch
+    config = TrainConfig(optimizer="sgd", clip_grad=0.5, warmup_epochs=0.0, lr=0.1, **FAST)
+    runs = {}
+    for push in (0.0, 1e6):
+        model, probe = tiny(), _Probe(push)
+        train(model, one_step, config, penalty=probe)
+        assert len(probe.norms) == 1 and probe.norms[0] <= 0.5 + 1e-5
+        runs[push] = model.state_dict()
+    changed = [k for k in runs[0.0] if not torch.equal(runs[0.0][k], runs[1e6][k])]
+    assert changed == ["head.weight"]
+    diff = (runs[0.0]["head.weight"] != runs[1e6]["head.weight"]).nonzero().tolist()
+    assert diff == [[0, 0]]
+
+
 def test_distillation_loss_is_zero_for_identical_logits():
     x = torch.randn(4, 10)
     assert float(distill_loss(x, x, 2.0)) == pytest.approx(0.0, abs=1e-6)

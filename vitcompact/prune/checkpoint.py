@@ -51,6 +51,22 @@ def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
     return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
 
 
+def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `_split_optimizer`: an optimizer state_dict to load."""
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def load_optimizer(out_dir: Path, state: int) -> dict[str, Any] | None:
+    """The optimiser state a finished state saved, or None when that state trained nothing."""
+    folder = state_dir(out_dir, state)
+    rest = read_json(folder / "state.json").get("optimizer")
+    return None if rest is None else _join_optimizer(load_tensors(folder / "optimizer.safetensors"), rest)
+
+
 def save_state(out_dir: Path, state: int, model: nn.Module, element: PruneMasks, hard: PruneMasks,
                optimizer_state: dict[str, Any] | None, info: dict[str, Any]) -> Path:
     """Write one finished state: weights, both masks, optimiser, and `info` (RNG, λ, metrics)."""

@@ -26,7 +26,7 @@ from ..models.adapter import vit_layout
 from ..train import distributed
 from ..train.metrics_log import MetricsLog
 from ..train.seeding import rng_state, seed_everything, set_rng_state
-from ..train.trainer import TrainConfig, evaluate, resolve_device, train
+from ..train.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
 from . import checkpoint
 from .criteria import CRITERIA
 from .magnitude import check_ratio, magnitude_prune
@@ -41,6 +41,7 @@ METHODS = ("rsst", "refill", "oneshot")
 REWINDS = ("none", "init", "epoch")
 # Fields that may differ between a run and its resumption.
 RESUME_FREE = ("out_dir", "resume", "wandb_project")
+BUDGET_WARMUP = 0.1
 
 
 @dataclass
@@ -49,8 +50,10 @@ class PruneConfig:
     method (one-shot spends it all fine-tuning). `prune_rate=None` picks the per-state magnitude
     rate so element sparsity tracks the structural target. `rewind` (Refill only) to `init` or
     to `epoch` `rewind_epoch` needs `dense_epochs` of dense training inside the loop. `lr` is the
-    learning rate of every training pass; `train` holds the other settings (its epochs, lr and
-    seed are set per pass)."""
+    peak learning rate of the pruning budget, whose passes (states, then fine-tuning) follow one
+    warm-up + cosine schedule and carry the optimiser's moments from pass to pass (a rewind
+    resets them); `train` holds the other settings (its epochs, lr and seed are set per pass,
+    and its warm-up is capped at a tenth of the budget: the model arrives trained)."""
 
     method: str = "rsst"
     head_ratio: float = 0.3
@@ -197,9 +200,14 @@ class _Run:
         self.log = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None,
                               config.wandb_project, records, config.to_dict(), enabled=self.main)
 
-    def train_config(self, epochs: int, phase: int) -> TrainConfig:
+    def train_config(self, epochs: int, phase: int, budget_epochs: int = 0) -> TrainConfig:
         # A seed per phase: each phase's data order and augmentation repeat on resume.
-        return dataclasses.replace(self.config.train, epochs=epochs, lr=self.config.lr,
+        # Phase 0 is dense training from scratch; the pruning passes start from a trained model,
+        # so their shared schedule warms up for at most a tenth of the budget.
+        warmup = self.config.train.warmup_epochs
+        if phase > 0:
+            warmup = min(warmup, BUDGET_WARMUP * budget_epochs)
+        return dataclasses.replace(self.config.train, epochs=epochs, lr=self.config.lr, warmup_epochs=warmup,
                                    seed=self.config.seed * 1000 + phase)
 
     def logger(self, phase: str, state: int, hard: PruneMasks):
@@ -260,11 +268,17 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
     run.log.records = [r for r in run.log.records if done is not None and r.get("state", -1) <= done
                        and r["phase"] != "final"]
 
+    # The pruning passes (states, then fine-tuning) share one learning-rate schedule and optimiser.
+    epoch_steps = steps_per_epoch(bundle)
+    budget = sum(plan.epochs for plan in plans) + finetune_epochs
+    opt_state = None
     if done is not None:
         element, hard, info = checkpoint.load_state(out, done, model)
         element, hard = element.to(device), hard.to(device)
         set_rng_state(info["rng"])
         start = done
+        if done > 0:
+            opt_state = checkpoint.load_optimizer(out, done)
     elif config.dense_epochs:
         seed_everything(config.seed)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -297,6 +311,16 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
                 checkpoint.save_tensors(out / "teacher.safetensors", teacher.state_dict())
         teacher.requires_grad_(False)
 
+    offset = epoch_steps * sum(plan.epochs for plan in plans if plan.index <= start)
+
+    def train_pass(epochs: int, phase: int, **kw: Any):
+        nonlocal opt_state, offset
+        result = train(model, bundle, run.train_config(epochs, phase, budget), hard,
+                       window=ScheduleWindow(offset, epoch_steps * budget), optimizer_state=opt_state, **kw)
+        offset += epoch_steps * epochs
+        opt_state = result.optimizer_state
+        return result
+
     calibration = bundle.calibration() if config.criteria in ("l1", "l2", "saliency") else None
     for plan in plans:
         if plan.index <= start:
@@ -311,16 +335,14 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
         element = distributed.broadcast_masks(element)
         info: dict[str, Any] = {"head_ratio": plan.head_ratio,
                                 "mlp_ratio": plan.mlp_ratio, "rate": plan.rate}
-        opt_state = None
         if config.method == "rsst":
             penalty = RSSTPenalty(structured, element, config.schedule())
             norm_before = penalty.norm(model)
-            result = train(model, bundle, run.train_config(plan.epochs, plan.index), hard,
-                           penalty=penalty, teacher=teacher, on_epoch=run.logger("rsst", plan.index, hard),
-                           description=f"rsst state {plan.index}/{len(plans)}")
+            train_pass(plan.epochs, plan.index, penalty=penalty, teacher=teacher,
+                       on_epoch=run.logger("rsst", plan.index, hard),
+                       description=f"rsst state {plan.index}/{len(plans)}")
             info.update({"lambda": penalty.value, "penalised_norm_before": norm_before,
                          "penalised_norm_after": penalty.norm(model)})
-            opt_state = result.optimizer_state
             hard = structured
             apply_hard(model, hard)
         else:
@@ -329,12 +351,12 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
                 with torch.no_grad():
                     for k, t in model.state_dict().items():
                         t.copy_(rewind_state[k])
+                opt_state = None  # moments of weights that no longer exist
             apply_hard(model, hard)
             if plan.epochs:
-                result = train(model, bundle, run.train_config(plan.epochs, plan.index), hard, teacher=teacher,
-                               on_epoch=run.logger(config.method, plan.index, hard),
-                               description=f"{config.method} state {plan.index}/{len(plans)}")
-                opt_state = result.optimizer_state
+                train_pass(plan.epochs, plan.index, teacher=teacher,
+                           on_epoch=run.logger(config.method, plan.index, hard),
+                           description=f"{config.method} state {plan.index}/{len(plans)}")
         element = _intersect(element, hard)
         info.update({"val": evaluate(model, bundle.val, device), **_summary(hard)})
         run.log.write({"phase": "state_end", "state": plan.index, **{k: v for k, v in info.items() if k != "val"},
@@ -342,8 +364,8 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
         run.checkpoint(plan.index, element, hard, opt_state, {"phase": "state", **info})
 
     if finetune_epochs:
-        train(model, bundle, run.train_config(finetune_epochs, len(plans) + 1), hard, teacher=teacher,
-              on_epoch=run.logger("finetune", len(plans) + 1, hard), description="fine-tune")
+        train_pass(finetune_epochs, len(plans) + 1, teacher=teacher,
+                   on_epoch=run.logger("finetune", len(plans) + 1, hard), description="fine-tune")
     apply_hard(model, hard)
     val, test = evaluate(model, bundle.val, device), evaluate(model, bundle.test, device)
     structure = hard.structure()

@@ -27,7 +27,8 @@ OPTIMIZERS = ("adamw", "sgd")
 
 @dataclass
 class TrainConfig:
-    """How to train. `warmup_epochs` may be fractional; `clip_grad=None` disables clipping.
+    """How to train. `warmup_epochs` may be fractional and takes at most half the run (the rest
+    decays to `min_lr` on a cosine); `clip_grad=None` disables clipping.
     `distill_alpha` weighs the teacher's soft targets when a teacher is passed to `train`."""
 
     epochs: int = 10
@@ -65,8 +66,8 @@ class TrainConfig:
 
 
 class GradientPenalty(Protocol):
-    """Called after backward (gradients unscaled) with the run's global step; edits gradients in
-    place and returns the value to log (RSST's λ)."""
+    """Called after backward, unscaling and clipping, with the step in this run; edits gradients
+    in place and returns the value to log (RSST's λ)."""
 
     def __call__(self, model: nn.Module, step: int, total_steps: int) -> float: ...
 
@@ -77,6 +78,20 @@ class TrainResult:
     val: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     optimizer_state: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleWindow:
+    """A run that is one stretch of a longer learning-rate schedule: its first step is step
+    `start` of a warm-up + cosine schedule `total` steps long (the pruning loop's passes share one)."""
+
+    start: int
+    total: int
+
+
+def steps_per_epoch(bundle) -> int:
+    """Optimiser steps in one epoch of `bundle.train` on this process (the data is sharded by rank)."""
+    return math.ceil(len(bundle.train.dataset) / (bundle.train.batch_size * distributed.world_size()))
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
@@ -140,11 +155,14 @@ def _progress(enabled: bool) -> Progress:
 
 def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: PruneMasks | None = None, *,
           penalty: GradientPenalty | None = None, teacher: nn.Module | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None, description: str = "train") -> TrainResult:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, description: str = "train",
+          window: ScheduleWindow | None = None, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
     """Train `model` on `bundle.train` for `config.epochs`, validating on `bundle.val` each epoch.
 
     `masks` keeps pruned weights at exactly zero. `penalty` edits gradients before each step
     (RSST). `teacher` adds knowledge distillation. `on_epoch` receives each epoch's metrics.
+    `window` places this run inside a longer learning-rate schedule and `optimizer_state`
+    continues an earlier run's optimiser (its moments), so consecutive runs train as one.
     Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by rank.
     """
     config = (config or TrainConfig()).check()
@@ -158,11 +176,17 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: Pr
         teacher.to(device).eval()
     net = distributed.wrap(model, device)
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(bundle.train.dataset) / (bundle.train.batch_size * distributed.world_size()))
-    total = steps_per_epoch * config.epochs
-    warmup = min(total, int(round(config.warmup_epochs * steps_per_epoch)))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = config.lr
+    epoch_steps = steps_per_epoch(bundle)
+    total = epoch_steps * config.epochs
+    window = window or ScheduleWindow(0, total)
+    # At most half the schedule: a short run still decays to min_lr.
+    warmup = min(window.total // 2, int(round(config.warmup_epochs * epoch_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, warmup, total, config.min_lr / config.lr))
+        optimizer, lambda s: _lr_factor(window.start + s, warmup, window.total, config.min_lr / config.lr))
     use_amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -185,10 +209,11 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: Pr
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                if penalty is not None:
-                    last_penalty = penalty(model, step, total)
                 if config.clip_grad:
                     nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                if penalty is not None:
+                    # After clipping: a large penalty must not scale down the loss gradients.
+                    last_penalty = penalty(model, step, total)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
