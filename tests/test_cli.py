@@ -181,6 +181,8 @@ BAD_INPUTS = [
     ("train-unwritable", ["train", "vit-digits", "--out", "{root}/blocker/t"], "blocker"),
     ("prune-ratio", ["prune", "vit-digits", "--head-ratio", "1.0", "--out", "{root}/p"],
      "head_ratio must be in [0, 1), got 1.0"),
+    ("prune-lambda-base", ["prune", "vit-digits", "--lambda-base", "-1", "--out", "{root}/p"],
+     "lambda base must be > 0, got -1.0"),
     ("prune-missing-data", ["prune", "vit-digits", "--data", "fashion-mnist", "--data-root", "{root}/none",
                             "--out", "{root}/p"], "none"),
     ("prune-corrupt-checkpoint", ["prune", "vit-digits", "--checkpoint", "{root}/corrupt.pth", "--out",
