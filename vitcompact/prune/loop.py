@@ -200,12 +200,12 @@ class _Run:
         self.log = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None,
                               config.wandb_project, records, config.to_dict(), enabled=self.main)
 
-    def train_config(self, epochs: int, phase: int, budget_epochs: int = 0) -> TrainConfig:
+    def train_config(self, epochs: int, phase: int, budget_epochs: int | None = None) -> TrainConfig:
         # A seed per phase: each phase's data order and augmentation repeat on resume.
-        # Phase 0 is dense training from scratch; the pruning passes start from a trained model,
-        # so their shared schedule warms up for at most a tenth of the budget.
+        # Passes of the pruning budget start from a trained model, so their shared schedule warms
+        # up for at most a tenth of the budget; dense training (no budget) keeps its warm-up.
         warmup = self.config.train.warmup_epochs
-        if phase > 0:
+        if budget_epochs is not None:
             warmup = min(warmup, BUDGET_WARMUP * budget_epochs)
         return dataclasses.replace(self.config.train, epochs=epochs, lr=self.config.lr, warmup_epochs=warmup,
                                    seed=self.config.seed * 1000 + phase)
