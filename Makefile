@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench-latency bench-compact bench-accuracy clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-reference bench-pareto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,11 +31,20 @@ bench-latency: $(STAMP)
 bench-compact: $(STAMP)
 	$(BIN)/python -m vitcompact.bench.compact_latency
 
-bench-accuracy: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.accuracy_fashion --patch-size 7 --limit 12000 --dense-epochs 10 \
-		--lr 1e-3 --prune-lr 5e-4 --states 2 --epochs-per-state 1 --finetune-epochs 1 \
-		--lambda-schedule exp_custom_exponents --lambda-exponent 5 --lambda-max 10 --lambda-base 10 \
-		--seeds 0,1,2 --batch-size 128 --out runs/accuracy_fashion
+# Training images/s of each speed option (data path, precision, torch.compile, threads) on this machine.
+bench-train-speed: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.train_speed
+
+# The converged Fashion-MNIST reference (ViT beside scikit-learn baselines), runs/reference_fashion.
+bench-reference: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion
+
+# Accuracy vs measured speed-up of every method (docs/pareto), from the converged reference model.
+bench-pareto: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion
+	$(BIN)/python -m vitcompact.bench.pareto --dense runs/reference_fashion/dense --shift 0 --limit 4000 --out docs/pareto
 
 clean:
 	rm -rf build dist *.egg-info runs

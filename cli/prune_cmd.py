@@ -8,6 +8,7 @@ import typer
 
 import vitcompact as vc
 from vitcompact.prune.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
+from vitcompact.prune.penalty import PENALTIES
 from vitcompact.prune.schedules import LAMBDA_SCHEDULES
 from vitcompact.train import TrainConfig, distributed
 
@@ -38,11 +39,16 @@ def prune(
     lambda_max: float = typer.Option(_defaults.lambda_max, help="RSST λ cap."),
     lambda_base: float | None = typer.Option(None, help="RSST λ scale (default: λ reaches the cap half-way through each state)."),
     lambda_exponent: float = typer.Option(_defaults.lambda_exponent, help="k of exp_custom_exponents."),
+    penalty: str = typer.Option(_defaults.penalty, help=f"RSST penalty: {', '.join(PENALTIES.names())} "
+                                "(fade: decoupled, to --fade-to of the weights' size by each state's end)."),
+    fade_to: float = typer.Option(_defaults.fade_to, help="What the fade penalty leaves of the faded weights, (0, 1)."),
     rewind: str = typer.Option(_defaults.rewind, help=f"Refill rewind: {', '.join(REWINDS)}."),
     dense_epochs: int = typer.Option(_defaults.dense_epochs, help="Dense epochs inside the loop (for rewind)."),
     distill: bool = typer.Option(False, "--distill", help="Distil from the dense model while training."),
     batch_size: int = typer.Option(64, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed."),
+    seed: int = typer.Option(0, help="Seed (initial weights of a preset, data split, order, augmentation)."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
+    compile_model: bool = typer.Option(False, "--compile", help="Train through torch.compile."),
     checkpoint: Path | None = typer.Option(None, help="Dense weights (.safetensors/.pth) for MODEL."),
     out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, masks, pruned artifact)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last state."),
@@ -57,8 +63,9 @@ def prune(
         method=method, head_ratio=head_ratio, mlp_ratio=mlp_ratio, target=target, criteria=criteria,
         mode=mode, round_to=round_to, states=states, epochs_per_state=epochs_per_state,
         finetune_epochs=finetune_epochs, lr=lr, lambda_schedule=lambda_schedule, lambda_max=lambda_max,
-        lambda_base=lambda_base, lambda_exponent=lambda_exponent, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
-        train=TrainConfig(progress=not json_out), out_dir=out, resume=resume, seed=seed,
+        lambda_base=lambda_base, lambda_exponent=lambda_exponent,
+        penalty=penalty, fade_to=fade_to, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
+        train=TrainConfig(precision=precision, compile=compile_model, progress=not json_out), out_dir=out, resume=resume, seed=seed,
         wandb_project=wandb_project).check()
     check_writable(out)
     if not resume and (out / "run.json").exists():

@@ -11,6 +11,7 @@ import typer
 import vitcompact as vc
 from vitcompact.data import DATA_SOURCES, DataBundle, load_data
 from vitcompact.train import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
+from vitcompact.train.seeding import seed_everything
 
 from .common import JsonOption, console, print_json, user_errors
 
@@ -33,6 +34,8 @@ def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Pa
                    batch_size: int, seed: int) -> tuple[nn.Module, DataBundle]:
     """The model (artifact, preset or timm name, optionally with checkpoint weights) and its data,
     resized to the model's input."""
+    # Seeded before the model is built: a preset or timm name is randomly initialised here.
+    seed_everything(seed)
     m = vc.load_model(model, checkpoint)
     vc.vit_layout(m)
     size = m.patch_embed.img_size
@@ -53,7 +56,9 @@ def train(
     lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (AdamW, cosine with warm-up)."),
     optimizer: str = typer.Option("adamw", help="adamw or sgd."),
     batch_size: int = typer.Option(64, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed (data split, initial order, augmentation)."),
+    seed: int = typer.Option(0, help="Seed (initial weights, data split, order, augmentation)."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
+    compile_model: bool = typer.Option(False, "--compile", help="Train through torch.compile (worth it for long runs)."),
     checkpoint: Path | None = typer.Option(None, help="Start from these weights (.safetensors/.pth)."),
     out: Path = typer.Option(..., "--out", help="Output artifact directory."),
     json_out: bool = JsonOption,
@@ -62,7 +67,8 @@ def train(
 
     Example: vitcompact train vit-digits --data digits --epochs 10 --out runs/dense
     """
-    config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, progress=not json_out).check()
+    config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, precision=precision,
+                         compile=compile_model, progress=not json_out).check()
     check_writable(out)
     m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
     log = MetricsLog()

@@ -57,9 +57,9 @@ class PipelineConfig:
     mlp_ratio: float = 0.5
     criteria: str = "magnitude"
     mode: str = "layer-wise"
-    states: int = 3
+    states: int = 2
     epochs_per_state: int = 4
-    finetune_epochs: int = 6
+    finetune_epochs: int = 10
     opset: int = 18
     optimize: str = "auto"
     backend: str = "ort-cpu"

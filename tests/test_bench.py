@@ -201,24 +201,3 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     r = CliRunner().invoke(app, ["bench", *args])
     assert r.exit_code == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_accuracy_script_runs_every_method_and_seed(tmp_path):
-    from vitcompact.bench import accuracy_fashion
-
-    report = accuracy_fashion.main(["--data", "digits", "--model", "vit-digits", "--limit", "200",
-                                    "--dense-epochs", "1", "--methods", "rsst,oneshot", "--seeds", "0,1",
-                                    "--head-ratio", "0.5", "--mlp-ratio", "0.5", "--out", str(tmp_path)])
-    assert [r["method"] for r in report["rows"]] == ["dense", "rsst", "oneshot"]
-    assert report["prune_epochs"] == 2 * 1 + 1
-    for row in report["rows"][1:]:
-        assert [r["seed"] for r in row["runs"]] == [0, 1]
-        assert row["top1"] == pytest.approx(sum(r["top1"] for r in row["runs"]) / 2)
-        assert row["structure"] == "8/16 heads, 256/512 neurons kept"
-    assert set(report["targets"]) == {"rsst_within_1pt_of_dense", "rsst_not_below_oneshot"}
-    assert report["targets"]["rsst_not_below_oneshot"] == (report["rows"][1]["top1"] >= report["rows"][2]["top1"])
-    assert json.loads((tmp_path / "accuracy.json").read_text())["rows"] == report["rows"]
-    assert "| RSST | 3 |" in (tmp_path / "accuracy.md").read_text()
-    assert (tmp_path / "accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
-        "oneshot_seed0", "oneshot_seed1", "rsst_seed0", "rsst_seed1"]

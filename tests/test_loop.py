@@ -20,7 +20,7 @@ from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
 from vitcompact.prune import checkpoint
 from vitcompact.prune.loop import PruneConfig, apply_hard, prune, state_ratio
-from vitcompact.prune.penalty import RSSTPenalty, penalised_weights
+from vitcompact.prune.penalty import PENALTIES, FadePenalty, RSSTPenalty, penalised_weights
 from vitcompact.prune.schedules import LAMBDA_SCHEDULES, LambdaSchedule
 from vitcompact.prune.selection import keep_count
 from vitcompact.train import TrainConfig, steps_per_epoch
@@ -80,6 +80,50 @@ def test_penalty_touches_exactly_the_weights_the_structure_drops():
             assert 0 < int(targets[name].sum()) < int((~structured[name]).sum())
         else:
             assert int(p.grad.count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("name", ["x", "x^2", "exp_custom_exponents"])
+def test_fade_penalty_scales_exactly_the_dropped_weights_by_its_formula(name):
+    model = tiny()
+    element = vc.magnitude_prune(model, 0.4)
+    structured = vc.regroup(model, element, head_ratio=0.5, mlp_ratio=0.5)
+    targets = penalised_weights(structured, element)
+    penalty = FadePenalty(structured, element, LambdaSchedule(name, exponent=3.0), fade_to=0.05)
+    T, t = 20, 6
+    g = [FORMULAS[name](s, T, 3.0) for s in range(1, T + 1)]
+    expected_rate = math.log(1 / 0.05) * g[t] / sum(g)
+    assert penalty.rate(t, T) == pytest.approx(expected_rate, rel=1e-12)
+    assert sum(penalty.rate(s, T) for s in range(T)) == pytest.approx(math.log(20.0), rel=1e-12)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    penalty.after_step(model, t, T)
+    assert penalty.value == pytest.approx(expected_rate, rel=1e-12)
+    for name_, p in model.named_parameters():
+        if name_ in targets:
+            m = targets[name_]
+            assert torch.allclose(p[m], before[name_][m] * math.exp(-expected_rate), rtol=1e-6, atol=0)
+            assert torch.equal(p[~m], before[name_][~m])
+        else:
+            assert torch.equal(p, before[name_])
+
+
+def test_fade_alone_leaves_fade_to_of_the_weights_after_a_state():
+    model = tiny()
+    element = vc.PruneMasks.ones(model)
+    structured = vc.regroup(model, element, head_ratio=0.5, mlp_ratio=0.5)
+    penalty = FadePenalty(structured, element, LambdaSchedule("x"), fade_to=0.01)
+    start = penalty.norm(model)
+    for t in range(37):
+        penalty.after_step(model, t, 37)
+    assert penalty.norm(model) == pytest.approx(0.01 * start, rel=1e-4)
+
+
+def test_penalties_are_registered_by_name():
+    assert PENALTIES.names() == ["fade", "gradient"]
+    assert PENALTIES.get("gradient") is RSSTPenalty and PENALTIES.get("fade") is FadePenalty
+    with pytest.raises(ConfigError, match="unknown rsst penalty 'l1'"):
+        quick(penalty="l1").check()
+    with pytest.raises(ConfigError, match="fade_to must be in"):
+        quick(fade_to=1.0).check()
 
 
 def test_state_ratios_end_exactly_at_the_final_ratio():

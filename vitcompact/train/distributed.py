@@ -69,7 +69,8 @@ def epoch_loader(loader: DataLoader, seed: int, epoch: int) -> DataLoader:
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(loader.dataset, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=False)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=False,
+                      collate_fn=loader.collate_fn)
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:
