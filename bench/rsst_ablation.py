@@ -27,14 +27,14 @@ BUDGET_SPLIT_3 = {"states": 3, "epochs_per_state": 2, "finetune_epochs": 2}
 BUDGET_SPLIT_2 = {"states": 2, "epochs_per_state": 2, "finetune_epochs": 4}
 VARIANTS: dict[str, dict] = {
     "one-shot": {"method": "oneshot"},
-    "RSST gradient, 3x2+2": {"method": "rsst", "penalty": "gradient", **BUDGET_SPLIT_3},
-    "RSST fade, 3x2+2": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_3},
-    "RSST fade, 2x2+4": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_2},
-    "RSST fade to 0.1, 2x2+4": {"method": "rsst", "penalty": "fade", "fade_to": 0.1, **BUDGET_SPLIT_2},
-    "RSST fade, 2x2+4, lr 5e-4": {"method": "rsst", "penalty": "fade", "lr": 5e-4, **BUDGET_SPLIT_2},
-    "Refill, 2x2+4": {"method": "refill", **BUDGET_SPLIT_2},
-    "one-shot, distilled": {"method": "oneshot", "distill": True},
-    "RSST fade, 2x2+4, distilled": {"method": "rsst", "penalty": "fade", "distill": True, **BUDGET_SPLIT_2},
+    "RSST gradient 3x2+2": {"method": "rsst", "penalty": "gradient", **BUDGET_SPLIT_3},
+    "RSST fade 3x2+2": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_3},
+    "RSST fade 2x2+4": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_2},
+    "RSST fade to 0.1 2x2+4": {"method": "rsst", "penalty": "fade", "fade_to": 0.1, **BUDGET_SPLIT_2},
+    "RSST fade 2x2+4 lr 5e-4": {"method": "rsst", "penalty": "fade", "lr": 5e-4, **BUDGET_SPLIT_2},
+    "Refill 2x2+4": {"method": "refill", **BUDGET_SPLIT_2},
+    "one-shot distilled": {"method": "oneshot", "distill": True},
+    "RSST fade 2x2+4 distilled": {"method": "rsst", "penalty": "fade", "distill": True, **BUDGET_SPLIT_2},
 }
 
 
