@@ -117,7 +117,9 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        # Private probes of torch.cpu (present since torch 2.3); missing ones count as "no".
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False
 
 
@@ -276,8 +278,7 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: Pr
     result.val = evaluate(model, bundle.val, device) if not result.epochs else {
         k.removeprefix("val_"): v for k, v in result.epochs[-1].items() if k.startswith("val_")}
     result.steps = step
-    result.precision = str(amp_dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16") \
-        if use_amp else "fp32"
+    result.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     result.optimizer_state = optimizer.state_dict()
     model.eval()
     return result
