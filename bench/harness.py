@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from vitcompact.errors import ConfigError
+from vitcompact.validate import in_range, integer, seed
 
 from .backends import BackendOptions, Runner, make_backend
 from .environment import environment, physical_cores
@@ -26,6 +27,10 @@ SCHEMA = "vitcompact.bench/1"
 CPU_BATCH_SIZES = (1, 8, 32)
 GPU_BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 ONNX_OPTIMIZE = ("off", "on", "auto")  # the exporter's modes; "auto" may treat the two models differently
+
+
+# The exporter's verification limit; a larger input batch is an allocation, not a measurement.
+MAX_BATCH = 4096
 
 
 @dataclass
@@ -46,22 +51,22 @@ class BenchConfig:
     seed: int = 0                               # input batch and bootstrap
 
     def check(self) -> None:
-        if self.batch_sizes is not None and (not self.batch_sizes or min(self.batch_sizes) < 1):
-            raise ConfigError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if self.batch_sizes is not None and not self.batch_sizes:
+            raise ConfigError("batch sizes must not be empty")
+        for i, b in enumerate(self.batch_sizes or ()):
+            integer(f"batch sizes[{i}]", b, 1, MAX_BATCH)
         for name in ("rounds", "runs_per_round", "min_rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+            integer(name, getattr(self, name), 1)
+        integer("warmup", self.warmup, 0)
+        if self.threads is not None:
+            integer("threads", self.threads, 1)
+        seed("seed", self.seed)
         if self.onnx_optimize not in ONNX_OPTIMIZE:
             raise ConfigError(f"onnx_optimize must be one of {', '.join(ONNX_OPTIMIZE)}, "
                               f"got {self.onnx_optimize!r}")
-        if not 0.0 < self.confidence < 1.0:
-            raise ConfigError(f"confidence must be between 0 and 1, got {self.confidence}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ConfigError(f"time_budget_s must be positive (or None), got {self.time_budget_s}")
+        in_range("confidence", self.confidence, 0.0, 1.0, low_open=True, high_open=True)
+        if self.time_budget_s is not None:
+            in_range("time_budget_s", self.time_budget_s, 0.0, low_open=True)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import typer
 import vitcompact as vc
 
 from .bench_cmd import bench
+from .common import CommandGroup
 from .compact_cmd import compact
 from .export_cmd import export_app
 from .inspect_cmd import inspect
@@ -23,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=CommandGroup,
 )
 
 

@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,6 +30,7 @@ from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, write_json, write_text
 from vitcompact.prune.loop import PruneConfig, prune
 from vitcompact.train import TrainConfig, evaluate, train
+from vitcompact.validate import field_types
 
 from .common import console
 
@@ -84,14 +85,11 @@ class PipelineConfig:
                 flat.update(value)
             else:
                 flat[key] = value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         flat.update({k: v for k, v in overrides.items() if v is not None})
-        if "batch_sizes" in flat:
-            flat["batch_sizes"] = tuple(int(b) for b in flat["batch_sizes"])
-        return cls(**flat)
+        try:
+            return cls(**field_types(cls, flat))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from vitcompact.errors import ConfigError, UnsupportedModelError
 from vitcompact.models import vit_layout
+from vitcompact.validate import in_range, integer
 
 from .files import data_file, publish, staging
 from .metadata import model_metadata, raw_metadata, stamp
@@ -44,16 +45,23 @@ class ExportConfig:
     optimize: str = "auto"
     external_data: bool | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "ExportConfig":
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+        if not MIN_OPSET <= integer("opset", self.opset) <= MAX_OPSET:
             raise ConfigError(f"opset {self.opset} is not supported; use an opset from {MIN_OPSET} "
                               f"to {MAX_OPSET} (default 18)")
         if self.optimize not in MODES:
             raise ConfigError(f"optimize must be one of {', '.join(MODES)}, not {self.optimize!r}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or max(self.batch_sizes) > self.max_batch:
-            raise ConfigError(f"verification batch sizes {self.batch_sizes} must lie in 1..{self.max_batch}")
-        if self.input_name == self.output_name:
-            raise ConfigError("the input and output names must differ")
+        integer("max_batch", self.max_batch, 1)
+        if not self.batch_sizes:
+            raise ConfigError("verification batch sizes must not be empty")
+        for b in self.batch_sizes:
+            integer("verification batch size", b, 1, self.max_batch, note="at most max_batch")
+        in_range("atol", self.atol, 0.0, low_open=True)
+        if not self.input_name or not self.output_name or self.input_name == self.output_name:
+            raise ConfigError("the input and output names must be non-empty and differ")
         return self
 
 

@@ -20,6 +20,7 @@ import torch
 
 from vitcompact.errors import ArtifactError, BackendUnavailableError, ConfigError
 from vitcompact.io import atomic_path, write_json
+from vitcompact.validate import in_range, integer
 
 from .metadata import read_metadata
 from .optimize import has_contrib_ops
@@ -42,9 +43,19 @@ class TensorRTConfig:
     batch_sizes: tuple[int, ...] | None = None  # None: the profile's min and 3 (clamped to the profile)
     atol: float | None = None  # None: TRT_ATOL[precision]
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "TensorRTConfig":
         if self.precision not in PRECISIONS:
             raise ConfigError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        for name in ("min_batch", "opt_batch", "max_batch"):
+            integer(name, getattr(self, name), 1)
+        in_range("workspace_gib", self.workspace_gib, 0.0, low_open=True)
+        if self.atol is not None:
+            in_range("atol", self.atol, 0.0, low_open=True)
+        for b in self.batch_sizes or ():
+            integer("verification batch size", b, 1)
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ConfigError(f"batch profile must satisfy 1 <= min <= opt <= max, got "
                               f"{self.min_batch}/{self.opt_batch}/{self.max_batch}")

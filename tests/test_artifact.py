@@ -50,7 +50,12 @@ def test_config_that_does_not_match_weights_is_refused(compact_dir, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["vitcompact"]["blocks"][1]["num_heads"] = 4
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(vc.ArtifactError, match=r"blocks.1.attn.qkv.weight has shape \(576, 384\) but the model expects \(768, 384\)"):
+    with pytest.raises(vc.ArtifactError, match=r"structure.blocks\[1\] keeps 3 heads .* but vitcompact.blocks\[1\] has 4"):
+        vc.load(bad)
+    config["vitcompact"]["structure"] = None  # then the weights' shapes tell
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(vc.ArtifactError, match=r"blocks.1.attn.qkv.weight has shape \(576, 384\) but the model expects "
+                                               r"\(768, 384\) \(config.json field vitcompact.blocks\[1\].num_heads\)"):
         vc.load(bad)
     (bad / "config.json").write_text("{not json")
     with pytest.raises(vc.ArtifactError, match="config.json is not valid JSON"):

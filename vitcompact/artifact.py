@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .accounting import count
-from .compact import COMPACT_ATTR, apply_block_specs, block_specs, BlockSpec
+from .artifact_config import (FORMAT_VERSION, check_accounting, check_against, match_weights, read_config,
+                              weight_shapes)
+from .compact import COMPACT_ATTR, apply_block_specs, block_specs
 from .errors import ArtifactError, ConfigError
-from .io import atomic_path, ensure_dir, read_json, write_json
-from .models.presets import create_model, get_source, set_source
+from .io import atomic_path, ensure_dir, regular_file, write_json
+from .models.presets import create_model, get_source, model_skeleton, set_source
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
 
 
 def _data_config(model: nn.Module) -> dict[str, Any]:
@@ -73,8 +75,7 @@ def save(model: nn.Module, path: str | os.PathLike, provenance: dict[str, Any] |
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
+    regular_file(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -112,29 +113,31 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved model from its config and load its weights strictly."""
+    """Rebuild a saved model from its config and load its weights strictly.
+
+    Every field of `config.json` is checked, and the model it describes is compared with the
+    weights' shapes in the safetensors header, before any module is built (`artifact_config`).
+    """
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path} is not an artifact directory (expected {CONFIG} and {WEIGHTS})")
-    config = read_json(path / CONFIG)
+    config = read_config(path / CONFIG)
+    shapes = weight_shapes(path / WEIGHTS)
     try:
-        architecture, model_args = config["architecture"], dict(config["model_args"])
-        section = config.get("vitcompact") or {}
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"{path / CONFIG} lacks field {e}") from None
-    try:
-        model = create_model(architecture, **model_args)
+        skeleton = model_skeleton(config.architecture, **config.model_args)
     except ConfigError as e:
         raise ArtifactError(f"{path / CONFIG}: {e}") from None
-    set_source(model, architecture, model_args, section.get("preset"))
-    if section.get("blocks"):
-        try:
-            specs = [BlockSpec(**b) for b in section["blocks"]]
-        except TypeError as e:
-            raise ArtifactError(f"{path / CONFIG}: bad block spec: {e}") from None
-        apply_block_specs(model, specs)
-        setattr(model, COMPACT_ATTR, {"blocks": section["blocks"], "structure": section.get("structure"),
-                                      "dense": (section.get("accounting") or {}).get("dense")})
+    check_against(config, skeleton, path / CONFIG)
+    if config.blocks is not None:
+        apply_block_specs(skeleton, config.blocks)
+    match_weights(skeleton, shapes, path / WEIGHTS, compact=config.blocks is not None)
+    check_accounting(config, skeleton, path / CONFIG)
+    model = create_model(config.architecture, **config.model_args)
+    set_source(model, config.architecture, config.model_args, config.preset)
+    if config.blocks is not None:
+        apply_block_specs(model, config.blocks)
+        setattr(model, COMPACT_ATTR, {"blocks": [asdict(b) for b in config.blocks],
+                                      "structure": config.structure, "dense": config.dense})
     _load_strict(model, _read_state(path / WEIGHTS), path / WEIGHTS)
     return model.eval()
 
@@ -155,6 +158,9 @@ def load_model(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = N
     if checkpoint is not None:
         return load_checkpoint(str(spec), checkpoint, **model_args)
     if path.is_dir():
+        if model_args:
+            raise ConfigError(f"{spec} is an artifact whose config.json fixes the model; "
+                              f"{', '.join(sorted(model_args))} cannot be changed for it")
         return load(path)
     if path.exists():
         raise ConfigError(f"{spec} is a file; pass an artifact directory, a preset or a timm model "

@@ -22,6 +22,10 @@ class ArtifactError(VitCompactError):
     """A file or artifact directory is missing, corrupt, or does not match its config."""
 
 
+class TrainingError(VitCompactError):
+    """Training diverged (a non-finite loss); nothing of the diverged run is saved."""
+
+
 class DataError(VitCompactError):
     """A dataset is missing, corrupt, or unsuitable."""
 

@@ -5,11 +5,35 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ArtifactError
+from .errors import ArtifactError, VitCompactError
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def regular_file(path: str | os.PathLike, error: type[VitCompactError] = ArtifactError) -> Path:
+    """`path` if it is a regular file (or a link to one); otherwise `error` saying what it is.
+
+    Checked before opening: reading a FIFO or a device would block or never end.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{path} is a folder, not a file")
+    kind = next((name for test, name in _KINDS if test(mode)), None)
+    if kind is not None:
+        raise error(f"{path} is {kind}, not a regular file")
+    return path
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -51,10 +75,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
+    path = regular_file(path)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read: {e.strerror or e}") from None

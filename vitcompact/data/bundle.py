@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError, DataError
+from .. import validate
+from ..errors import DataError
+from ..models.args import MAX_CHANNELS, MAX_IMG_SIZE
+from ..validate import in_range, integer
 from .sources import DATA_SOURCES
 
 
@@ -130,14 +133,15 @@ def load_data(source: str = "digits", root: str | os.PathLike | None = None, img
     allows it, horizontal flips.
     """
     spec = DATA_SOURCES.get(source)
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if img_size < 1 or in_chans < 1 or batch_size < 1:
-        raise ConfigError("img_size, in_chans and batch_size must be positive")
-    if shift is not None and not 0 <= shift < img_size:
-        raise ConfigError(f"shift must be in [0, img_size={img_size}), got {shift}")
-    if limit is not None and limit < 2:
-        raise ConfigError(f"limit must be at least 2, got {limit}")
+    in_range("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    integer("img_size", img_size, 1, MAX_IMG_SIZE)
+    integer("in_chans", in_chans, 1, MAX_CHANNELS)
+    integer("batch_size", batch_size, 1)
+    validate.seed("seed", seed)
+    if shift is not None:
+        integer("shift", shift, 0, img_size - 1, note="less than img_size")
+    if limit is not None:
+        integer("limit", limit, 2)
     raw = spec.read(Path(root) if root is not None else None)
     order = torch.randperm(len(raw.train_labels), generator=torch.Generator().manual_seed(seed))
     if limit is not None:

@@ -7,18 +7,23 @@ int64 labels; resizing, channel conversion, normalisation and the validation spl
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import math
 import pickle
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
 
 from ..errors import DataError
+from ..io import regular_file
 from ..registry import Registry
 
 
@@ -69,43 +74,77 @@ def _digits(root: Path | None) -> RawData:
     return RawData(images[train], labels[train], images[test], labels[test], [str(i) for i in range(10)])
 
 
-def _open_maybe_gzip(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path} is corrupt or unreadable: {e}") from None
+# An IDX header may claim any size; refuse more values than the largest real dataset file holds
+# many times over (Fashion-MNIST's training images are 47M), before reading or decompressing them.
+MAX_IDX_VALUES = 2**31
+
+
+def _read_idx_stream(path: Path, stream: BinaryIO, expect_dims: int) -> np.ndarray:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08 or magic[3] != expect_dims:
+        raise DataError(f"{path} is not an IDX file of {expect_dims}-d uint8 data (bad magic number)")
+    dims = stream.read(4 * expect_dims)
+    if len(dims) < 4 * expect_dims:
+        raise DataError(f"{path} is truncated (header incomplete)")
+    shape = struct.unpack(f">{expect_dims}I", dims)
+    if min(shape) < 1:
+        raise DataError(f"{path}: the header gives shape {shape}, with an empty dimension")
+    count = math.prod(shape)  # exact: no overflow, unlike a product of fixed-width integers
+    if count > MAX_IDX_VALUES:
+        raise DataError(f"{path}: the header gives shape {shape}, {count:,} values, more than the "
+                        f"{MAX_IDX_VALUES:,} an IDX file may hold here; the header is corrupt")
+    data = bytearray()
+    while len(data) < count:  # in chunks: a header that lies costs no more memory than the data
+        chunk = stream.read(min(count - len(data), 1 << 24))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) != count or stream.read(1):
+        found = str(len(data)) if len(data) < count else "more"
+        raise DataError(f"{path} is truncated or has trailing bytes: expected {count} values for "
+                        f"shape {shape}, found {found}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def read_idx(path: Path, expect_dims: int) -> np.ndarray:
-    """Read one IDX file (the MNIST format): magic 0x0000 08 dims, big-endian sizes, uint8 data."""
-    data = _open_maybe_gzip(path)
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or data[3] != expect_dims:
-        raise DataError(f"{path} is not an IDX file of {expect_dims}-d uint8 data (bad magic number)")
-    header = 4 + 4 * expect_dims
-    if len(data) < header:
-        raise DataError(f"{path} is truncated (header incomplete)")
-    shape = struct.unpack(f">{expect_dims}I", data[4:header])
-    count = int(np.prod(shape))
-    if len(data) - header != count:
-        raise DataError(f"{path} is truncated or has trailing bytes: expected {count} values for "
-                        f"shape {shape}, found {len(data) - header}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    """Read one IDX file (the MNIST format): magic 0x0000 08 dims, big-endian sizes, uint8 data;
+    gzip-compressed or not. The header's sizes are checked before the data is read (or inflated),
+    and the data must fill them exactly."""
+    path = regular_file(path, DataError)
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            with (gzip.GzipFile(fileobj=raw) if compressed else contextlib.nullcontext(raw)) as stream:
+                return _read_idx_stream(path, stream, expect_dims)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path} is corrupt or unreadable: {e}") from None
 
 
 def _find(root: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
-        if (root / name).is_file():
+        if (root / name).exists():
             return root / name
     raise DataError(f"missing file {root / (stem + '.gz')} (or uncompressed {stem})")
 
 
-def _idx_split(root: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+def check_labels(path: Path, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Refuse a label outside 0..num_classes-1, naming the file and the first bad index."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{path}: label {int(labels[i])} at index {i} is outside 0..{num_classes - 1} "
+                        f"({num_classes} classes)")
+    return labels
+
+
+def _idx_split(root: Path, prefix: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     img_path, lbl_path = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
     images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
     if len(images) != len(labels):
         raise DataError(f"{img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
-    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    labels = check_labels(lbl_path, labels.astype(np.int64), num_classes)
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
 
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -122,8 +161,8 @@ def _idx_source(name: str, class_names: list[str], default_root: Path | None):
             raise DataError(f"{name}: no folder given and {default_root} does not exist; install "
                             f"Debian's dataset-fashion-mnist or pass a folder {hint}")
         root = _need_dir(root, name, hint)
-        train_x, train_y = _idx_split(root, "train")
-        test_x, test_y = _idx_split(root, "t10k")
+        train_x, train_y = _idx_split(root, "train", len(class_names))
+        test_x, test_y = _idx_split(root, "t10k", len(class_names))
         return RawData(train_x, train_y, test_x, test_y, class_names)
     return read
 
@@ -142,8 +181,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _load_pickle(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"missing file {path}")
+    regular_file(path, DataError)
     try:
         obj = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except Exception as e:  # pickle raises many types on corrupt input
@@ -153,44 +193,75 @@ def _load_pickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _cifar_batch(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _integers(path: Path, name: str, value, ndim: int) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: '{name}' is not an array of integers: {e}") from None
+    if array.ndim != ndim or (array.size and array.dtype.kind not in "iu"):
+        raise DataError(f"{path}: '{name}' must be a {ndim}-d array of integers, got {array.dtype} "
+                        f"of shape {array.shape}")
+    return array
+
+
+def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = _load_pickle(path)
     if "data" not in d or label_key not in d:
         raise DataError(f"{path} lacks the 'data' or '{label_key}' entry of a CIFAR batch")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    labels = np.asarray(d[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{path}: expected data of shape [N, 3072] and N labels, got {data.shape} "
-                        f"and {labels.shape}")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    data = _integers(path, "data", d["data"], 2)
+    labels = _integers(path, label_key, d[label_key], 1).astype(np.int64)
+    if data.shape[1] != 3072 or len(data) != len(labels) or not len(data):
+        raise DataError(f"{path}: expected data of shape [N, 3072] and N labels (N >= 1), got "
+                        f"{data.shape} and {labels.shape}")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: pixel values must lie in 0..255")
+    check_labels(path, labels, num_classes)
+    return torch.from_numpy(data.astype(np.uint8).reshape(-1, 3, 32, 32)), torch.from_numpy(labels)
 
 
 def _cifar_source(name: str, folder: str, train_files: list[str], test_file: str, meta_file: str,
-                  label_key: str, names_key: str):
+                  label_key: str, names_key: str, num_classes: int):
     def read(root: Path | None) -> RawData:
         root = _need_dir(root, name, f"holding {folder}/ or its batch files")
         if (root / folder).is_dir():
             root = root / folder
-        parts = [_cifar_batch(root / f, label_key) for f in train_files]
-        test_x, test_y = _cifar_batch(root / test_file, label_key)
-        class_names = [str(i) for i in range(int(max(int(p[1].max()) for p in parts)) + 1)]
-        if (root / meta_file).is_file():
+        class_names = [str(i) for i in range(num_classes)]
+        if (root / meta_file).exists():
             meta = _load_pickle(root / meta_file)
             if names_key in meta:
-                class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+                names = meta[names_key]
+                if not isinstance(names, (list, tuple)) or len(names) != num_classes:
+                    raise DataError(f"{root / meta_file}: '{names_key}' must list {num_classes} class "
+                                    f"names for {name}")
+                class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        parts = [_cifar_batch(root / f, label_key, num_classes) for f in train_files]
+        test_x, test_y = _cifar_batch(root / test_file, label_key, num_classes)
         return RawData(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                        test_x, test_y, class_names)
     return read
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Largest image an image folder may hold: 4096 x 4096 pixels (48 MiB decoded as RGB). Far above
+# what a ViT is fed (images are resized to the model's input), far below a decompression bomb.
+# Checked from the image header, before the pixels are decoded.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _class_folders(split: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .DS_Store's kin) are not classes.
+    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _read_folder(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     paths, labels = [], []
     for label, cls in enumerate(classes):
         folder = root / cls
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); a class "
+                            "folder needs some: remove it or add images")
         paths += files
         labels += [label] * len(files)
     return paths, labels
@@ -201,30 +272,48 @@ def _decode_images(paths: list[Path]) -> torch.Tensor:
 
     arrays, size = [], None
     for p in paths:
+        regular_file(p, DataError)
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                # Folders often mix sizes; bring all to the first image's size, the bundle resizes later.
-                size = size or im.size
-                arrays.append(np.asarray(im.resize(size) if im.size != size else im, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+            with warnings.catch_warnings():
+                # PIL only warns between its own limit and twice that; a warning is a refusal here.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise DataError(f"{p} is {im.width}x{im.height} pixels, more than the "
+                                        f"{MAX_IMAGE_PIXELS:,} vitcompact decodes; resize it first")
+                    im = im.convert("RGB")
+                    # Folders often mix sizes; bring all to the first image's size, the bundle resizes later.
+                    size = size or im.size
+                    arrays.append(np.asarray(im.resize(size) if im.size != size else im, dtype=np.uint8))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise DataError(f"{p} is refused as a decompression bomb ({e})") from None
+        except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as e:
             raise DataError(f"{p} is corrupt or not an image: {e}") from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def _imagefolder(root: Path | None) -> RawData:
+    """train/<class>/ and test/ (or val/) <class>/ folders of images: the same classes in both, at
+    least two, none empty (hidden folders are not classes); each image at most
+    `MAX_IMAGE_PIXELS` (4096 x 4096) pixels."""
     root = _need_dir(root, "imagefolder", "with train/<class>/*.png and test/<class>/*.png (or val/)")
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"{root} must hold train/ and test/ (or val/) folders of class-per-folder images")
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{train_dir} holds no class folders")
+    classes = _class_folders(train_dir)
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} holds {len(classes)} class folder(s); a classifier needs at least 2")
+    test_classes = _class_folders(test_dir)
+    if test_classes != classes:
+        untested = sorted(set(classes) - set(test_classes))
+        unknown = sorted(set(test_classes) - set(classes))
+        raise DataError(f"{test_dir} and {train_dir} must hold the same classes: "
+                        + "; ".join(part for part in (
+                            f"not in {test_dir.name}/: {', '.join(untested)}" if untested else "",
+                            f"not in train/: {', '.join(unknown)}" if unknown else "") if part))
     train_paths, train_labels = _read_folder(train_dir, classes)
     test_paths, test_labels = _read_folder(test_dir, classes)
-    if not train_paths or not test_paths:
-        raise DataError(f"{train_dir if not train_paths else test_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return RawData(_decode_images(train_paths), torch.tensor(train_labels, dtype=torch.int64),
                    _decode_images(test_paths), torch.tensor(test_labels, dtype=torch.int64), classes)
 
@@ -237,9 +326,10 @@ DATA_SOURCES.register("mnist")(DataSource(
     _idx_source("mnist", [str(i) for i in range(10)], None), False, "IDX .gz files in a folder"))
 DATA_SOURCES.register("cifar10")(DataSource(
     _cifar_source("cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
-                  "test_batch", "batches.meta", "labels", "label_names"), True,
+                  "test_batch", "batches.meta", "labels", "label_names", 10), True,
     "cifar-10-batches-py python-pickle folder"))
 DATA_SOURCES.register("cifar100")(DataSource(
     _cifar_source("cifar100", "cifar-100-python", ["train"], "test", "meta", "fine_labels",
-                  "fine_label_names"), True, "cifar-100-python python-pickle folder"))
-DATA_SOURCES.register("imagefolder")(DataSource(_imagefolder, True, "train/ and test/ class-per-folder images"))
+                  "fine_label_names", 100), True, "cifar-100-python python-pickle folder"))
+DATA_SOURCES.register("imagefolder")(DataSource(
+    _imagefolder, True, "train/ and test/ class-per-folder images (each at most 4096x4096 pixels)"))

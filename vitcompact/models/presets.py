@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..registry import Registry
+from .args import MAX_PARAMS, check_model_args
 
 SOURCE_ATTR = "vitcompact_source"
 
@@ -49,12 +52,8 @@ PRESETS.register("vit-fashion-tiny")(Preset(
 ))
 
 
-def create_model(name: str, **model_args: Any) -> nn.Module:
-    """Build a randomly initialised ViT from a preset name or any timm ViT name.
-
-    Keyword arguments override the preset's (e.g. `num_classes`, `in_chans`, `img_size`). No
-    weights are downloaded; load a checkpoint with `vitcompact.load_checkpoint`.
-    """
+def _resolve(name: str, model_args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The timm architecture and the checked constructor arguments `name` stands for."""
     if name in PRESETS:
         preset = PRESETS.get(name)
         architecture, args = preset.architecture, {**preset.model_args, **model_args}
@@ -64,11 +63,48 @@ def create_model(name: str, **model_args: Any) -> nn.Module:
             known = ", ".join(PRESETS.names())
             raise ConfigError(f"unknown model {name!r}: not a preset ({known}) nor a timm model name")
     args.pop("pretrained", None)
+    return architecture, check_model_args(args)
+
+
+def _build(architecture: str, args: dict[str, Any], device: str | None = None) -> nn.Module:
     try:
-        model = timm.create_model(architecture, pretrained=False, **args)
-    except TypeError as e:
+        with torch.device(device) if device else contextlib.nullcontext():
+            return timm.create_model(architecture, pretrained=False, **args)
+    except (TypeError, ValueError, AssertionError) as e:  # timm's own checks of its arguments
         raise ConfigError(f"bad model argument for {architecture}: {e}") from None
-    set_source(model, architecture, args, preset=name if name in PRESETS else None)
+
+
+def model_skeleton(name: str, **model_args: Any) -> nn.Module:
+    """The model `create_model` would build, on the meta device: its shapes, no memory, no RNG.
+
+    Refuses arguments that would build a model without patches or with more than `MAX_PARAMS`
+    parameters.
+    """
+    architecture, args = _resolve(name, model_args)
+    skeleton = _build(architecture, args, device="meta")
+    patch_embed = getattr(skeleton, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "num_patches", 1) < 1:
+        raise ConfigError(f"{name}: the image {tuple(patch_embed.img_size)} is smaller than one patch "
+                          f"{tuple(patch_embed.patch_size)}; check img_size and patch_size")
+    params = sum(p.numel() for p in skeleton.parameters())
+    if params > MAX_PARAMS:
+        raise ConfigError(f"{name} with these arguments would have {params:,} parameters, more than "
+                          f"the {MAX_PARAMS:,} vitcompact builds; check the model arguments")
+    set_source(skeleton, architecture, args, preset=name if name in PRESETS else None)
+    return skeleton
+
+
+def create_model(name: str, **model_args: Any) -> nn.Module:
+    """Build a randomly initialised ViT from a preset name or any timm ViT name.
+
+    Keyword arguments override the preset's (e.g. `num_classes`, `in_chans`, `img_size`); each is
+    checked (`vitcompact.models.args`) and the model's size is bounded (`model_skeleton`) before
+    any memory is allocated. No weights are downloaded; load a checkpoint with
+    `vitcompact.load_checkpoint`.
+    """
+    source = get_source(model_skeleton(name, **model_args))
+    model = _build(source["architecture"], source["model_args"])
+    set_source(model, source["architecture"], source["model_args"], source["preset"])
     return model
 
 

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ArtifactError
-from ..io import atomic_path, ensure_dir, read_json, write_json
+from ..io import atomic_path, ensure_dir, read_json, regular_file, write_json
 from .masks import PruneMasks
 
 CHECKPOINTS = "checkpoints"
@@ -31,8 +31,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint file {path} is missing")
+    regular_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -27,6 +27,7 @@ from ..train import distributed
 from ..train.metrics_log import MetricsLog
 from ..train.seeding import rng_state, seed_everything, set_rng_state
 from ..train.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
+from ..validate import flag, in_range, integer, seed
 from . import checkpoint
 from .criteria import CRITERIA
 from .magnitude import check_ratio, magnitude_prune
@@ -34,7 +35,7 @@ from .masks import PruneMasks
 from .penalty import PENALTIES
 from .regroup import TARGETS, regroup
 from .schedules import LambdaSchedule
-from .selection import MODES
+from .selection import MODES, check_round_to
 from .structure import Structure
 
 METHODS = ("rsst", "refill", "oneshot")
@@ -97,17 +98,19 @@ class PruneConfig:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
         CRITERIA.get(self.criteria)
         PENALTIES.get(self.penalty)
-        if not 0.0 < self.fade_to < 1.0:
-            raise ConfigError(f"fade_to must be in (0, 1), got {self.fade_to}")
+        in_range("fade_to", self.fade_to, 0.0, 1.0, low_open=True, high_open=True)
         check_ratio("head_ratio", self.head_ratio)
         check_ratio("mlp_ratio", self.mlp_ratio)
         if self.prune_rate is not None:
             check_ratio("prune_rate", self.prune_rate)
-        if self.states < 1:
-            raise ConfigError(f"states must be >= 1, got {self.states}")
-        for name in ("epochs_per_state", "finetune_epochs", "dense_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        integer("states", self.states, 1)
+        for name in ("epochs_per_state", "finetune_epochs", "dense_epochs", "min_keep", "rewind_epoch"):
+            integer(name, getattr(self, name), 0)
+        integer("round_to", self.round_to, 1)
+        integer("num_batches", self.num_batches, 1)
+        seed("seed", self.seed)
+        flag("distill", self.distill)
+        flag("resume", self.resume)
         if self.rewind != "none" and self.dense_epochs < 1:
             raise ConfigError(f"rewind={self.rewind!r} needs dense_epochs >= 1 (the weights to rewind "
                               "to come from dense training inside the loop); or use rewind='none'")
@@ -154,6 +157,8 @@ def state_ratio(final: float, state: int, states: int) -> float:
 def plan_states(model: nn.Module, config: PruneConfig) -> tuple[list[StatePlan], int]:
     """The per-state ratios, magnitude rates and training epochs, and the fine-tuning epochs."""
     layout = vit_layout(model)
+    if config.target != "head":  # before the run folder is written
+        check_round_to(config.round_to, [b.hidden for b in layout.blocks])
     attn = sum(b.num_heads * b.head_dim * layout.embed_dim * 4 for b in layout.blocks)
     mlp = sum(b.hidden * layout.embed_dim * 2 for b in layout.blocks)
     head_r = config.head_ratio if config.target != "mlp" else 0.0

@@ -6,15 +6,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..validate import ratio
 from .masks import PruneMasks
 
 SCOPES = ("global", "layer-wise")
 
 
 def check_ratio(name: str, value: float) -> float:
-    if not (0.0 <= float(value) < 1.0):
-        raise ConfigError(f"{name} must be in [0, 1), got {value}")
-    return float(value)
+    return ratio(name, value)
 
 
 def _drop_smallest(scores: torch.Tensor, keep: torch.Tensor, rate: float) -> torch.Tensor:

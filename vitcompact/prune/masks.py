@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ArtifactError, MaskError
-from ..io import atomic_path
+from ..io import atomic_path, regular_file
 from ..models.adapter import BlockLayout, ViTLayout, prunable_weights, unit_weights, vit_layout
 from .structure import BlockStructure, Structure
 
@@ -206,9 +206,7 @@ class PruneMasks:
     def load(cls, path: str | os.PathLike) -> "PruneMasks":
         from safetensors import safe_open
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ArtifactError(f"mask file {path} does not exist")
+        path = os.fspath(regular_file(path))
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}

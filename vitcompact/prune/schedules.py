@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ConfigError
 from ..registry import Registry
+from ..validate import in_range
 
 Growth = Callable[[int, int, float], float]
 
@@ -72,12 +72,11 @@ class LambdaSchedule:
 
     def __post_init__(self) -> None:
         LAMBDA_SCHEDULES.get(self.name)
-        if self.cap <= 0:
-            raise ConfigError(f"lambda cap must be > 0, got {self.cap}")
-        if self.base is not None and self.base <= 0:
-            raise ConfigError(f"lambda base must be > 0, got {self.base}")
-        if self.exponent <= 0:
-            raise ConfigError(f"lambda exponent k must be > 0, got {self.exponent}")
+        in_range("lambda cap", self.cap, 0.0, low_open=True)
+        if self.base is not None:
+            in_range("lambda base", self.base, 0.0, low_open=True)
+        # exp(k) overflows a double past k = 709; 100 is already a step function.
+        in_range("lambda exponent k", self.exponent, 0.0, 100.0, low_open=True)
 
     def base_for(self, T: int) -> float:
         if self.base is not None:

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..errors import ConfigError
+from ..validate import integer
 
 MODES = ("layer-wise", "global")
 
@@ -33,6 +34,12 @@ def round_up(k: int, n: int, round_to: int) -> int:
     return min(n, math.ceil(k / round_to) * round_to)
 
 
+def check_round_to(round_to: int, widths: list[int]) -> int:
+    """A multiple wider than every MLP would keep all neurons whatever the ratio: refused."""
+    widest = max([w for w in widths if w] or [1])
+    return integer("round_to", round_to, 1, widest, note="at most the MLP width")
+
+
 def _best(scores: torch.Tensor, k: int) -> torch.Tensor:
     order = torch.argsort(-scores.double(), stable=True)
     return order[:k]
@@ -45,8 +52,7 @@ def select_units(scores: list[torch.Tensor | None], ratio: float, mode: str = "l
         raise ConfigError(f"unknown selection mode {mode!r}; choose one of: {', '.join(MODES)}")
     if min_keep < 0:
         raise ConfigError(f"min_keep must be >= 0, got {min_keep}")
-    if round_to < 1:
-        raise ConfigError(f"round_to must be >= 1, got {round_to}")
+    check_round_to(round_to, [s.numel() for s in scores if s is not None])
     if mode == "layer-wise":
         counts = [None if s is None else keep_count(s.numel(), ratio, min_keep) for s in scores]
     else:

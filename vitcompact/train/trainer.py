@@ -17,8 +17,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..prune.masks import PruneMasks
+from ..validate import in_range, integer, one_of, seed
 from . import distributed
 from .seeding import seed_everything
 
@@ -59,18 +60,20 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> "TrainConfig":
-        if self.epochs < 0:
-            raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ConfigError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        integer("epochs", self.epochs, 0)
+        in_range("lr", self.lr, 0.0, low_open=True)
+        in_range("min_lr", self.min_lr, 0.0)
+        in_range("weight_decay", self.weight_decay, 0.0)
+        in_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        in_range("warmup_epochs", self.warmup_epochs, 0.0)
+        if self.clip_grad is not None:
+            in_range("clip_grad", self.clip_grad, 0.0, low_open=True)
+        one_of("optimizer", self.optimizer, OPTIMIZERS)
+        one_of("precision", self.precision, PRECISIONS)
+        in_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        in_range("distill_alpha", self.distill_alpha, 0.0, 1.0)
+        in_range("distill_temperature", self.distill_temperature, 0.0, low_open=True)
+        seed("seed", self.seed)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,10 +267,13 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: Pr
                 seen += len(y)
                 step += 1
                 bar.update(task, advance=1)
+            train_loss = distributed.mean_across_ranks(loss_sum / max(1, seen), device)
+            if not math.isfinite(train_loss):  # the same on every rank: all stop together
+                raise TrainingError(f"{description}: the training loss became {train_loss} in epoch "
+                                    f"{epoch + 1}; lower the learning rate (or the RSST penalty) and run again")
             val = evaluate(model, bundle.val, device)
             record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                      "train_loss": distributed.mean_across_ranks(loss_sum / max(1, seen), device),
-                      **{f"val_{k}": v for k, v in val.items()}}
+                      "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
             if penalty is not None:
                 record["lambda"] = last_penalty
             bar.update(task, description=f"{description} epoch {epoch + 1}/{config.epochs} "
