@@ -27,10 +27,10 @@ from ..train import distributed
 from ..train.metrics_log import MetricsLog
 from ..train.seeding import rng_state, seed_everything, set_rng_state
 from ..train.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
-from ..validate import flag, in_range, integer, seed
+from ..validate import flag, in_range, integer, ratio, seed
 from . import checkpoint
 from .criteria import CRITERIA
-from .magnitude import check_ratio, magnitude_prune
+from .magnitude import magnitude_prune
 from .masks import PruneMasks
 from .penalty import PENALTIES
 from .regroup import TARGETS, regroup
@@ -99,10 +99,10 @@ class PruneConfig:
         CRITERIA.get(self.criteria)
         PENALTIES.get(self.penalty)
         in_range("fade_to", self.fade_to, 0.0, 1.0, low_open=True, high_open=True)
-        check_ratio("head_ratio", self.head_ratio)
-        check_ratio("mlp_ratio", self.mlp_ratio)
+        ratio("head_ratio", self.head_ratio)
+        ratio("mlp_ratio", self.mlp_ratio)
         if self.prune_rate is not None:
-            check_ratio("prune_rate", self.prune_rate)
+            ratio("prune_rate", self.prune_rate)
         integer("states", self.states, 1)
         for name in ("epochs_per_state", "finetune_epochs", "dense_epochs", "min_keep", "rewind_epoch"):
             integer(name, getattr(self, name), 0)

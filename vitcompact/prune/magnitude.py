@@ -12,10 +12,6 @@ from .masks import PruneMasks
 SCOPES = ("global", "layer-wise")
 
 
-def check_ratio(name: str, value: float) -> float:
-    return ratio(name, value)
-
-
 def _drop_smallest(scores: torch.Tensor, keep: torch.Tensor, rate: float) -> torch.Tensor:
     """Remove round(rate * survivors) of the surviving entries with the smallest scores."""
     flat_keep = keep.flatten().clone()
@@ -36,7 +32,7 @@ def magnitude_prune(model: nn.Module, rate: float, masks: PruneMasks | None = No
     compound: each removes `rate` of what survives. `scope="layer-wise"` applies the rate to every
     weight tensor separately.
     """
-    rate = check_ratio("rate", rate)
+    rate = ratio("rate", rate)
     if scope not in SCOPES:
         raise ConfigError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}")
     masks = masks.clone() if masks is not None else PruneMasks.ones(model)

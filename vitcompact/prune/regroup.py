@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from ..validate import ratio
 from .criteria import ScoreContext, score_units
-from .magnitude import check_ratio
 from .masks import PruneMasks, head_view
 from .selection import select_units
 
@@ -29,8 +29,8 @@ def regroup(model: nn.Module, masks: PruneMasks, target: str = "both", head_rati
     """
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
-    head_ratio = check_ratio("head_ratio", head_ratio)
-    mlp_ratio = check_ratio("mlp_ratio", mlp_ratio)
+    head_ratio = ratio("head_ratio", head_ratio)
+    mlp_ratio = ratio("mlp_ratio", mlp_ratio)
     masks.check_model(model)
     scores = score_units(model, masks, criteria, ScoreContext(data, num_batches, device))
     heads = select_units([s[0] for s in scores], head_ratio, mode, min_keep) if target != "mlp" else None

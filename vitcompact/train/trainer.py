@@ -24,7 +24,9 @@ from . import distributed
 from .seeding import seed_everything
 
 OPTIMIZERS = ("adamw", "sgd")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Autocast dtype of each explicit precision (None: plain fp32); "auto" picks one of them.
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *DTYPES)
 BF16_MIN_WIDTH = 128
 
 
@@ -134,7 +136,7 @@ def autocast_dtype(precision: str, device: torch.device, width: int) -> torch.dt
         return torch.float16 if device.type == "cuda" else None
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return DTYPES[precision]
 
 
 def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -284,7 +286,7 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: Pr
     result.val = evaluate(model, bundle.val, device) if not result.epochs else {
         k.removeprefix("val_"): v for k, v in result.epochs[-1].items() if k.startswith("val_")}
     result.steps = step
-    result.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    result.precision = next(name for name, dtype in DTYPES.items() if dtype == amp_dtype)
     result.optimizer_state = optimizer.state_dict()
     model.eval()
     return result
