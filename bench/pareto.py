@@ -23,7 +23,6 @@ import copy
 import dataclasses
 import io
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 import vitcompact as vc
 from vitcompact.errors import VitCompactError
 from vitcompact.export import ExportConfig, to_onnx
-from vitcompact.io import atomic_path, ensure_dir, read_json, write_json, write_text
+from vitcompact.io import atomic_path, ensure_dir, read_json, scratch, write_json, write_text
 from vitcompact.prune.loop import apply_hard
 from vitcompact.train.seeding import seed_everything
 
@@ -453,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench = BenchConfig(backend="ort-cpu", batch_sizes=(args.bench_batch,), threads=args.threads,
                         time_budget_s=args.bench_seconds, min_rounds=args.bench_min_rounds)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="vitcompact-pareto-") as folder:
+    with scratch("vitcompact-pareto-") as folder:
         speedups = SpeedupCache(dense, Path(folder), bench)
         for point in study_points(args):
             for seed in ([None] if point.method == "magnitude" else args.seeds):

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.errors import ArtifactError, ConfigError
+from vitcompact.io import temp_dir
 
 ModelSource = Union[nn.Module, str, os.PathLike, "BenchModel"]
 
@@ -47,7 +48,7 @@ class BenchModel:
             return self._exports.get(optimize, self.onnx_path)
         from vitcompact.export import ExportConfig, to_onnx  # bench -> export, never the other way
         if self._export_dir is None:
-            self._export_dir = Path(tempfile.mkdtemp(prefix="vitcompact-bench-"))
+            self._export_dir = temp_dir(tempfile.gettempdir(), "vitcompact-bench-")
             weakref.finalize(self, shutil.rmtree, self._export_dir, True)
         # The dynamo exporter prints progress lines; they would corrupt `--json` output.
         with contextlib.redirect_stdout(io.StringIO()):

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 import vitcompact as vc
+from vitcompact import output_folder
 
 from .common import JsonOption, console, print_json, user_errors
 
@@ -19,16 +20,21 @@ def compact(
                                       "default: read the masks from the model's zero weights."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Dense weights (.safetensors/.pth) "
                                            "for a preset or timm MODEL."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the artifact in a non-empty --out "
+                                   "(never the input's own files)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Build the smaller model (same function as the masked one) and save it as an artifact.
 
     Example: vitcompact compact runs/rsst --masks runs/rsst/masks.safetensors --out runs/compact
     """
+    output_folder.claim(out, overwrite, inputs=(model, masks, checkpoint))
     dense = vc.load_model(model, checkpoint)
     prune_masks = vc.PruneMasks.load(masks) if masks else None
     small = vc.compact(dense, prune_masks)
-    vc.save(small, out, provenance={"compacted_from": str(model), "masks": str(masks) if masks else None})
+    with output_folder.lock(out):
+        output_folder.claim(out, overwrite, inputs=(model, masks, checkpoint))  # again, as its only writer
+        vc.save(small, out, provenance={"compacted_from": str(model), "masks": str(masks) if masks else None})
     before, after = vc.count(dense), vc.count(small)
     summary = {"out": str(out), "dense": {"params": before.params, "macs": before.macs},
                "compact": {"params": after.params, "macs": after.macs, "heads": after.heads,

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 import vitcompact as vc
+from vitcompact import output_folder
 from vitcompact.prune.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
 from vitcompact.prune.penalty import PENALTIES
 from vitcompact.prune.schedules import LAMBDA_SCHEDULES
@@ -16,6 +17,15 @@ from .common import JsonOption, console, print_json, user_errors
 from .train_cmd import DataOption, DataRootOption, check_writable, model_and_data
 
 _defaults = PruneConfig()
+
+
+def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path | None, batch_size: int) -> dict:
+    """What a run prunes, for run.json: a resume with other inputs is refused. Paths are absolute,
+    so that the same run resumed from another working folder is the same run."""
+    def named(spec: str | Path | None) -> str | None:
+        return None if spec is None else str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
+    return {"model": named(model), "checkpoint": named(checkpoint), "data": data, "data_root": named(data_root),
+            "batch_size": batch_size}
 
 
 @user_errors
@@ -66,17 +76,18 @@ def prune(
         lambda_base=lambda_base, lambda_exponent=lambda_exponent,
         penalty=penalty, fade_to=fade_to, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
         train=TrainConfig(precision=precision, compile=compile_model, progress=not json_out), out_dir=out, resume=resume, seed=seed,
-        wandb_project=wandb_project).check()
+        wandb_project=wandb_project, inputs=run_inputs(model, checkpoint, data, data_root, batch_size)).check()
     check_writable(out)
     if not resume and (out / "run.json").exists():
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
     m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
-    result = prune_model(m, bundle, config)
-    if not distributed.is_main():  # under torchrun every rank holds the same masks; rank 0 writes
-        return
-    vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
-                                           "val": result.val, "test": result.test,
-                                           "structure": result.structure.summary()})
+    with output_folder.lock(out, enabled=distributed.is_main()):
+        result = prune_model(m, bundle, config)
+        if not distributed.is_main():  # under torchrun every rank holds the same masks; rank 0 writes
+            return
+        vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
+                                               "val": result.val, "test": result.test,
+                                               "structure": result.structure.summary()})
     summary = {"out": str(out), "structure": result.structure.summary(), "val": result.val, "test": result.test}
     if json_out:
         print_json(summary)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import typer
 
 import vitcompact as vc
+from vitcompact import output_folder
 from vitcompact.data import DATA_SOURCES, DataBundle, load_data
 from vitcompact.train import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
 from vitcompact.train.seeding import seed_everything
@@ -61,6 +62,7 @@ def train(
     compile_model: bool = typer.Option(False, "--compile", help="Train through torch.compile (worth it for long runs)."),
     checkpoint: Path | None = typer.Option(None, help="Start from these weights (.safetensors/.pth)."),
     out: Path = typer.Option(..., "--out", help="Output artifact directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the artifact in a non-empty --out."),
     json_out: bool = JsonOption,
 ) -> None:
     """Train a dense model and save it (the starting point of pruning).
@@ -70,15 +72,17 @@ def train(
     config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, precision=precision,
                          compile=compile_model, progress=not json_out).check()
     check_writable(out)
+    output_folder.claim(out, overwrite, inputs=(model, checkpoint, data_root))
     m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
-    log = MetricsLog()
-    result = train_model(m, bundle, config, on_epoch=log.write, description="train")
-    test = evaluate(m, bundle.test)
-    if not distributed.is_main():  # under torchrun rank 0 alone writes
-        return
-    vc.save(m, out, provenance={"stage": "train", "data": data, "train": config.to_dict(),
-                                "epochs": result.epochs, "val": result.val, "test": test})
-    log.save(out / "metrics.jsonl")
+    with output_folder.lock(out, enabled=distributed.is_main()):
+        log = MetricsLog()
+        result = train_model(m, bundle, config, on_epoch=log.write, description="train")
+        test = evaluate(m, bundle.test)
+        if not distributed.is_main():  # under torchrun rank 0 alone writes
+            return
+        vc.save(m, out, provenance={"stage": "train", "data": data, "train": config.to_dict(),
+                                    "epochs": result.epochs, "val": result.val, "test": test})
+        log.save(out / "metrics.jsonl")
     summary = {"out": str(out), "val": result.val, "test": test, "epochs": epochs}
     if json_out:
         print_json(summary)

@@ -10,7 +10,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from vitcompact.data import DATA_SOURCES, load_data
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, to_onnx
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
-from vitcompact.io import ensure_dir, write_json, write_text
+from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
 from vitcompact.prune.loop import PruneConfig, prune
 from vitcompact.train import TrainConfig, evaluate, train
 from vitcompact.validate import field_types
@@ -131,7 +130,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> PipelineResult:
     _stage_configs(cfg)
     out = Path(cfg.out)
     ensure_dir(out.parent)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = temp_dir(out.parent, f".{out.name}.partial-")
     try:
         result = _run(dataclasses.replace(cfg, out=str(work)), log, out)
         if out.exists():

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import onnx
 
 from vitcompact.errors import ArtifactError
-from vitcompact.io import ensure_dir
+from vitcompact.io import ensure_dir, temp_dir
 
 # Protobuf cannot serialise a message over 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -58,9 +57,11 @@ def staging(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder; give the path of the .onnx file to write")
     ensure_dir(path.parent)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    stage = temp_dir(path.parent, f".{path.name}.tmp-")
     try:
         yield stage
+    except OSError as e:  # a full disk while the exporter or onnx writes
+        raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -9,7 +9,6 @@ CUDA tensors, so no pycuda is needed.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from vitcompact.errors import ArtifactError, BackendUnavailableError, ConfigError
-from vitcompact.io import atomic_path, write_json
+from vitcompact.io import atomic_path, scratch, write_json
 from vitcompact.validate import in_range, integer
 
 from .metadata import read_metadata
@@ -152,7 +151,7 @@ def to_tensorrt(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     if has_contrib_ops(onnx_path):
         raise ConfigError(f"{onnx_path} holds onnxruntime-only fused operators, which TensorRT cannot "
                           "parse; export it again with --optimize off")
-    with tempfile.TemporaryDirectory(prefix="vitcompact-trt-") as tmp:
+    with scratch("vitcompact-trt-") as tmp:
         source = onnx_path
         if config.precision == "fp16":
             from .variants import to_fp16

@@ -196,7 +196,7 @@ def test_resume_ends_with_the_same_masks_and_weights(bundle, tmp_path):
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_a_used_folder(bundle, tmp_path):
     prune(tiny(), bundle, quick(states=1, epochs_per_state=0, out_dir=tmp_path))
-    with pytest.raises(ConfigError, match="--resume with different settings: head_ratio was 0.5, now 0.25"):
+    with pytest.raises(ConfigError, match="--resume with a different --head-ratio: the run used 0.5, now 0.25"):
         prune(tiny(), bundle, quick(states=1, epochs_per_state=0, head_ratio=0.25, out_dir=tmp_path, resume=True))
     with pytest.raises(ConfigError, match="already holds a pruning run; resume it"):
         prune(tiny(), bundle, quick(states=1, epochs_per_state=0, out_dir=tmp_path))

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import _timm  # noqa: F401  (first, so that timm is imported without wandb)
 from .accounting import Count, count
 from .artifact import is_compact, load, load_checkpoint, load_model, save
 from .compact import compact

@@ -8,6 +8,7 @@ dense/compact accounting and provenance.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .accounting import count
@@ -24,7 +25,7 @@ from .artifact_config import (FORMAT_VERSION, check_accounting, check_against, m
                               weight_shapes)
 from .compact import COMPACT_ATTR, apply_block_specs, block_specs
 from .errors import ArtifactError, ConfigError
-from .io import atomic_path, ensure_dir, regular_file, write_json
+from .io import atomic_paths, ensure_dir, regular_file, save_safetensors
 from .models.presets import create_model, get_source, model_skeleton, set_source
 
 CONFIG = "config.json"
@@ -64,13 +65,14 @@ def model_config(model: nn.Module, provenance: dict[str, Any] | None = None) -> 
 
 
 def save(model: nn.Module, path: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
-    """Write `model` to the directory `path` (created if needed); each file atomically."""
+    """Write `model` to the directory `path` (created if needed): weights and config are replaced
+    together, or (a full disk) neither is."""
     path = ensure_dir(path)
     config = model_config(model, provenance)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "vitcompact": __version__})
-    write_json(path / CONFIG, config)
+    with atomic_paths(path / WEIGHTS, path / CONFIG) as (weights, config_file):
+        save_safetensors(weights, state, {"format": "pt", "vitcompact": __version__}, target=path / WEIGHTS)
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 

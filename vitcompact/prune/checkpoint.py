@@ -12,10 +12,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import ArtifactError
-from ..io import atomic_path, ensure_dir, read_json, regular_file, write_json
+from ..io import ensure_dir, read_json, regular_file, write_json, write_tensors
 from .masks import PruneMasks
 
 CHECKPOINTS = "checkpoints"
@@ -23,11 +23,6 @@ CHECKPOINTS = "checkpoints"
 
 def state_dir(out_dir: Path, state: int) -> Path:
     return Path(out_dir) / CHECKPOINTS / f"state_{state:03d}"
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -70,13 +65,13 @@ def save_state(out_dir: Path, state: int, model: nn.Module, element: PruneMasks,
                optimizer_state: dict[str, Any] | None, info: dict[str, Any]) -> Path:
     """Write one finished state: weights, both masks, optimiser, and `info` (RNG, λ, metrics)."""
     folder = ensure_dir(state_dir(out_dir, state))
-    save_tensors(folder / "model.safetensors", model.state_dict())
+    write_tensors(folder / "model.safetensors", model.state_dict())
     element.save(folder / "element_masks.safetensors")
     hard.save(folder / "masks.safetensors")
     optimizer_json = None
     if optimizer_state is not None:
         tensors, optimizer_json = _split_optimizer(optimizer_state)
-        save_tensors(folder / "optimizer.safetensors", tensors)
+        write_tensors(folder / "optimizer.safetensors", tensors)
     write_json(folder / "state.json", {**info, "state": state, "optimizer": optimizer_json})
     return folder
 

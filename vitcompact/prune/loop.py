@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import output_folder
 from ..errors import ConfigError
-from ..io import ensure_dir, read_json, write_json
+from ..io import ensure_dir, read_json, write_json, write_tensors
 from ..models.adapter import vit_layout
 from ..train import distributed
 from ..train.metrics_log import MetricsLog
@@ -40,9 +42,12 @@ from .structure import Structure
 
 METHODS = ("rsst", "refill", "oneshot")
 REWINDS = ("none", "init", "epoch")
-# Fields that may differ between a run and its resumption.
-RESUME_FREE = ("out_dir", "resume", "wandb_project")
+# Fields of run.json that may differ between a run and its resumption: where it is written and how
+# it is shown. Every other one changes the result.
+RESUME_FREE = ("out_dir", "resume", "wandb_project", "train.progress")
 BUDGET_WARMUP = 0.1
+# How a resume refusal names a run.json field that is not an option of the same name.
+RECORD_NAMES = {"inputs.model": "MODEL", "inputs.train_images": "training set (images)"}
 
 
 @dataclass
@@ -90,6 +95,9 @@ class PruneConfig:
     resume: bool = False
     seed: int = 0
     wandb_project: str | None = None
+    # What the run prunes, as its caller names it ({"model": ..., "data": ..., "batch_size": ...}):
+    # kept in run.json beside the settings, so that resuming with other inputs is refused.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> "PruneConfig":
         for name, value, choices in (("method", self.method, METHODS), ("target", self.target, TARGETS),
@@ -111,6 +119,8 @@ class PruneConfig:
         seed("seed", self.seed)
         flag("distill", self.distill)
         flag("resume", self.resume)
+        if not isinstance(self.inputs, dict):
+            raise ConfigError(f"inputs must be a dict of what the run prunes, got {type(self.inputs).__name__}")
         if self.rewind != "none" and self.dense_epochs < 1:
             raise ConfigError(f"rewind={self.rewind!r} needs dense_epochs >= 1 (the weights to rewind "
                               "to come from dense training inside the loop); or use rewind='none'")
@@ -239,13 +249,35 @@ class _Run:
         distributed.barrier()
 
 
-def _check_resume(out: Path, config: PruneConfig) -> None:
-    saved = read_json(out / "run.json")
-    now = config.to_dict()
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _run_record(config: PruneConfig, bundle) -> dict[str, Any]:
+    """run.json: the settings, and the inputs — as the caller names them, plus what the data
+    loaders show of themselves (a library caller may name nothing)."""
+    record = config.to_dict()
+    loader = bundle.train
+    seen = {"batch_size": loader.batch_size, "train_images": len(loader.dataset)}
+    # The caller's names first: a refusal names the first difference, and those are what it typed.
+    record["inputs"] = {**config.inputs, **{k: v for k, v in seen.items() if k not in config.inputs}}
+    return json.loads(json.dumps(record, default=str))  # as it reads back: lists, not tuples
+
+
+def _check_resume(out: Path, record: dict[str, Any]) -> None:
+    saved, now = _flat(read_json(out / "run.json")), _flat(record)
     for key, value in saved.items():
         if key not in RESUME_FREE and now.get(key) != value:
-            raise ConfigError(f"--resume with different settings: {key} was {value!r}, now {now.get(key)!r}; "
-                              "use the original settings or a new output folder")
+            option = RECORD_NAMES.get(key) or "--" + key.rpartition(".")[2].replace("_", "-")
+            raise ConfigError(f"--resume with a different {option}: the run used {value!r}, now {now.get(key)!r}; "
+                              "resume with the original value or start a new output folder")
 
 
 def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneResult:
@@ -256,6 +288,13 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
     (the test set is used for this final report only).
     """
     config = (config or PruneConfig()).check()
+    if config.out_dir is None:
+        return _prune(model, bundle, config)
+    with output_folder.lock(config.out_dir, enabled=distributed.is_main()):
+        return _prune(model, bundle, config)
+
+
+def _prune(model: nn.Module, bundle, config: PruneConfig) -> PruneResult:
     device = resolve_device(config.train)
     distributed.setup(device)
     model.to(device)
@@ -271,14 +310,15 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
         started = (out / "run.json").is_file()
         if started and not config.resume:
             raise ConfigError(f"{out} already holds a pruning run; resume it (--resume) or choose a new folder")
+        record = _run_record(config, bundle)
         if started:
-            _check_resume(out, config)
+            _check_resume(out, record)
             done = checkpoint.last_finished(out)
         # Every rank reads the folder before rank 0 writes to it.
         distributed.barrier()
         if run.main and not started:
             ensure_dir(out)
-            write_json(out / "run.json", config.to_dict())
+            write_json(out / "run.json", record)
     # Records of a state that did not finish are dropped; that state runs again.
     run.log.records = [r for r in run.log.records if done is not None and r.get("state", -1) <= done
                        and r["phase"] != "final"]
@@ -306,8 +346,8 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
         result = train(model, bundle, run.train_config(config.dense_epochs, 0), hard,
                        on_epoch=keep_snapshot, description="dense")
         if config.rewind != "none" and out is not None and run.main:
-            checkpoint.save_tensors(out / "rewind.safetensors",
-                                    snapshots[0 if config.rewind == "init" else config.rewind_epoch])
+            write_tensors(out / "rewind.safetensors",
+                          snapshots[0 if config.rewind == "init" else config.rewind_epoch])
         rewind_state = snapshots[0 if config.rewind == "init" else config.rewind_epoch] if config.rewind != "none" else None
         run.checkpoint(0, element, hard, result.optimizer_state, {"phase": "dense", "val": result.val})
     if config.rewind != "none" and rewind_state is None:
@@ -323,7 +363,7 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
         else:
             teacher = copy.deepcopy(model)
             if out is not None and run.main:
-                checkpoint.save_tensors(out / "teacher.safetensors", teacher.state_dict())
+                write_tensors(out / "teacher.safetensors", teacher.state_dict())
         teacher.requires_grad_(False)
 
     offset = epoch_steps * sum(plan.epochs for plan in plans if plan.index <= start)

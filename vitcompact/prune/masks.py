@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import ArtifactError, MaskError
-from ..io import atomic_path, regular_file
+from ..io import regular_file, write_tensors
 from ..models.adapter import BlockLayout, ViTLayout, prunable_weights, unit_weights, vit_layout
 from .structure import BlockStructure, Structure
 
@@ -199,8 +199,7 @@ class PruneMasks:
     def save(self, path: str | os.PathLike) -> None:
         """Write masks as safetensors (uint8) with the layout in the metadata, atomically."""
         tensors = {k: v.to(torch.uint8).contiguous().cpu() for k, v in self.masks.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"vitcompact_layout": json.dumps(self.layout.to_dict())})
+        write_tensors(path, tensors, metadata={"vitcompact_layout": json.dumps(self.layout.to_dict())})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruneMasks":

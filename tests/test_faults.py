@@ -1,0 +1,271 @@
+"""Faults (issue 16): full disks, two writers on one run folder, outputs over inputs, resumes with
+other arguments, and a run killed mid-state.
+
+Through the CLI where a user meets them: exit code 2, one `error:` line, no traceback, and the
+files already there intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import vitcompact as vc
+from vitcompact import output_folder
+from vitcompact.cli.app import app
+from vitcompact.errors import ArtifactError, ConfigError
+from vitcompact.io import write_json
+
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# A tiny pruning run of the digits preset (seconds), with its first state checkpointed.
+PRUNE = ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5", "--mlp-ratio", "0.5",
+         "--states", "2", "--epochs-per-state", "1", "--finetune-epochs", "1", "--batch-size", "128",
+         "--precision", "fp32", "--json"]
+
+
+def refused(args: list, expected: str) -> None:
+    result = runner.invoke(app, [str(a) for a in args])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert expected in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes; the lock file (a writer's PID) aside."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != output_folder.LOCK_FILE}
+
+
+def tensors_equal(a: Path, b: Path) -> list[str]:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    return [k for k in ta if not torch.equal(ta[k], tb[k])]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("faults") / "dense"
+    vc.save(vc.create_model("vit-digits", depth=2), path)
+    return path
+
+
+# ---------------------------------------------------------------- one writer per folder
+
+HOLD = """
+import sys, time
+from vitcompact import output_folder
+with output_folder.lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A run folder whose lock another process holds; yields (folder, that process)."""
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    yield folder, holder
+    holder.kill()
+    holder.wait()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_second_writer_is_refused_naming_the_holder(held, resume):
+    folder, holder = held
+    before = snapshot(folder)
+    refused([*PRUNE, "--out", folder, *(["--resume"] if resume else [])],
+            f"{folder} is in use by another vitcompact process (PID {holder.pid})")
+    assert snapshot(folder) == before
+
+
+def test_train_and_compact_take_the_same_lock(held, artifact):
+    folder, holder = held
+    refused(["train", "vit-digits", "--data", "digits", "--epochs", "1", "--out", folder], f"(PID {holder.pid})")
+    refused(["compact", artifact, "--out", folder], f"(PID {holder.pid})")
+
+
+def test_the_lock_goes_with_its_process(held):
+    folder, holder = held
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with output_folder.lock(folder) as locked:
+        assert locked == folder
+        with output_folder.lock(folder):  # re-entrant within a process
+            pass
+        assert (folder / output_folder.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+# ---------------------------------------------------------------- outputs and inputs
+
+def test_compact_refuses_a_non_empty_out_unless_overwrite(artifact, tmp_path):
+    out = tmp_path / "compact"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    refused(["compact", artifact, "--out", out], f"--out {out} already exists and is not empty; pass --overwrite")
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    result = runner.invoke(app, ["compact", str(artifact), "--out", str(out), "--overwrite", "--json"])
+    assert result.exit_code == 0, result.output
+    assert vc.load(out).blocks[0].mlp.fc1.out_features == 128  # nothing was masked
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_compact_never_writes_over_its_input(artifact, overwrite):
+    before = snapshot(artifact)
+    refused(["compact", artifact, "--out", artifact, *overwrite], f"--out {artifact} would write over the input {artifact}")
+    masks = artifact.parent / "masked"
+    vc.save(vc.load(artifact), masks)
+    vc.PruneMasks.ones(vc.load(masks)).save(masks / "masks.safetensors")
+    refused(["compact", masks, "--masks", masks / "masks.safetensors", "--out", masks, *overwrite],
+            "would write over the input")
+    assert snapshot(artifact) == before
+
+
+def test_train_refuses_a_non_empty_out(tmp_path):
+    out = tmp_path / "dense"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused(["train", "vit-digits", "--data", "digits", "--epochs", "1", "--out", out], "pass --overwrite")
+    assert snapshot(out) == {"notes.txt": b"mine"}
+
+
+def test_claim_ignores_the_lock_file_and_refuses_a_file(tmp_path):
+    with output_folder.lock(tmp_path / "run"):
+        assert output_folder.claim(tmp_path / "run") == tmp_path / "run"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        output_folder.claim(tmp_path / "file")
+
+
+# ---------------------------------------------------------------- full disks
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[-1]) if args else None)
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_artifact(artifact, tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    vc.save(vc.load(artifact), out)
+    before = snapshot(out)
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, metadata=None: enospc(path))
+    with pytest.raises(ArtifactError, match=f"cannot write {out / 'model.safetensors'}: No space left on device"):
+        vc.save(vc.create_model("vit-digits", depth=2), out)
+    assert snapshot(out) == before  # weights and config both old; no temporary left
+
+
+def test_a_full_disk_while_writing_json_or_masks_is_one_line(tmp_path, monkeypatch):
+    target = tmp_path / "report.json"
+    write_json(target, {"old": 1})
+    monkeypatch.setattr(Path, "write_text", lambda self, text: enospc(self))
+    with pytest.raises(ArtifactError, match=f"cannot write {target}: No space left on device"):
+        write_json(target, {"new": 2})
+    assert snapshot(tmp_path) == {"report.json": b'{\n  "old": 1\n}\n'}
+
+
+def test_cli_export_on_a_full_disk_is_one_line_and_keeps_the_old_file(artifact, tmp_path, monkeypatch):
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"previous good file")
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", lambda self, path, *a, **k: enospc(path))
+    refused(["export", "onnx", artifact, onnx_path, "--no-verify"], f"cannot write {onnx_path}: No space left on device")
+    assert snapshot(tmp_path) == {"model.onnx": b"previous good file"}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 512 KiB filesystem (tmpfs); skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_the_previous_artifact(small_disk, artifact):
+    out = small_disk / "compact"
+    masks = vc.regroup(vc.load(artifact), vc.magnitude_prune(vc.load(artifact), 0.3), head_ratio=0.9, mlp_ratio=0.95)
+    vc.save(vc.compact(vc.load(artifact), masks), out)
+    disk = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(bytes(disk.f_bavail * disk.f_frsize - 64 * 1024))  # 64 KiB left
+    before = snapshot(out)
+    refused(["compact", artifact, "--out", out, "--overwrite"], f"cannot write {out / 'model.safetensors'}: "
+            "No space left on device")
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_with_changed_arguments_names_the_option_and_both_values(tmp_path):
+    out = tmp_path / "run"
+    fast = ["prune", "vit-digits", "--data", "digits", "--states", "1", "--epochs-per-state", "0",
+            "--finetune-epochs", "0", "--batch-size", "128", "--json", "--out", out]
+    assert runner.invoke(app, [str(a) for a in fast]).exit_code == 0
+    before = snapshot(out)
+    for option, value, expected in [
+        ("--batch-size", "32", "--resume with a different --batch-size: the run used 128, now 32"),
+        ("--seed", "5", "--resume with a different --seed: the run used 0, now 5"),
+        ("--precision", "bf16", "--resume with a different --precision: the run used 'auto', now 'bf16'"),
+        ("--head-ratio", "0.5", "--resume with a different --head-ratio: the run used 0.3, now 0.5"),
+    ]:
+        refused([*fast, "--resume", option, value], expected)
+    assert snapshot(out) == before
+    # Showing progress or not changes nothing: that resume goes through.
+    assert runner.invoke(app, [str(a) for a in fast if a != "--json"] + ["--resume"]).exit_code == 0
+
+
+def test_resume_from_other_data_is_refused(tmp_path):
+    out = tmp_path / "run"
+    fast = ["prune", "vit-digits", "--states", "1", "--epochs-per-state", "0", "--finetune-epochs", "0",
+            "--batch-size", "128", "--json", "--out", out]
+    assert runner.invoke(app, [str(a) for a in [*fast, "--data", "digits"]]).exit_code == 0
+    folder = tmp_path / "images"
+    for split in ("train", "test"):
+        for label in range(10):
+            (folder / split / str(label)).mkdir(parents=True)
+            for i in range(2):
+                torch.manual_seed(i + 10 * label)
+                Image.fromarray((torch.rand(8, 8) * 255).byte().numpy()).save(folder / split / str(label) / f"{i}.png")
+    refused([*fast, "--data", "imagefolder", "--data-root", folder, "--resume"],
+            "--resume with a different --data: the run used 'digits', now 'imagefolder'")
+
+
+# ---------------------------------------------------------------- killed mid-state
+
+@pytest.mark.slow
+def test_a_run_killed_mid_state_resumes_to_the_uninterrupted_result(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = subprocess.run([sys.executable, "-m", "vitcompact.cli", *PRUNE, "--out", str(whole)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = subprocess.Popen([sys.executable, "-m", "vitcompact.cli", *PRUNE, "--out", str(killed)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    first_state = killed / "checkpoints" / "state_001" / "state.json"
+    deadline = time.monotonic() + 600
+    while not first_state.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert run.poll() is None, "the run ended before it could be killed mid-way"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not (killed / "model.safetensors").exists()  # killed before its end
+    resumed = subprocess.run([sys.executable, "-m", "vitcompact.cli", *PRUNE, "--out", str(killed), "--resume"],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("model.safetensors", "masks.safetensors"):
+        assert tensors_equal(whole / name, killed / name) == [], name
