@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import vitcompact as vc
+from vitcompact import output_folder
 from vitcompact.bench import BenchConfig, benchmark, write_report
 from vitcompact.bench.backends import BACKENDS
 from vitcompact.bench.sources import resolve
@@ -118,7 +119,7 @@ def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, Benc
     if cfg.train_epochs < 0:
         raise ConfigError(f"train_epochs must be >= 0, got {cfg.train_epochs}")
     out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+    if out.exists() and (not out.is_dir() or output_folder.contents(out)) and not cfg.overwrite:
         raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it "
                           "or choose another --out")
     return prune_cfg, export_cfg, bench_cfg
@@ -130,15 +131,17 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> PipelineResult:
     _stage_configs(cfg)
     out = Path(cfg.out)
     ensure_dir(out.parent)
-    work = temp_dir(out.parent, f".{out.name}.partial-")
-    try:
-        result = _run(dataclasses.replace(cfg, out=str(work)), log, out)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    with output_folder.lock(out):
+        _stage_configs(cfg)  # again, now as the folder's only writer
+        work = temp_dir(out.parent, f".{out.name}.partial-")
+        try:
+            result = _run(dataclasses.replace(cfg, out=str(work)), log, out)
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     result.out = out
     result.files = {k: str(out / Path(v).relative_to(work)) for k, v in result.files.items()}
     return result

@@ -94,10 +94,12 @@ def test_a_second_writer_is_refused_naming_the_holder(held, resume):
     assert snapshot(folder) == before
 
 
-def test_train_and_compact_take_the_same_lock(held, artifact):
+def test_train_compact_and_pipeline_take_the_same_lock(held, artifact):
     folder, holder = held
     refused(["train", "vit-digits", "--data", "digits", "--epochs", "1", "--out", folder], f"(PID {holder.pid})")
     refused(["compact", artifact, "--out", folder], f"(PID {holder.pid})")
+    refused(["pipeline", "--out", folder], f"(PID {holder.pid})")
+    assert output_folder.contents(folder) == []
 
 
 def test_the_lock_goes_with_its_process(held):
