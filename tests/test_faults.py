@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -26,6 +28,8 @@ from vitcompact import output_folder
 from vitcompact.cli.app import app
 from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.io import write_json
+from vitcompact.prune.loop import PruneConfig, prune
+from vitcompact.train import TrainConfig
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -271,3 +275,27 @@ def test_a_run_killed_mid_state_resumes_to_the_uninterrupted_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("model.safetensors", "masks.safetensors"):
         assert tensors_equal(whole / name, killed / name) == [], name
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_result(bundle, tmp_path):
+    """What a SIGKILL during checkpoint writing leaves: a state folder without its `state.json`
+    (written last) and a half-written temporary of a dead writer. Resume redoes that state."""
+    def config(out, resume=False):
+        return PruneConfig(head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=1, finetune_epochs=1,
+                           train=TrainConfig(progress=False), out_dir=out, resume=resume)
+
+    whole = prune(tiny(), bundle, config(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "whole", killed)
+    state = killed / "checkpoints" / "state_002"
+    (state / "state.json").unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (state / f".masks.safetensors.tmp-{dead.pid}-a1b2c3.tmp").write_bytes(b"half a file")
+    for name in ("masks.safetensors", "structure.json", "result.json", "model.safetensors", "config.json"):
+        (killed / name).unlink(missing_ok=True)
+    model = tiny()
+    resumed = prune(model, bundle, config(killed, resume=True))
+    assert resumed.masks == whole.masks
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), model.state_dict().values()))
+    assert sorted(p.name for p in state.iterdir() if p.name.startswith(".")) == []  # the dead writer's temporary went
