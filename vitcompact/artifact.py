@@ -8,7 +8,6 @@ dense/compact accounting and provenance.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ from .artifact_config import (FORMAT_VERSION, check_accounting, check_against, m
                               weight_shapes)
 from .compact import COMPACT_ATTR, apply_block_specs, block_specs
 from .errors import ArtifactError, ConfigError
-from .io import atomic_paths, ensure_dir, regular_file, save_safetensors
+from .io import atomic_paths, ensure_dir, json_text, regular_file, save_safetensors
 from .models.presets import create_model, get_source, model_skeleton, set_source
 
 CONFIG = "config.json"
@@ -69,10 +68,10 @@ def save(model: nn.Module, path: str | os.PathLike, provenance: dict[str, Any] |
     together, or (a full disk) neither is."""
     path = ensure_dir(path)
     config = model_config(model, provenance)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_paths(path / WEIGHTS, path / CONFIG) as (weights, config_file):
-        save_safetensors(weights, state, {"format": "pt", "vitcompact": __version__}, target=path / WEIGHTS)
-        config_file.write_text(json.dumps(config, indent=2) + "\n")
+        save_safetensors(weights, model.state_dict(), {"format": "pt", "vitcompact": __version__},
+                         target=path / WEIGHTS)
+        config_file.write_text(json_text(config))
     return path
 
 

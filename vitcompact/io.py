@@ -159,9 +159,10 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
 
 
 def _failed(error: OSError, temps: list[Path], targets: list[Path]) -> Path:
-    """The target whose write failed: the one whose temporary `error` names, else the first."""
+    """The target whose write failed: the one whose temporary `error` names; else the one whose
+    temporary could not be made, if that is where it stopped; else the first."""
     named = {str(t): target for t, target in zip(temps, targets)}
-    return named.get(str(error.filename), targets[len(temps) - 1] if temps else targets[0])
+    return named.get(str(error.filename), targets[len(temps)] if len(temps) < len(targets) else targets[0])
 
 
 @contextlib.contextmanager
@@ -173,11 +174,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def save_safetensors(tmp: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None,
                      target: Path | None = None) -> None:
-    """safetensors' `save_file` into `tmp`, with an I/O failure (a full disk) turned into an
-    ArtifactError naming `target`, the file being written."""
+    """safetensors' `save_file` of `tensors` (moved to contiguous CPU memory) into `tmp`, with an
+    I/O failure (a full disk) turned into an ArtifactError naming `target`, the file being written."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         save_file(tensors, str(tmp), metadata=metadata)
     except SafetensorError as e:
@@ -186,8 +188,7 @@ def save_safetensors(tmp: Path, tensors: dict[str, Any], metadata: dict[str, str
 
 
 def write_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` (moved to contiguous CPU memory) to the safetensors file `path`, atomically."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Write `tensors` to the safetensors file `path`, atomically."""
     with atomic_path(path) as tmp:
         save_safetensors(tmp, tensors, metadata, target=Path(path))
     return Path(path)
@@ -199,8 +200,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def json_text(obj: Any) -> str:
+    """How vitcompact writes JSON: indented, keys in their order, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return write_text(path, json_text(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -345,10 +345,9 @@ def _prune(model: nn.Module, bundle, config: PruneConfig) -> PruneResult:
             run.logger("dense", 0, hard)(record)
         result = train(model, bundle, run.train_config(config.dense_epochs, 0), hard,
                        on_epoch=keep_snapshot, description="dense")
-        if config.rewind != "none" and out is not None and run.main:
-            write_tensors(out / "rewind.safetensors",
-                          snapshots[0 if config.rewind == "init" else config.rewind_epoch])
         rewind_state = snapshots[0 if config.rewind == "init" else config.rewind_epoch] if config.rewind != "none" else None
+        if rewind_state is not None and out is not None and run.main:
+            write_tensors(out / "rewind.safetensors", rewind_state)
         run.checkpoint(0, element, hard, result.optimizer_state, {"phase": "dense", "val": result.val})
     if config.rewind != "none" and rewind_state is None:
         rewind_state = checkpoint.load_tensors(out / "rewind.safetensors") if out is not None else None

@@ -198,7 +198,7 @@ class PruneMasks:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write masks as safetensors (uint8) with the layout in the metadata, atomically."""
-        tensors = {k: v.to(torch.uint8).contiguous().cpu() for k, v in self.masks.items()}
+        tensors = {k: v.to(torch.uint8) for k, v in self.masks.items()}
         write_tensors(path, tensors, metadata={"vitcompact_layout": json.dumps(self.layout.to_dict())})
 
     @classmethod
