@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-reference bench-pareto clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-reference bench-pareto bench-int8 clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench-pareto: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion
 	$(BIN)/python -m vitcompact.bench.pareto --dense runs/reference_fashion/dense --shift 0 --limit 4000 --out docs/pareto
+
+# Compaction plus INT8 (dynamic, static) against dense FP32 (docs/int8); accuracy on the reference model.
+bench-int8: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion --no-baselines
+	$(BIN)/python -m vitcompact.bench.int8_stacked --out docs/int8
 
 clean:
 	rm -rf build dist *.egg-info runs

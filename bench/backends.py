@@ -1,4 +1,5 @@
-"""Inference backends the harness times: onnxruntime (CPU, CUDA, TensorRT) and PyTorch eager.
+"""Inference backends the harness times: onnxruntime (CPU, CUDA, TensorRT), PyTorch eager on CPU
+and PyTorch on a CUDA GPU (FP32 or FP16, replayed as CUDA graphs).
 
 A backend loads a `BenchModel` once and hands out, per batch size, a callable that runs one
 inference on a fixed random batch and returns only when the result is ready (GPU work included),
@@ -8,6 +9,7 @@ so the harness can time it with a wall clock. Thread settings are pinned at load
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -137,6 +139,77 @@ class TorchBackend:
                 "interop_threads": torch.get_num_interop_threads()}
 
 
+def _graphed(module: torch.nn.Module, x: torch.Tensor, warmup: int = 3) -> Runner:
+    """One forward pass on the fixed input `x`, captured as a CUDA graph; the runner replays it.
+
+    The PyTorch whole-network recipe: warm up on a side stream (lazy cuBLAS/cuDNN set-up and
+    allocations cannot happen during capture), then capture on that same stream.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for _ in range(warmup):
+            module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph, stream=side):
+        output = module(x)
+
+    def run() -> torch.Tensor:
+        graph.replay()
+        torch.cuda.synchronize()
+        return output
+    return run
+
+
+def _eager(module: torch.nn.Module, x: torch.Tensor) -> Runner:
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            output = module(x)
+        torch.cuda.synchronize()
+        return output
+    return run
+
+
+class TorchCudaBackend:
+    """PyTorch on one CUDA GPU, FP32 or FP16, each batch size captured once as a CUDA graph so
+    small batches are not bound by kernel launches; eager where a model cannot be captured."""
+
+    on_gpu = True
+
+    def __init__(self, name: str, dtype: torch.dtype, options: BackendOptions):
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"backend {name}: no CUDA GPU is available to this torch {torch.__version__}; "
+                "use --backend torch (CPU) here, or run on a machine with an NVIDIA GPU")
+        self.name, self.dtype, self.options = name, dtype, options
+        self.eager_fallbacks: list[str] = []  # "label, batch N: reason" where capture failed
+
+    def load(self, model: BenchModel) -> Loaded:
+        if model.module is None:
+            raise ConfigError(f"{model.label}: the {self.name} backend needs a model (artifact "
+                              "directory, preset or timm name), not an ONNX file; use --backend ort-cuda")
+        torch.set_num_threads(self.options.threads)
+        module = copy.deepcopy(model.module).eval().to("cuda", self.dtype)
+
+        def bind(batch: int) -> Runner:
+            x = random_batch(batch, model.input_size, self.options.seed)
+            x = torch.from_numpy(x).to("cuda", self.dtype)
+            try:
+                return _graphed(module, x)
+            except RuntimeError as e:  # an op that cannot be captured; torch raises RuntimeError
+                self.eager_fallbacks.append(f"{model.label}, batch {batch}: {str(e).splitlines()[0]}")
+                return _eager(module, x)
+        return bind
+
+    def settings(self) -> dict:
+        return {"backend": self.name, "device": torch.cuda.get_device_name(),
+                "precision": "fp16" if self.dtype == torch.float16 else "fp32",
+                "cuda_graphs": not self.eager_fallbacks, "eager_fallbacks": list(self.eager_fallbacks),
+                "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 BACKENDS.register("ort-cpu")(
     lambda o: OrtBackend("ort-cpu", ("CPUExecutionProvider",), o, on_gpu=False))
 BACKENDS.register("ort-cuda")(
@@ -147,6 +220,8 @@ BACKENDS.register("tensorrt")(
     lambda o: OrtBackend("tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider"), o,
                          on_gpu=True))
 BACKENDS.register("torch")(TorchBackend)
+BACKENDS.register("torch-cuda")(lambda o: TorchCudaBackend("torch-cuda", torch.float32, o))
+BACKENDS.register("torch-cuda-fp16")(lambda o: TorchCudaBackend("torch-cuda-fp16", torch.float16, o))
 
 
 def make_backend(name: str, options: BackendOptions) -> Backend:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import vitcompact as vc
 from vitcompact.data import load_data
-from vitcompact.export import ExportConfig, to_fp16, to_int8, to_onnx
+from vitcompact.export import ExportConfig, Int8Config, to_fp16, to_int8, to_onnx
 from vitcompact.export.verify import loader_top1 as top1, onnx_runner, ort_session, torch_runner
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="variants-"))
 
     fp32 = to_onnx(model, out / "model.onnx", ExportConfig(optimize="off"))
-    variants = [fp32, to_fp16(fp32.path), to_int8(fp32.path, per_channel=args.per_channel)]
+    variants = [fp32, to_fp16(fp32.path), to_int8(fp32.path, config=Int8Config(per_channel=args.per_channel))]
     results = {"pytorch": top1(torch_runner(model), bundle.test)}
     for v in variants:
         results[f"onnx_{v.precision}"] = top1(onnx_runner(ort_session(v.path)), bundle.test)

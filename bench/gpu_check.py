@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """One-shot GPU check: dense vs compact vit_small_patch16_224 in PyTorch, ONNX and TensorRT.
 
-Run from the repository root: `python3 bench/gpu_check.py` (GPU) or `--cpu-smoke` (tiny, CPU).
+Run from the repository root: `python3 bench/gpu_check.py` (GPU) or `--cpu-smoke` (tiny, CPU);
+`python -m vitcompact.bench.gpu_check` does the same where vitcompact is installed.
 Installs vitcompact (editable, no dependencies) when it is not importable, builds a dense model and
 a compact one (2 of 6 heads and 30 % of neurons removed per block, random init), then reports
-parity and latency at batch 1, 8 and 64: PyTorch FP32/FP16, ONNX (onnxruntime CPU parity) and
-TensorRT FP32/FP16 engines when `tensorrt` imports. Prints a table; writes `$OUT/gpu_check.json`
+parity and latency at batch 1, 8 and 64: PyTorch eager FP32/FP16, ONNX (onnxruntime CPU parity) and
+TensorRT FP32/FP16 engines when `tensorrt` imports; then the bench harness's `torch-cuda-fp16`
+backend (CUDA graphs) at batch 1, 8, 64 and 256. Prints a table; writes `$OUT/gpu_check.json`
 when OUT is set.
 """
 
@@ -95,7 +97,7 @@ def main() -> int:
         "neurons_per_block": [b.mlp.fc1.out_features for b in compact.blocks],
         "params": {"dense": dc.params, "compact": cc.params},
         "macs": {"dense": dc.macs, "compact": cc.macs, "ideal_speedup": dc.macs / cc.macs},
-        "parity": {}, "latency_ms": [], "tensorrt": None,
+        "parity": {}, "latency_ms": [], "tensorrt": None, "torch_cuda_graphs": None,
     }
     rows: list[tuple] = []
     shape = (3, *dense.patch_embed.img_size)
@@ -167,6 +169,24 @@ def main() -> int:
                 ms = interleaved_ms({k: (lambda r=runners[k]: r(xb)) for k in runners}, sync, warmup, rounds)
                 rows.append(("tensorrt", precision, batch, ms["dense"], ms["compact"]))
 
+    # The bench harness's own GPU path: FP16, each batch size replayed as a CUDA graph.
+    if not smoke:
+        from vitcompact.bench import BenchConfig, benchmark
+        from vitcompact.errors import VitCompactError
+
+        try:
+            result = benchmark(dense, compact, BenchConfig(backend="torch-cuda-fp16",
+                                                           batch_sizes=(1, 8, 64, 256)))
+        except (VitCompactError, RuntimeError) as e:  # reported, so the checks above still land
+            report["torch_cuda_graphs"] = {"error": str(e)}
+            print(f"torch-cuda-fp16 bench failed: {e}")
+        else:
+            report["torch_cuda_graphs"] = result.to_dict()
+            print(f"torch-cuda-fp16: CUDA graphs {result.environment['cuda_graphs']} "
+                  f"{result.environment['eager_fallbacks'] or ''}")
+            for b in result.batches:
+                rows.append(("torch-cuda-fp16", "fp16", b.batch_size, b.dense.p50, b.compact.p50))
+
     for backend, precision, batch, d_ms, c_ms in rows:
         report["latency_ms"].append({"backend": backend, "precision": precision, "batch": batch,
                                      "dense": d_ms, "compact": c_ms, "speedup": d_ms / c_ms})
@@ -179,9 +199,9 @@ def main() -> int:
     for key, value in (report["tensorrt"] or {}).get("engines", {}).items():
         print(f"parity tensorrt {key}: {json.dumps(value['max_abs_diff'])} (tolerance {value['atol']}, "
               f"{'ok' if value['passed'] else 'FAILED'}), build {value['build_s']:.0f}s")
-    print(f"{'backend':9} {'prec':5} {'batch':>5} {'dense ms':>9} {'compact ms':>10} {'speed-up':>8}")
+    print(f"{'backend':15} {'prec':5} {'batch':>5} {'dense ms':>9} {'compact ms':>10} {'speed-up':>8}")
     for r in report["latency_ms"]:
-        print(f"{r['backend']:9} {r['precision']:5} {r['batch']:>5} {r['dense']:>9.3f} {r['compact']:>10.3f} "
+        print(f"{r['backend']:15} {r['precision']:5} {r['batch']:>5} {r['dense']:>9.3f} {r['compact']:>10.3f} "
               f"{r['speedup']:>7.2f}x")
     if out_dir is not None:
         from vitcompact.io import write_json

@@ -34,6 +34,7 @@ class BenchModel:
     macs: int | None                  # per image; None when an ONNX file does not record it
     module: nn.Module | None = None
     onnx_path: Path | None = None
+    precision: str = "fp32"           # an ONNX file's recorded precision (fp32, fp16, int8)
     export_notes: dict[str, str] = field(default_factory=dict)  # optimise mode -> exporter's note
     _export_dir: Path | None = field(default=None, repr=False)
     _exports: dict[str, Path] = field(default_factory=dict, repr=False)
@@ -61,6 +62,7 @@ class BenchModel:
 
     def to_dict(self) -> dict:
         return {"label": self.label, "input_size": list(self.input_size), "macs": self.macs,
+                "precision": self.precision,
                 "onnx": str(self.onnx_path) if self.onnx_path and not self._export_dir else None,
                 "export_notes": dict(self.export_notes)}
 
@@ -101,7 +103,8 @@ def _from_onnx(path: Path, label: str) -> BenchModel:
         raise ArtifactError(f"{path}: input size unknown (no 'input_size' metadata and no static "
                             "C, H, W input dims); re-export it with `vitcompact export`")
     macs = int(meta["macs"]) if meta.get("macs", "").isdigit() else None
-    return BenchModel(label, tuple(json.loads(meta["input_size"])), macs, onnx_path=path)
+    return BenchModel(label, tuple(json.loads(meta["input_size"])), macs, onnx_path=path,
+                      precision=meta.get("precision", "fp32"))
 
 
 def resolve(source: ModelSource) -> BenchModel:

@@ -53,7 +53,8 @@ def bench(
     if json_out:
         print_json({**result.to_dict(), "files": {k: str(v) for k, v in paths.items()}})
         return
-    table = Table(title=f"{result.dense.label} vs {result.compact.label} "
+    table = Table(title=f"{result.dense.label} ({result.dense.precision}) vs {result.compact.label} "
+                        f"({result.compact.precision}) "
                         f"({result.environment['backend']}, {result.environment['threads']} thread(s))")
     level = int(result.config.confidence * 100)
     for name in ("batch", "dense p50 ms", "compact p50 ms", escape(f"speed-up [{level}% CI]"), "ideal",

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from vitcompact.export import (ExportConfig, ParityReport, TensorRTConfig, to_fp16, to_int8, to_onnx,
-                               to_tensorrt)
+import vitcompact as vc
+from vitcompact.data import DATA_SOURCES, DataBundle
+from vitcompact.errors import ConfigError
+from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, to_fp16,
+                               to_int8, to_onnx, to_tensorrt)
+from vitcompact.export.files import publish, staging
+from vitcompact.export.int8 import CALIBRATIONS, MODES
 
 from .common import JsonOption, console, print_json, user_errors
 from .inspect_cmd import load_any
@@ -31,21 +37,51 @@ def onnx_cmd(
     out: Path = typer.Argument(..., help="The .onnx file to write."),
     opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 variant (<out>.fp16.onnx)."),
-    int8: bool = typer.Option(False, "--int8", help="Also write a dynamic INT8 variant (<out>.int8.onnx)."),
+    int8: str | None = typer.Option(None, "--int8", help=f"Also write an INT8 variant (<out>.int8.onnx): "
+                                                          f"{' or '.join(MODES)}."),
+    calib_data: str | None = typer.Option(
+        None, help=f"INT8: data source whose training split calibrates (static) and whose validation "
+                   f"and test splits measure accuracy: {', '.join(DATA_SOURCES.names())}."),
+    data_root: Path | None = typer.Option(None, "--data-root", help="Folder of the data source's files."),
+    calib_batches: int = typer.Option(Int8Config.calib_batches, help="Static INT8: calibration batches of 64."),
+    calib_method: str = typer.Option(Int8Config.calibration, help=f"Static INT8: {', '.join(CALIBRATIONS)}."),
+    int8_scope: str = typer.Option(Int8Config.scope, help="Static INT8: linear (weight layers only) or all."),
+    int8_fp32_ends: bool = typer.Option(False, "--int8-fp32-ends",
+                                        help="Static INT8: keep the patch embedding and the head in FP32."),
+    max_accuracy_drop: float = typer.Option(
+        Int8Config.max_accuracy_drop, help="INT8: refuse a file losing more validation top-1 points than this."),
+    seed: int = typer.Option(0, help="Seed of the validation split (the one the model was trained with)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file against PyTorch."),
     optimize: str = typer.Option("auto", help="Graph optimisation: auto (keep if faster), on, off."),
     json_out: bool = JsonOption,
 ) -> None:
     """Export to ONNX with a dynamic batch axis and metadata, verified against PyTorch.
 
-    Example: vitcompact export onnx runs/demo/compact runs/demo/model.onnx --fp16 --int8
+    Example: vitcompact export onnx runs/demo/compact runs/demo/model.onnx --fp16
+    --int8 static --calib-data digits
     """
     config = ExportConfig(opset=opset, verify=verify, optimize=optimize).validate()
-    results = [to_onnx(load_any(model), out, config)]
-    if fp16:
-        results.append(to_fp16(out, verify=verify))
-    if int8:
-        results.append(to_int8(out, verify=verify))
+    int8_config = None
+    if int8 is not None:
+        int8_config = Int8Config(mode=int8, calibration=calib_method, calib_batches=calib_batches,
+                                 scope=int8_scope, fp32_ends=int8_fp32_ends,
+                                 max_accuracy_drop=max_accuracy_drop)
+        if int8_config.mode == "static" and calib_data is None:
+            raise ConfigError("--int8 static needs --calib-data SOURCE (training images to calibrate on)")
+    elif calib_data is not None:
+        raise ConfigError("--calib-data is for INT8; add --int8 static (or dynamic)")
+    loaded = load_any(model)
+    data = _int8_data(loaded, calib_data, data_root, seed) if calib_data is not None else None
+    # Every file is made in a staging folder and moved into place only when all of them are
+    # done, so a refused INT8 file leaves nothing behind (not even the fp32 file).
+    with staging(out) as stage:
+        staged = stage / out.name
+        results = [to_onnx(loaded, staged, config)]
+        if fp16:
+            results.append(to_fp16(staged, verify=verify))
+        if int8_config is not None:
+            results.append(to_int8(staged, config=int8_config, data=data, verify=verify))
+        results = [dataclasses.replace(r, path=publish(r.path, out.with_name(r.path.name))) for r in results]
     if json_out:
         print_json([r.to_dict() for r in results])
         return
@@ -57,6 +93,27 @@ def onnx_cmd(
     console.print(table)
     if results[0].optimized is not None:
         console.print(f"graph optimisation: {results[0].optimized.reason}", markup=False)
+    for r in results:
+        if r.precision == "int8" and "accuracy" in r.int8:
+            console.print(_int8_text(r), markup=False)
+
+
+def _int8_data(model, source: str, root: Path | None, seed: int) -> DataBundle:
+    """The data at the model's input size, unaugmented: training split to calibrate, val and test to measure."""
+    in_chans, (size, _) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    bundle = vc.load_data(source, root=root, img_size=int(size), in_chans=in_chans, batch_size=64,
+                          seed=seed, augment=False)
+    if bundle.num_classes != model.num_classes:
+        raise ConfigError(f"{source} has {bundle.num_classes} classes but the model has {model.num_classes}; "
+                          "calibrate on the data the model was trained for")
+    return bundle
+
+
+def _int8_text(result: ExportResult) -> str:
+    acc = result.int8["accuracy"]
+    return "INT8 top-1 " + ", ".join(
+        f"{split} {a['int8']:.4f} (fp32 {a['fp32']:.4f}, {-a['drop_points']:+.2f} points)"
+        for split, a in acc.items())
 
 
 @export_app.command("tensorrt")

@@ -23,9 +23,17 @@ def _run(cfg, json_out: bool) -> None:
     acc = s["accuracy"]
     console.print(f"test top-1: dense {acc['dense_test_top1']:.4f}, compact {acc['compact_test_top1']:.4f} "
                   f"(ONNX {acc['compact_onnx_test_top1']:.4f})")
+    int8 = s.get("int8") or {}
+    if "accuracy" in int8:
+        console.print(f"INT8 ({int8['mode']}) test top-1 {int8['accuracy']['test']['int8']:.4f} "
+                      f"(FP32 compact {int8['accuracy']['test']['fp32']:.4f})")
+    elif int8.get("refused"):
+        console.print(f"INT8 not written: {int8['refused']}", markup=False)
     for row in s["latency"]:
+        stacked = f", compact INT8 {row['int8_speedup']:.2f}x" if "int8_speedup" in row else ""
         console.print(f"batch {row['batch']:>4}: dense {row['dense_p50_ms']:.3f} ms, compact "
-                      f"{row['compact_p50_ms']:.3f} ms, speed-up {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x)")
+                      f"{row['compact_p50_ms']:.3f} ms, speed-up {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x)"
+                      f"{stacked}")
     console.print(f"report: {result.files['report']}  plot: {result.files['plot']}  onnx: {result.files['onnx']}")
 
 
@@ -41,6 +49,8 @@ def pipeline(
     mlp_ratio: float | None = typer.Option(None, help="Fraction of MLP neurons to remove, in [0, 1)."),
     criteria: str | None = typer.Option(None, help="remain, magnitude, l1, l2 or saliency."),
     train_epochs: int | None = typer.Option(None, help="Dense training epochs before pruning (0: none)."),
+    int8: str | None = typer.Option(None, help="INT8 file stacked on the compact one: static (default, "
+                                               "calibrated on training images), dynamic or none."),
     out: str | None = typer.Option(None, "--out", "-o", help="Run folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     json_out: bool = JsonOption,
@@ -53,7 +63,7 @@ def pipeline(
 
     overrides = dict(model=model, checkpoint=checkpoint, data=data, data_root=data_root, method=method,
                      head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=criteria,
-                     train_epochs=train_epochs, out=out, overwrite=overwrite or None)
+                     train_epochs=train_epochs, int8=int8, out=out, overwrite=overwrite or None)
     if config is not None:
         cfg = PipelineConfig.from_toml(config, **overrides)
     else:

@@ -25,7 +25,7 @@ from vitcompact.bench.backends import BACKENDS
 from vitcompact.bench.sources import resolve
 from vitcompact.data import DATA_SOURCES, load_data
 from vitcompact.errors import ConfigError
-from vitcompact.export import ExportConfig, to_onnx
+from vitcompact.export import AccuracyDropError, ExportConfig, Int8Config, to_int8, to_onnx
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
 from vitcompact.prune.loop import PruneConfig, prune
@@ -63,6 +63,10 @@ class PipelineConfig:
     finetune_epochs: int = 10
     opset: int = 18
     optimize: str = "auto"
+    int8: str = "static"  # none, dynamic or static: the stacked compact INT8 file
+    calib_method: str = "minmax"
+    calib_batches: int = 16
+    max_accuracy_drop: float = 1.0
     backend: str = "ort-cpu"
     batch_sizes: tuple[int, ...] = (1, 32, 256)
     threads: int | None = 1  # one pinned thread: steadier ratios than sharing cores
@@ -103,7 +107,7 @@ def _model_input_size(model: torch.nn.Module) -> tuple[int, int]:
     return model.patch_embed.proj.in_channels, model.patch_embed.img_size[0]
 
 
-def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, BenchConfig]:
+def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, Int8Config | None, BenchConfig]:
     """Every stage's config, checked before any work starts, so bad input fails in a second."""
     prune_cfg = PruneConfig(
         method=cfg.method, target=cfg.target, head_ratio=cfg.head_ratio, mlp_ratio=cfg.mlp_ratio,
@@ -111,6 +115,11 @@ def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, Benc
         finetune_epochs=cfg.finetune_epochs, lr=cfg.lr, seed=cfg.seed, out_dir=Path(cfg.out) / "prune")
     prune_cfg.check()
     export_cfg = ExportConfig(opset=cfg.opset, optimize=cfg.optimize).validate()
+    if cfg.int8 not in ("none", "dynamic", "static"):
+        raise ConfigError(f"int8 must be none, dynamic or static, got {cfg.int8!r}")
+    int8_cfg = None if cfg.int8 == "none" else Int8Config(
+        mode=cfg.int8, calibration=cfg.calib_method, calib_batches=cfg.calib_batches,
+        max_accuracy_drop=cfg.max_accuracy_drop)
     bench_cfg = BenchConfig(backend=cfg.backend, batch_sizes=cfg.batch_sizes, threads=cfg.threads,
                             time_budget_s=cfg.bench_seconds, seed=cfg.seed)
     bench_cfg.check()
@@ -122,7 +131,7 @@ def _stage_configs(cfg: PipelineConfig) -> tuple[PruneConfig, ExportConfig, Benc
     if out.exists() and (not out.is_dir() or output_folder.contents(out)) and not cfg.overwrite:
         raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it "
                           "or choose another --out")
-    return prune_cfg, export_cfg, bench_cfg
+    return prune_cfg, export_cfg, int8_cfg, bench_cfg
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> PipelineResult:
@@ -149,7 +158,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> PipelineResult:
 
 def _run(cfg: PipelineConfig, log, final_out: Path) -> PipelineResult:
     quiet = log is _quiet
-    prune_cfg, export_cfg, bench_cfg = _stage_configs(cfg)
+    prune_cfg, export_cfg, int8_cfg, bench_cfg = _stage_configs(cfg)
     prune_cfg.train = TrainConfig(progress=not quiet)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -197,11 +206,27 @@ def _run(cfg: PipelineConfig, log, final_out: Path) -> PipelineResult:
         onnx_top1 = loader_top1(onnx_runner(ort_session(compact_onnx.path)), bundle.test)
         advance()
 
-    with _stage(f"benchmark dense vs compact ({cfg.backend})", log, total=len(cfg.batch_sizes)) as advance:
+    int8, int8_refused = None, None
+    if int8_cfg is not None:
+        with _stage(f"{cfg.int8} INT8 of the compact model, measured on validation and test", log):
+            try:
+                int8 = to_int8(compact_onnx.path, config=int8_cfg, data=bundle)
+            except AccuracyDropError as e:  # the run goes on without the stacked file, saying why
+                int8_refused = str(e)
+                log(f"   INT8 refused: {e}")
+
+    benches = 2 if int8 is not None else 1
+    with _stage(f"benchmark dense vs compact ({cfg.backend})", log, total=benches * len(cfg.batch_sizes)) as advance:
         dense_bm, compact_bm = resolve(dense_onnx.path), resolve(compact_onnx.path)
         dense_bm.label, compact_bm.label = "dense.onnx", "compact.onnx"  # not the temporary run folder
         bench = benchmark(dense_bm, compact_bm, bench_cfg, progress=advance)
         bench_files = write_report(bench, out / "bench")
+        stacked = None
+        if int8 is not None:
+            int8_bm = resolve(int8.path)
+            int8_bm.label = int8.path.name
+            stacked = benchmark(dense_bm, int8_bm, bench_cfg, progress=advance)
+            write_report(stacked, out / "bench-int8")
 
     dense_count, compact_count = vc.count(model), vc.count(small)
     summary = {
@@ -217,16 +242,41 @@ def _run(cfg: PipelineConfig, log, final_out: Path) -> PipelineResult:
         "onnx_graph_optimised": bool(compact_onnx.optimized),
         "onnx_parity": {"dense": dense_onnx.parity.to_dict() if dense_onnx.parity else None,
                         "compact": compact_onnx.parity.to_dict() if compact_onnx.parity else None},
+        "int8": {**int8.int8, "file": int8.path.name} if int8 is not None else
+                {"mode": cfg.int8, "refused": int8_refused} if int8_refused else None,
         "latency": [{"batch": b.batch_size, "dense_p50_ms": b.dense.p50, "compact_p50_ms": b.compact.p50,
                      "speedup": b.speedup.value, "speedup_ci": [b.speedup.low, b.speedup.high],
-                     "ideal": b.ideal_speedup} for b in bench.batches],
+                     "ideal": b.ideal_speedup, **_stacked_row(stacked, i)} for i, b in enumerate(bench.batches)],
         "seconds": round(time.perf_counter() - started, 1),
     }
     files = {"report": str(out / "report.md"), "plot": str(bench_files["png"]),
-             "onnx": str(compact_onnx.path), "compact": str(out / "compact"), "dense": str(out / "dense")}
+             "onnx": str(compact_onnx.path), "compact": str(out / "compact"), "dense": str(out / "dense"),
+             **({"int8_onnx": str(int8.path)} if int8 is not None else {})}
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", render_report(summary, Path(bench_files["png"]).relative_to(out)))
     return PipelineResult(out, summary, files)
+
+
+def _stacked_row(stacked, i: int) -> dict[str, Any]:
+    """The compact INT8 file's latency at one batch size, timed against the same dense file."""
+    if stacked is None:
+        return {}
+    b = stacked.batches[i]
+    return {"int8_p50_ms": b.compact.p50, "int8_speedup": b.speedup.value,
+            "int8_speedup_ci": [b.speedup.low, b.speedup.high]}
+
+
+def _int8_lines(s: dict[str, Any]) -> list[str]:
+    int8 = s.get("int8")
+    if not int8:
+        return []
+    if int8.get("refused"):
+        return [f"INT8 ({int8['mode']}) not written: {int8['refused']}", ""]
+    how = (f"static, calibrated ({int8['calibration']}) on {int8['calibration_images']} training images"
+           if int8["mode"] == "static" else "dynamic")
+    acc = int8["accuracy"]
+    return [f"INT8 `{int8['file']}` ({how}): validation top-1 {acc['val']['int8']:.4f} against FP32 "
+            f"{acc['val']['fp32']:.4f}, test {acc['test']['int8']:.4f} against {acc['test']['fp32']:.4f}.", ""]
 
 
 def render_report(s: dict[str, Any], plot: Path) -> str:
@@ -239,20 +289,28 @@ def render_report(s: dict[str, Any], plot: Path) -> str:
         "| | dense | compact |", "|---|---:|---:|",
         f"| test top-1 (PyTorch) | {acc['dense_test_top1']:.4f} | {acc['compact_test_top1']:.4f} |",
         f"| test top-1 (ONNX, onnxruntime) | | {acc['compact_onnx_test_top1']:.4f} |",
+        *([f"| test top-1 (ONNX INT8) | | {s['int8']['accuracy']['test']['int8']:.4f} |"]
+          if s.get("int8") and "accuracy" in s["int8"] else []),
         f"| params | {s['params']['dense']:,} | {s['params']['compact']:,} |",
         f"| MACs / image | {s['macs']['dense']:,} | {s['macs']['compact']:,} |", "",
         f"Compact vs masked model: max |Δlogits| = {s['compact_vs_masked_max_abs_diff']:.2e}. "
         f"Ideal speed-up (MACs): {s['ideal_speedup']:.2f}x. ONNX graphs "
         f"{'optimised' if s['onnx_graph_optimised'] else 'plain (the optimiser was not faster)'}, "
-        f"dense and compact alike.", "",
-        f"## Latency ({s['config']['backend']}, dense and compact interleaved)", "",
-        "| batch | dense p50 (ms) | compact p50 (ms) | measured speed-up [95% CI] | ideal |",
-        "|---:|---:|---:|---:|---:|",
+        f"dense and compact alike.", "", *_int8_lines(s),
+        f"## Latency ({s['config']['backend']}, each file interleaved with the dense FP32 one)", "",
     ]
+    stacked = "int8_p50_ms" in s["latency"][0]
+    lines += ["| batch | dense p50 (ms) | compact p50 (ms) | measured speed-up [95% CI] | ideal |"
+              + (" compact INT8 p50 (ms) | stacked speed-up [95% CI] |" if stacked else ""),
+              "|---:|---:|---:|---:|---:|" + ("---:|---:|" if stacked else "")]
     for row in s["latency"]:
         lo, hi = row["speedup_ci"]
-        lines.append(f"| {row['batch']} | {row['dense_p50_ms']:.3f} | {row['compact_p50_ms']:.3f} | "
-                     f"{row['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | {row['ideal']:.2f}x |")
+        line = (f"| {row['batch']} | {row['dense_p50_ms']:.3f} | {row['compact_p50_ms']:.3f} | "
+                f"{row['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | {row['ideal']:.2f}x |")
+        if stacked:
+            lo, hi = row["int8_speedup_ci"]
+            line += f" {row['int8_p50_ms']:.3f} | {row['int8_speedup']:.2f}x [{lo:.2f}, {hi:.2f}] |"
+        lines.append(line)
     lines += ["", f"![latency]({plot.as_posix()})", "", f"Total time: {s['seconds']} s.", ""]
     return "\n".join(lines)
 

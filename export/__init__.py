@@ -1,14 +1,16 @@
 """ONNX and TensorRT export with verified parity (installed as `vitcompact.export`)."""
 
+from .int8 import AccuracyDropError, Int8Config, to_int8
 from .metadata import read_metadata
 from .onnx import ExportConfig, ExportResult, to_onnx
 from .optimize import OptimizeReport
 from .tensorrt import EngineResult, EngineRunner, TensorRTConfig, to_tensorrt, verify_tensorrt
-from .variants import to_fp16, to_int8
+from .variants import to_fp16
 from .verify import ParityError, ParityReport, verify_onnx
 
 __all__ = [
     "ExportConfig", "ExportResult", "to_onnx", "verify_onnx", "read_metadata", "to_fp16", "to_int8",
+    "Int8Config", "AccuracyDropError",
     "to_tensorrt", "TensorRTConfig", "verify_tensorrt", "EngineResult", "EngineRunner",
     "OptimizeReport", "ParityError", "ParityReport",
 ]

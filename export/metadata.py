@@ -21,7 +21,7 @@ from vitcompact.errors import ArtifactError
 from vitcompact.models.presets import SOURCE_ATTR
 
 PRECISIONS = ("fp32", "fp16", "int8")
-JSON_KEYS = ("structure", "input_size", "mean", "std", "source", "optimization")
+JSON_KEYS = ("structure", "input_size", "mean", "std", "source", "optimization", "int8")
 INT_KEYS = ("params", "macs", "num_classes")
 
 

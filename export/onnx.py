@@ -78,9 +78,14 @@ class ExportResult:
     metadata: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def int8(self) -> dict[str, Any]:
+        """An INT8 file's record (mode, calibration, measured accuracy); empty for other precisions."""
+        return json.loads(self.metadata.get("int8", "{}"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "precision": self.precision, "opset": self.opset,
-                "external_data": self.external_data,
+                "external_data": self.external_data, **({"int8": self.int8} if self.int8 else {}),
                 "parity": self.parity.to_dict() if self.parity is not None else None,
                 "optimized": self.optimized.to_dict() if self.optimized is not None else None,
                 "seconds": round(self.seconds, 3)}

@@ -1,4 +1,4 @@
-"""Reduced-precision variants of an exported fp32 ONNX file: FP16 (for GPUs) and INT8 (dynamic).
+"""Reduced-precision variants of an exported fp32 ONNX file: FP16 (for GPUs) here, INT8 in `int8.py`.
 
 Both keep float32 inputs and outputs, so the same preprocessing feeds every variant. Their outputs
 differ from fp32 by design; each variant reports its difference and top-1 agreement with the fp32
@@ -31,7 +31,7 @@ def variant_path(src: Path, precision: str) -> Path:
     return src.with_name(f"{src.stem}.{precision}.onnx")
 
 
-def _source(src: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+def fp32_source(src: str | os.PathLike) -> tuple[Path, dict[str, str]]:
     src = Path(src)
     if not src.is_file():
         raise ArtifactError(f"{src} does not exist; export the fp32 model first (to_onnx)")
@@ -42,7 +42,7 @@ def _source(src: str | os.PathLike) -> tuple[Path, dict[str, str]]:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
+def quiet_root_logger() -> Iterator[None]:
     # onnxruntime.quantization warns through the root logger to suggest its optional pre-processing.
     root = logging.getLogger()
     level = root.level
@@ -53,7 +53,7 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _finish(staged: Path, src: Path, dst: Path, meta: dict[str, str], precision: str,
+def finish_variant(staged: Path, src: Path, dst: Path, meta: dict[str, str], precision: str,
             verify: bool, start: float) -> ExportResult:
     proto = restamp(staged, {**meta, "precision": precision})
     parity = None
@@ -72,7 +72,7 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike | None = None, verify
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     start = time.perf_counter()
-    src, meta = _source(src)
+    src, meta = fp32_source(src)
     dst = Path(dst) if dst is not None else variant_path(src, "fp16")
     with staging(dst) as stage:
         staged = stage / dst.name
@@ -81,22 +81,4 @@ def to_fp16(src: str | os.PathLike, dst: str | os.PathLike | None = None, verify
         # The converter appends the input casts after their consumers; ONNX requires sorted nodes.
         model.topological_sort()
         save_onnx(model.model, staged, external_data)
-        return _finish(staged, src, dst, meta, "fp16", verify, start)
-
-
-def to_int8(src: str | os.PathLike, dst: str | os.PathLike | None = None, verify: bool = True,
-            per_channel: bool = False, external_data: bool | None = None) -> ExportResult:
-    """Dynamic INT8 quantisation (weights int8, activations quantised at run time) of `src`."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    start = time.perf_counter()
-    src, meta = _source(src)
-    dst = Path(dst) if dst is not None else variant_path(src, "int8")
-    with staging(dst) as stage, _quiet_root_logger():
-        staged = stage / dst.name
-        try:
-            quantize_dynamic(str(src), str(staged), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             use_external_data_format=bool(external_data or data_file(src).exists()))
-        except Exception as e:  # the quantiser raises bare exceptions on graphs it cannot handle
-            raise ArtifactError(f"onnxruntime could not quantise {src}: {type(e).__name__}: {e}") from None
-        return _finish(staged, src, dst, meta, "int8", verify, start)
+        return finish_variant(staged, src, dst, meta, "fp16", verify, start)

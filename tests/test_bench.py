@@ -152,6 +152,20 @@ def test_ort_benchmark_records_threads_and_graph_level(pair, tmp_path):
         benchmark(str(tmp_path / "dense.onnx"), compact, BenchConfig(backend="torch", **FAST))
 
 
+def test_dense_fp32_file_against_compact_int8_file(pair, tmp_path):
+    """The stacked comparison: any two ONNX files, each side's precision recorded, the ideal from MACs."""
+    from vitcompact.export import ExportConfig, Int8Config, to_int8, to_onnx
+    dense, compact = pair
+    plain = ExportConfig(optimize="off", verify=False)
+    dense_onnx = to_onnx(dense, tmp_path / "dense.onnx", plain).path
+    int8 = to_int8(to_onnx(compact, tmp_path / "compact.onnx", plain).path, config=Int8Config(mode="dynamic")).path
+    result = benchmark(str(dense_onnx), str(int8), BenchConfig(backend="ort-cpu", batch_sizes=(2,), **FAST))
+    record = result.to_dict()
+    assert (record["dense"]["precision"], record["compact"]["precision"]) == ("fp32", "int8")
+    assert record["ideal_speedup"] == pytest.approx(vc.count(dense).macs / vc.count(compact).macs)
+    assert result.batches[0].compact.runs == 6
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("runs_per_round", 0, "runs_per_round"), ("batch_sizes", (0, 8), "batch sizes"),
     ("threads", 0, "threads"), ("confidence", 1.5, "confidence"),

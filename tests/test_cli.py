@@ -123,7 +123,7 @@ def test_pipeline_runs_end_to_end_from_a_config_file(tmp_path):
     config.write_text(
         'model = "vit-digits"\n[train]\ntrain_epochs = 1\n[prune]\nmethod = "rsst"\nhead_ratio = 0.5\n'
         "mlp_ratio = 0.5\nstates = 1\nepochs_per_state = 1\nfinetune_epochs = 0\n"
-        "[bench]\nbatch_sizes = [2]\nbench_seconds = 0.5\n")
+        "[int8]\ncalib_batches = 2\nmax_accuracy_drop = 100.0\n[bench]\nbatch_sizes = [2]\nbench_seconds = 0.5\n")
     out = tmp_path / "run"
     result = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -134,17 +134,49 @@ def test_pipeline_runs_end_to_end_from_a_config_file(tmp_path):
     assert [row["batch"] for row in summary["latency"]] == [2]
     assert summary["accuracy"]["compact_onnx_test_top1"] == pytest.approx(
         summary["accuracy"]["compact_test_top1"], abs=0.01)
+    int8 = summary["int8"]
+    assert (int8["mode"], int8["calibration"], int8["calibration_images"], int8["file"]) == (
+        "static", "minmax", 2 * 64, "compact.int8.onnx")
+    assert int8["accuracy"]["test"]["fp32"] == summary["accuracy"]["compact_onnx_test_top1"]
+    assert summary["files"]["int8_onnx"] == str(out / "compact.int8.onnx")
+    row = summary["latency"][0]
+    assert row["int8_p50_ms"] > 0 and row["int8_speedup"] == pytest.approx(row["dense_p50_ms"] / row["int8_p50_ms"],
+                                                                          rel=0.5)
     for name in ("report.md", "summary.json", "compact.onnx", "dense.onnx", "compact/config.json",
-                 "compact/model.safetensors", "bench/bench.png", "prune/masks.safetensors"):
+                 "compact/model.safetensors", "bench/bench.png", "prune/masks.safetensors", "compact.int8.onnx",
+                 "bench-int8/bench.json"):
         assert (out / name).is_file(), name
     assert (out / "bench/bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "| params | 136,138 | 69,962 |" in report and "![latency](bench/bench.png)" in report
+    assert f"| test top-1 (ONNX INT8) | | {int8['accuracy']['test']['int8']:.4f} |" in report
+    assert "compact INT8 p50 (ms) | stacked speed-up [95% CI] |" in report
     assert [p.name for p in out.rglob(".*.tmp")] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.toml", "run"]  # no partial folder left
     again = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out)])
     one_line_error(again, f"{out} already exists and is not empty; pass --overwrite")
     assert json.loads((out / "summary.json").read_text())["config"]["out"] == str(out)
+
+
+def test_pipeline_goes_on_without_a_refused_int8_file(tmp_path, monkeypatch):
+    from vitcompact.cli import workflow
+    from vitcompact.export import AccuracyDropError
+
+    def refuse(src, config=None, data=None, **_):
+        raise AccuracyDropError("static INT8 loses 3.00 points of validation top-1, more than the allowed 1")
+    monkeypatch.setattr(workflow, "to_int8", refuse)
+    config = tmp_path / "p.toml"
+    config.write_text('train_epochs = 0\nmethod = "oneshot"\nfinetune_epochs = 0\nbatch_sizes = [2]\n'
+                      "bench_seconds = 0.5\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["int8"] == {"mode": "static", "refused": "static INT8 loses 3.00 points of validation top-1, "
+                                                            "more than the allowed 1"}
+    assert "int8_p50_ms" not in summary["latency"][0] and "int8_onnx" not in summary["files"]
+    assert not (out / "compact.int8.onnx").exists() and not (out / "bench-int8").exists()
+    assert "INT8 (static) not written: static INT8 loses 3.00 points" in (out / "report.md").read_text()
 
 
 def test_pipeline_bad_flags(tmp_path):
