@@ -1,5 +1,6 @@
-"""Inference backends the harness times: onnxruntime (CPU, CUDA, TensorRT), PyTorch eager on CPU
-and PyTorch on a CUDA GPU (FP32 or FP16, replayed as CUDA graphs).
+"""Inference backends the harness times: onnxruntime (CPU, CUDA, and its TensorRT provider as
+`tensorrt`), PyTorch eager on CPU, PyTorch on a CUDA GPU (FP32 or FP16, replayed as CUDA graphs) and
+native TensorRT on the engine files `vitcompact export tensorrt` writes (`tensorrt-engine`).
 
 A backend loads a `BenchModel` once and hands out, per batch size, a callable that runs one
 inference on a fixed random batch and returns only when the result is ready (GPU work included),
@@ -16,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from vitcompact.errors import BackendUnavailableError, ConfigError
+from vitcompact.errors import ArtifactError, BackendUnavailableError, ConfigError
 from vitcompact.registry import Registry
 
 from .sources import BenchModel
@@ -83,6 +84,7 @@ class OrtBackend:
 
     def load(self, model: BenchModel) -> Loaded:
         import onnxruntime as ort
+        model.refuse_engine(self.name)
         path = model.onnx(self.options.onnx_optimize)
         session = ort.InferenceSession(str(path), self._session_options(), providers=self.providers)
         if session.get_providers()[0] != self.provider:
@@ -119,6 +121,7 @@ class TorchBackend:
         self.options = options
 
     def load(self, model: BenchModel) -> Loaded:
+        model.refuse_engine(self.name)
         if model.module is None:
             raise ConfigError(f"{model.label}: the torch backend needs a model (artifact directory, "
                               "preset or timm name), not an ONNX file; use --backend ort-cpu")
@@ -186,6 +189,7 @@ class TorchCudaBackend:
         self.eager_fallbacks: list[str] = []  # "label, batch N: reason" where capture failed
 
     def load(self, model: BenchModel) -> Loaded:
+        model.refuse_engine(self.name)
         if model.module is None:
             raise ConfigError(f"{model.label}: the {self.name} backend needs a model (artifact "
                               "directory, preset or timm name), not an ONNX file; use --backend ort-cuda")
@@ -210,18 +214,66 @@ class TorchCudaBackend:
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+class TensorRTEngineBackend:
+    """Native TensorRT on engine files built by `vitcompact export tensorrt` (the files a user ships),
+    run by EngineRunner with input and output on the GPU; each run synchronises before it returns."""
+
+    name, on_gpu = "tensorrt-engine", True
+
+    def __init__(self, options: BackendOptions):
+        from vitcompact.export.tensorrt import require_tensorrt
+        try:
+            self.tensorrt = require_tensorrt()
+        except BackendUnavailableError as e:
+            raise BackendUnavailableError(f"backend {self.name}: {e}") from None
+        self.options = options
+
+    def load(self, model: BenchModel) -> Loaded:
+        from vitcompact.export.tensorrt import EngineRunner, info_path
+        if model.engine_path is None:
+            raise ConfigError(f"{model.label}: backend {self.name} times TensorRT engine files (.engine, "
+                              ".plan) built by `vitcompact export tensorrt`; give one for both models, or "
+                              "use --backend tensorrt (onnxruntime's TensorRT provider) for other models")
+        runner = EngineRunner(model.engine_path)
+        if runner.image_shape != tuple(model.input_size):
+            raise ArtifactError(f"{model.engine_path} takes images {list(runner.image_shape)} but "
+                                f"{info_path(model.engine_path).name} says {list(model.input_size)}; build "
+                                "the engine again with `vitcompact export tensorrt`")
+        low, high = runner.batch_range
+
+        def bind(batch: int) -> Runner:
+            if not low <= batch <= high:
+                raise ConfigError(f"{model.label} was built for batches {low}..{high}, not {batch}; pass "
+                                  "--batch-sizes within that range, or build the engine again with a "
+                                  "profile that covers it (--min-batch, --max-batch)")
+            x = torch.from_numpy(random_batch(batch, model.input_size, self.options.seed))
+            x = x.to("cuda", runner.input_dtype)
+
+            def run() -> torch.Tensor:
+                output = runner(x)
+                torch.cuda.synchronize()
+                return output
+            return run
+        return bind
+
+    def settings(self) -> dict:
+        return {"backend": self.name, "runtime": "native TensorRT", "tensorrt": self.tensorrt.__version__,
+                "device": torch.cuda.get_device_name(), "threads": self.options.threads}
+
+
 BACKENDS.register("ort-cpu")(
     lambda o: OrtBackend("ort-cpu", ("CPUExecutionProvider",), o, on_gpu=False))
 BACKENDS.register("ort-cuda")(
     lambda o: OrtBackend("ort-cuda", ("CUDAExecutionProvider",), o, on_gpu=True))
 # TensorRT through onnxruntime's TensorRT provider: the engine is built from the same ONNX file,
-# and any node TensorRT cannot take falls back to CUDA.
+# and any node TensorRT cannot take falls back to CUDA. Engine files go to tensorrt-engine instead.
 BACKENDS.register("tensorrt")(
     lambda o: OrtBackend("tensorrt", ("TensorrtExecutionProvider", "CUDAExecutionProvider"), o,
                          on_gpu=True))
 BACKENDS.register("torch")(TorchBackend)
 BACKENDS.register("torch-cuda")(lambda o: TorchCudaBackend("torch-cuda", torch.float32, o))
 BACKENDS.register("torch-cuda-fp16")(lambda o: TorchCudaBackend("torch-cuda-fp16", torch.float16, o))
+BACKENDS.register("tensorrt-engine")(TensorRTEngineBackend)
 
 
 def make_backend(name: str, options: BackendOptions) -> Backend:

@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = vc.load(args.artifact).eval()
-    c, (h, _) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    c, h, _ = vc.input_size(model)
     bundle = load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=256, augment=False)
     out = Path(args.out or tempfile.mkdtemp(prefix="variants-"))
 

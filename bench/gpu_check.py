@@ -100,7 +100,7 @@ def main() -> int:
         "parity": {}, "latency_ms": [], "tensorrt": None, "torch_cuda_graphs": None,
     }
     rows: list[tuple] = []
-    shape = (3, *dense.patch_embed.img_size)
+    shape = vc.input_size(dense)
 
     # PyTorch: compact vs masked dense, and dense vs compact latency, FP32 then FP16.
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):

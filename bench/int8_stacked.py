@@ -85,8 +85,8 @@ def time_pair(dense_onnx: Path, other: Path, batch: int, args: argparse.Namespac
 def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict:
     dense = dense_model(name)
     compact = compact_model(dense, RESEARCH, args.round_to)
-    c, (h, _) = dense.patch_embed.proj.in_channels, dense.patch_embed.img_size
-    data = vc.load_data(args.data, root=args.root, img_size=int(h), in_chans=c, batch_size=8,
+    c, h, _ = vc.input_size(dense)
+    data = vc.load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=8,
                         augment=False, limit=args.calib_images)
     dense_onnx = export_quiet(dense, folder / f"{name}-dense.onnx")
     compact_onnx = export_quiet(compact, folder / f"{name}-compact.onnx")
@@ -108,8 +108,8 @@ def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) ->
 
 def trained_compact(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, vc.DataBundle]:
     dense = vc.load(args.dense).eval()
-    split = vc.load_data(args.data, root=args.root, img_size=int(dense.patch_embed.img_size[0]),
-                         in_chans=dense.patch_embed.proj.in_channels, batch_size=128, seed=args.seed)
+    c, h, _ = vc.input_size(dense)
+    split = vc.load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=128, seed=args.seed)
     bundle = vc.DataBundle(first(split.train, args.limit, True), split.val, split.test, split.num_classes,
                            split.mean, split.std, split.class_names, split.source)
     point = Point("oneshot", RESEARCH.head_ratio, RESEARCH.mlp_ratio)

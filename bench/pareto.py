@@ -180,8 +180,8 @@ def prune_config(point: Point, seed: int, args: argparse.Namespace) -> vc.PruneC
 def load_split(args: argparse.Namespace, model: nn.Module) -> vc.DataBundle:
     """The dense model's split: the same seed and validation fraction give the same images and
     the same normalisation statistics as its training."""
-    return vc.load_data(args.data, root=args.root, img_size=int(model.patch_embed.img_size[0]),
-                        in_chans=model.patch_embed.proj.in_channels, batch_size=args.batch_size,
+    c, h, _ = vc.input_size(model)
+    return vc.load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=args.batch_size,
                         val_fraction=args.val_fraction, seed=args.seed, shift=args.shift)
 
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     model = vc.create_model(args.model, **({"patch_size": args.patch_size} if args.patch_size else {}))
     bundle = vc.load_data(args.data, root=args.root if args.data != "digits" else None,
-                          img_size=int(model.patch_embed.img_size[0]), in_chans=model.patch_embed.proj.in_channels,
+                          img_size=vc.input_size(model)[1], in_chans=vc.input_size(model)[0],
                           batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
                           shift=args.shift)
     config = vc.TrainConfig(epochs=args.epochs, lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed)

@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def dense_and_data(args: argparse.Namespace):
     seed_everything(0)
     model = vc.load(args.dense) if args.dense else vc.create_model(args.model)
-    bundle = vc.load_data(args.data, root=args.root, img_size=int(model.patch_embed.img_size[0]),
-                          in_chans=model.patch_embed.proj.in_channels, batch_size=args.batch_size,
+    c, h, _ = vc.input_size(model)
+    bundle = vc.load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=args.batch_size,
                           limit=args.limit, shift=args.shift)
     if not args.dense:
         vc.train(model, bundle, vc.TrainConfig(epochs=args.dense_epochs, lr=args.lr, progress=False))

@@ -1,4 +1,5 @@
-"""What a benchmark measures: a model from a module, an artifact directory, a name or an ONNX file.
+"""What a benchmark measures: a model from a module, an artifact directory, a name, an ONNX file or a
+TensorRT engine file (`.engine`, `.plan`, described by the `<engine>.json` written beside it).
 
 A `BenchModel` knows its input size and per-image MACs (for the ideal speed-up) and exports itself
 to ONNX once, on first use by an onnxruntime backend, so one dense model can be compared with
@@ -22,7 +23,8 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.errors import ArtifactError, ConfigError
-from vitcompact.io import temp_dir
+from vitcompact.export.tensorrt import ENGINE_SUFFIXES, EngineInfo
+from vitcompact.io import regular_file, temp_dir
 
 ModelSource = Union[nn.Module, str, os.PathLike, "BenchModel"]
 
@@ -35,6 +37,7 @@ class BenchModel:
     module: nn.Module | None = None
     onnx_path: Path | None = None
     precision: str = "fp32"           # an ONNX file's recorded precision (fp32, fp16, int8)
+    engine_path: Path | None = None   # a TensorRT engine file: only the tensorrt-engine backend runs it
     export_notes: dict[str, str] = field(default_factory=dict)  # optimise mode -> exporter's note
     _export_dir: Path | None = field(default=None, repr=False)
     _exports: dict[str, Path] = field(default_factory=dict, repr=False)
@@ -60,10 +63,17 @@ class BenchModel:
         self.export_notes[optimize] = getattr(optimized, "reason", "") if optimized else ""
         return self.onnx_path
 
+    def refuse_engine(self, backend: str) -> None:
+        """Refuse an engine file to a backend that cannot run one, naming the backend that can."""
+        if self.engine_path is not None:
+            raise ConfigError(f"{self.label} is a TensorRT engine file, which backend {backend} cannot "
+                              "run; time engine files with --backend tensorrt-engine")
+
     def to_dict(self) -> dict:
         return {"label": self.label, "input_size": list(self.input_size), "macs": self.macs,
                 "precision": self.precision,
                 "onnx": str(self.onnx_path) if self.onnx_path and not self._export_dir else None,
+                "engine": str(self.engine_path) if self.engine_path else None,
                 "export_notes": dict(self.export_notes)}
 
 
@@ -75,9 +85,7 @@ def _module_label(module: nn.Module) -> str:
 
 def _from_module(module: nn.Module, label: str) -> BenchModel:
     vc.vit_layout(module)  # refuses non-ViT models with a message naming them
-    in_chans = module.patch_embed.proj.in_channels
-    h, w = module.patch_embed.img_size
-    return BenchModel(label, (in_chans, h, w), vc.count(module).macs, module=module.eval())
+    return BenchModel(label, vc.input_size(module), vc.count(module).macs, module=module.eval())
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:
@@ -107,8 +115,14 @@ def _from_onnx(path: Path, label: str) -> BenchModel:
                       precision=meta.get("precision", "fp32"))
 
 
+def _from_engine(path: Path, label: str) -> BenchModel:
+    info = EngineInfo.read(regular_file(path))
+    return BenchModel(label, info.input_size, info.macs, precision=info.precision, engine_path=path)
+
+
 def resolve(source: ModelSource) -> BenchModel:
-    """A BenchModel from a module, an artifact directory, a preset / timm name or an .onnx file."""
+    """A BenchModel from a module, an artifact directory, a preset / timm name, an .onnx file or a
+    TensorRT engine file (.engine, .plan) with its `<engine>.json`."""
     if isinstance(source, BenchModel):
         return source
     if isinstance(source, nn.Module):
@@ -116,6 +130,8 @@ def resolve(source: ModelSource) -> BenchModel:
     path, label = Path(source), str(source)
     if path.suffix == ".onnx":
         return _from_onnx(path, label)
+    if path.suffix in ENGINE_SUFFIXES:
+        return _from_engine(path, label)
     return _from_module(vc.load_model(source), label)
 
 

@@ -64,9 +64,9 @@ def _rate(model, loader, dtype, steps: int) -> float:
 
 def measure(spec: str, batch_size: int, steps: int, rounds: int, force_bf16: bool, threads: list[int]) -> list[dict]:
     model = _model(spec)
-    size = int(model.patch_embed.img_size[0])
+    in_chans, size, _ = vc.input_size(model)
     bundle = vc.load_data("digits" if size <= 8 else "fashion-mnist", img_size=size,
-                          in_chans=model.patch_embed.proj.in_channels, batch_size=batch_size,
+                          in_chans=in_chans, batch_size=batch_size,
                           limit=batch_size * (steps + 1) * 2)
     batched = bundle.train
     per_sample = DataLoader(PerSample(batched.dataset), batch_size=batch_size, shuffle=True)

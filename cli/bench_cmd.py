@@ -28,10 +28,13 @@ def parse_batch_sizes(text: str | None) -> tuple[int, ...] | None:
 
 @user_errors
 def bench(
-    dense: str = typer.Argument(..., help="Dense model: artifact directory, preset, timm name or "
-                                          ".onnx file."),
-    compact: str = typer.Argument(..., help="Compact model: artifact directory or .onnx file (or a name)."),
-    backend: str = typer.Option("ort-cpu", help=f"One of: {', '.join(BACKENDS.names())}."),
+    dense: str = typer.Argument(..., help="Dense model: artifact directory, preset, timm name, .onnx "
+                                          "file or TensorRT .engine/.plan file."),
+    compact: str = typer.Argument(..., help="Compact model: artifact directory, .onnx file or TensorRT "
+                                            ".engine/.plan file (or a name)."),
+    backend: str = typer.Option("ort-cpu", help=f"One of: {', '.join(BACKENDS.names())}. tensorrt is "
+                                "onnxruntime's TensorRT provider (models, .onnx files); tensorrt-engine "
+                                "runs .engine/.plan files from `vitcompact export tensorrt` natively."),
     batch_sizes: str | None = typer.Option(None, help="Comma-separated, e.g. 1,8,32 "
                                                        "(default 1,8,32 on CPU, up to 256 on GPU)."),
     threads: int | None = typer.Option(None, help="Threads per model (default: all physical cores)."),
@@ -42,6 +45,10 @@ def bench(
     json_out: bool = JsonOption,
 ) -> None:
     """Measure dense vs compact latency (interleaved, pinned threads) and compare with the ideal.
+
+    Engine files (both sides) need --backend tensorrt-engine, the <engine>.json beside each (written by
+    `vitcompact export tensorrt`: input size, MACs, precision, batch profile) and --batch-sizes inside
+    the engines' profile (1..64 unless built otherwise; the GPU default sweep goes to 256).
 
     Example: vitcompact bench vit_small_patch16_224 runs/demo/compact --batch-sizes 1,8 --threads 1
     """

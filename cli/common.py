@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import torch.nn as nn
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+import vitcompact as vc
+from vitcompact.data import DATA_SOURCES, DataBundle
 from vitcompact.errors import VitCompactError
+from vitcompact.train.seeding import seed_everything
 from vitcompact.validate import finite
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,3 +85,37 @@ def print_json(obj: Any) -> None:
 
 
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON instead of tables.")
+
+
+DataOption = typer.Option("digits", "--data", help=f"Data source: {', '.join(DATA_SOURCES.names())}.")
+DataRootOption = typer.Option(None, "--data-root", help="Folder of the data source's files.")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when `out` cannot be created or written (nothing half-written)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise vc.ArtifactError(f"cannot write to {out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK):
+        raise vc.ArtifactError(f"cannot write to {out}: {probe} is not writable")
+
+
+def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Path | None,
+                   batch_size: int, seed: int) -> tuple[nn.Module, DataBundle]:
+    """The model (artifact, preset or timm name, optionally with checkpoint weights) and its data,
+    resized to the model's input."""
+    # Seeded before the model is built: a preset or timm name is randomly initialised here.
+    seed_everything(seed)
+    m = vc.load_model(model, checkpoint)
+    vc.vit_layout(m)
+    return m, vc.load_data_for(m, data, data_root, batch_size=batch_size, seed=seed)
+
+
+def load_any(model: str, num_classes: int | None = None, in_chans: int | None = None,
+             img_size: int | None = None) -> nn.Module:
+    """A model from an artifact directory, a preset or a timm name (with optional overrides)."""
+    args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
+                                ("img_size", img_size)) if v is not None}
+    return vc.load_model(model, **args)

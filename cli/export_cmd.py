@@ -9,15 +9,14 @@ import typer
 from rich.table import Table
 
 import vitcompact as vc
-from vitcompact.data import DATA_SOURCES, DataBundle
-from vitcompact.errors import ConfigError
+from vitcompact.data import DATA_SOURCES
+from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, to_fp16,
                                to_int8, to_onnx, to_tensorrt)
 from vitcompact.export.files import publish, staging
 from vitcompact.export.int8 import CALIBRATIONS, MODES
 
-from .common import JsonOption, console, print_json, user_errors
-from .inspect_cmd import load_any
+from .common import JsonOption, console, load_any, print_json, user_errors
 
 export_app = typer.Typer(help="Export a model to ONNX (and ONNX to a TensorRT engine), verified.",
                          no_args_is_help=True)
@@ -71,17 +70,13 @@ def onnx_cmd(
     elif calib_data is not None:
         raise ConfigError("--calib-data is for INT8; add --int8 static (or dynamic)")
     loaded = load_any(model)
-    data = _int8_data(loaded, calib_data, data_root, seed) if calib_data is not None else None
-    # Every file is made in a staging folder and moved into place only when all of them are
-    # done, so a refused INT8 file leaves nothing behind (not even the fp32 file).
-    with staging(out) as stage:
-        staged = stage / out.name
-        results = [to_onnx(loaded, staged, config)]
-        if fp16:
-            results.append(to_fp16(staged, verify=verify))
-        if int8_config is not None:
-            results.append(to_int8(staged, config=int8_config, data=data, verify=verify))
-        results = [dataclasses.replace(r, path=publish(r.path, out.with_name(r.path.name))) for r in results]
+    # Unaugmented at the model's input: training split to calibrate, validation and test to measure.
+    data = (vc.load_data_for(loaded, calib_data, data_root, batch_size=64, seed=seed, augment=False)
+            if calib_data is not None else None)
+    if not fp16 and int8_config is None:
+        results = [to_onnx(loaded, out, config)]
+    else:
+        results = _export_together(loaded, out, config, fp16, int8_config, data, verify)
     if json_out:
         print_json([r.to_dict() for r in results])
         return
@@ -98,15 +93,21 @@ def onnx_cmd(
             console.print(_int8_text(r), markup=False)
 
 
-def _int8_data(model, source: str, root: Path | None, seed: int) -> DataBundle:
-    """The data at the model's input size, unaugmented: training split to calibrate, val and test to measure."""
-    in_chans, (size, _) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
-    bundle = vc.load_data(source, root=root, img_size=int(size), in_chans=in_chans, batch_size=64,
-                          seed=seed, augment=False)
-    if bundle.num_classes != model.num_classes:
-        raise ConfigError(f"{source} has {bundle.num_classes} classes but the model has {model.num_classes}; "
-                          "calibrate on the data the model was trained for")
-    return bundle
+def _export_together(model, out: Path, config: ExportConfig, fp16: bool, int8_config: Int8Config | None,
+                     data, verify: bool) -> list[ExportResult]:
+    """The fp32 file and its variants, made in a staging folder and moved into place only when all
+    of them are done: a refused INT8 file leaves nothing behind, not even the fp32 file."""
+    with staging(out) as stage:
+        staged = stage / out.name
+        try:
+            results = [to_onnx(model, staged, config)]
+            if fp16:
+                results.append(to_fp16(staged, verify=verify))
+            if int8_config is not None:
+                results.append(to_int8(staged, config=int8_config, data=data, verify=verify))
+        except ArtifactError as e:  # name the file the user asked for, not the staging folder
+            raise ArtifactError(str(e).replace(str(stage), str(out.parent))) from None
+        return [dataclasses.replace(r, path=publish(r.path, out.with_name(r.path.name))) for r in results]
 
 
 def _int8_text(result: ExportResult) -> str:

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import torch.nn as nn
 import typer
 from rich.table import Table
 
 import vitcompact as vc
 
-from .common import JsonOption, console, print_json, user_errors
-
-
-def load_any(model: str, num_classes: int | None = None, in_chans: int | None = None,
-             img_size: int | None = None) -> nn.Module:
-    """A model from an artifact directory, a preset or a timm name (with optional overrides)."""
-    args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
-                                ("img_size", img_size)) if v is not None}
-    return vc.load_model(model, **args)
+from .common import JsonOption, console, load_any, print_json, user_errors
 
 
 @user_errors
@@ -32,8 +23,8 @@ def inspect(
     """
     m = load_any(model, num_classes=num_classes, img_size=img_size)
     now = vc.count(m)
-    info = getattr(m, "vitcompact_compact", None) or {}
-    dense = info.get("dense")
+    info = vc.compact_info(m)
+    dense = info.dense if info else None
     if json_out:
         print_json({"model": model, "count": now.to_dict(), "dense": dense})
         return

@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vitcompact.pipeline import PipelineConfig, run
+from vitcompact.pipeline.config import with_overrides
 
 from .common import JsonOption, console, print_json, user_errors
 
 
-def _run(cfg, json_out: bool) -> None:
-    from .workflow import _quiet, run_pipeline
+class RichProgress:
+    """Stages as bold lines with their time; a stage with a step count gets a bar (stages that
+    train draw their own bars, and rich allows one live display at a time)."""
 
-    log = _quiet if json_out else console.print
-    result = run_pipeline(cfg, log=log)
+    bars = True
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        started = time.perf_counter()
+        if total is None:
+            console.print(f"[bold]>> {name}[/bold]")
+            yield lambda *_: None
+        else:
+            with Progress(TextColumn("[bold]>> {task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task(name, total=total)
+                yield lambda *_: bar.advance(task)
+        console.print(f"   done in {time.perf_counter() - started:.1f} s")
+
+    def note(self, message: str) -> None:
+        console.print(f"   {message}", markup=False)
+
+
+def _run(config: PipelineConfig, json_out: bool) -> None:
+    result = run(config, progress=None if json_out else RichProgress())
     if json_out:
         print_json({"out": str(result.out), "files": result.files, **result.summary})
         return
@@ -39,7 +66,7 @@ def _run(cfg, json_out: bool) -> None:
 
 @user_errors
 def pipeline(
-    config: Path | None = typer.Option(None, "--config", "-c", help="TOML file with PipelineConfig keys."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML file of a PipelineConfig."),
     model: str | None = typer.Option(None, help="Preset, timm name or artifact directory."),
     checkpoint: str | None = typer.Option(None, help="Dense weights for MODEL (.safetensors/.pth)."),
     data: str | None = typer.Option(None, help="Data source (digits, fashion-mnist, mnist, cifar10, ...)."),
@@ -55,20 +82,17 @@ def pipeline(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     json_out: bool = JsonOption,
 ) -> None:
-    """Prune -> compact -> export -> verify -> bench, from flags or a TOML config file.
+    """Prune -> compact -> export -> INT8 -> verify -> bench, from flags or a TOML config file.
 
-    Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
+    The file's sections are the stages' configs ([data], [train], [prune], [export], [int8],
+    [bench]); flags override it. Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
     """
-    from .workflow import PipelineConfig
-
-    overrides = dict(model=model, checkpoint=checkpoint, data=data, data_root=data_root, method=method,
-                     head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=criteria,
-                     train_epochs=train_epochs, int8=int8, out=out, overwrite=overwrite or None)
-    if config is not None:
-        cfg = PipelineConfig.from_toml(config, **overrides)
-    else:
-        cfg = PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
-    _run(cfg, json_out)
+    overrides = {"model": model, "checkpoint": checkpoint, "data.source": data, "data.root": data_root,
+                 "prune.method": method, "prune.head_ratio": head_ratio, "prune.mlp_ratio": mlp_ratio,
+                 "prune.criteria": criteria, "train.epochs": train_epochs, "int8.mode": int8, "out": out,
+                 "overwrite": overwrite or None}
+    base = PipelineConfig.from_toml(config) if config is not None else PipelineConfig()
+    _run(with_overrides(base, **overrides), json_out)
 
 
 @user_errors
@@ -85,6 +109,4 @@ def demo(
 
     Example: vitcompact demo --out runs/demo
     """
-    from .workflow import PipelineConfig
-
     _run(PipelineConfig(out=out, overwrite=True), json_out)

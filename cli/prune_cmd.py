@@ -13,8 +13,8 @@ from vitcompact.prune.penalty import PENALTIES
 from vitcompact.prune.schedules import LAMBDA_SCHEDULES
 from vitcompact.train import TrainConfig, distributed
 
-from .common import JsonOption, console, print_json, user_errors
-from .train_cmd import DataOption, DataRootOption, check_writable, model_and_data
+from .common import (DataOption, DataRootOption, JsonOption, check_writable, console, model_and_data,
+                     print_json, user_errors)
 
 _defaults = PruneConfig()
 

@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch.nn as nn
 import typer
 
 import vitcompact as vc
 from vitcompact import output_folder
-from vitcompact.data import DATA_SOURCES, DataBundle, load_data
 from vitcompact.train import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
-from vitcompact.train.seeding import seed_everything
 
-from .common import JsonOption, console, print_json, user_errors
-
-DataOption = typer.Option("digits", "--data", help=f"Data source: {', '.join(DATA_SOURCES.names())}.")
-DataRootOption = typer.Option(None, "--data-root", help="Folder of the data source's files.")
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work when `out` cannot be created or written (nothing half-written)."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise vc.ArtifactError(f"cannot write to {out}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK):
-        raise vc.ArtifactError(f"cannot write to {out}: {probe} is not writable")
-
-
-def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Path | None,
-                   batch_size: int, seed: int) -> tuple[nn.Module, DataBundle]:
-    """The model (artifact, preset or timm name, optionally with checkpoint weights) and its data,
-    resized to the model's input."""
-    # Seeded before the model is built: a preset or timm name is randomly initialised here.
-    seed_everything(seed)
-    m = vc.load_model(model, checkpoint)
-    vc.vit_layout(m)
-    size = m.patch_embed.img_size
-    bundle = load_data(data, root=data_root, img_size=int(size[0]), in_chans=m.patch_embed.proj.in_channels,
-                       batch_size=batch_size, seed=seed)
-    if bundle.num_classes != m.num_classes:
-        raise vc.ConfigError(f"{data} has {bundle.num_classes} classes but the model has {m.num_classes}; "
-                             "pick a model built for this data")
-    return m, bundle
+from .common import (DataOption, DataRootOption, JsonOption, check_writable, console, model_and_data,
+                     print_json, user_errors)
 
 
 @user_errors

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.artifact import _data_config
-from vitcompact.compact import COMPACT_ATTR
+from vitcompact.compact import compact_info
 from vitcompact.errors import ArtifactError
 from vitcompact.models.presets import SOURCE_ATTR
 
@@ -29,12 +29,12 @@ def model_metadata(model: nn.Module, precision: str = "fp32") -> dict[str, str]:
     """The metadata of an export of `model`: version, structure, size, input and source."""
     data = _data_config(model)
     counted = vc.count(model)
-    info = getattr(model, COMPACT_ATTR, None) or {}
+    info = compact_info(model)
     # A model built outside vitcompact has no recorded source; export it anyway, saying so.
     source = getattr(model, SOURCE_ATTR, None)
     return {
         "vitcompact_version": vc.__version__,
-        "structure": json.dumps(info.get("structure")),
+        "structure": json.dumps(info.structure if info else None),
         "params": str(counted.params),
         "macs": str(counted.macs),
         "input_size": json.dumps([data["in_chans"], *data["img_size"]]),

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from vitcompact.errors import ConfigError, UnsupportedModelError
-from vitcompact.models import vit_layout
+from vitcompact.models import input_size, vit_layout
 from vitcompact.validate import in_range, integer
 
 from .files import data_file, publish, staging
@@ -104,9 +104,7 @@ def export_program(model: nn.Module, path: Path, config: ExportConfig) -> None:
     graph. The TorchScript exporter (`dynamo=False`) is deprecated since torch 2.9 and traces timm's
     attention with warnings that its shapes may not generalise.
     """
-    in_chans = model.patch_embed.proj.in_channels
-    h, w = model.patch_embed.img_size
-    example = torch.randn(EXPORT_BATCH, in_chans, h, w)
+    example = torch.randn(EXPORT_BATCH, *input_size(model))
     batch = torch.export.Dim("batch", min=1, max=config.max_batch)
     # The exporter reports progress on stdout and warns about its own internals; keep both quiet.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

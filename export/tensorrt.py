@@ -4,6 +4,9 @@ Works with the TensorRT 10 and 11 Python APIs. TensorRT 11 removed weak typing (
 and friends), so precision is carried by the ONNX graph itself on both versions: an FP16 engine is
 built from an FP16 copy of the model (`to_fp16`) in a strongly typed network. Buffers are torch
 CUDA tensors, so no pycuda is needed.
+
+An engine file says nothing about the model it holds, so `to_tensorrt` writes `<engine>.json` beside
+it (`EngineInfo`: input size, MACs, precision, batch profile), which the bench reads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from vitcompact.errors import ArtifactError, BackendUnavailableError, ConfigError
-from vitcompact.io import atomic_path, scratch, write_json
+from vitcompact.io import atomic_paths, json_text, read_json, scratch
 from vitcompact.validate import in_range, integer
 
 from .metadata import read_metadata
@@ -29,6 +32,7 @@ PRECISIONS = ("fp32", "fp16")
 # Engine vs onnxruntime-fp32 max abs logit difference. FP32 engines run with TF32 disabled; their
 # kernels still sum in a different order than onnxruntime's. FP16 rounds every activation.
 TRT_ATOL = {"fp32": 1e-3, "fp16": 5e-2}
+ENGINE_SUFFIXES = (".engine", ".plan")
 
 
 @dataclass
@@ -92,6 +96,75 @@ class EngineResult:
                 "parity": self.parity.to_dict() if self.parity is not None else None}
 
 
+def info_path(engine_path: str | os.PathLike) -> Path:
+    """Where an engine's `EngineInfo` lives: `<engine>.json` beside it."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine file does not record about the model it holds, written beside it by
+    `to_tensorrt` and read by the bench (input size for its inputs, MACs for the ideal speed-up)."""
+
+    input_size: tuple[int, int, int]  # C, H, W
+    macs: int | None                  # per image; None when the ONNX file did not record it
+    precision: str
+    profile: tuple[int, int, int]     # min, opt, max batch
+    onnx: str                         # the name of the ONNX file it was built from
+    tensorrt: str                     # the version that built it, the only one that loads it
+
+    @classmethod
+    def for_build(cls, onnx_path: Path, metadata: dict[str, Any], config: TensorRTConfig,
+                  tensorrt_version: str) -> "EngineInfo":
+        # An ONNX file exported elsewhere has no input_size metadata: read its fixed C, H, W instead.
+        size = metadata.get("input_size") or input_shape(ort_session(onnx_path))[1]
+        return cls(tuple(size), metadata.get("macs"), config.precision,
+                   (config.min_batch, config.opt_batch, config.max_batch), onnx_path.name, tensorrt_version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"onnx": self.onnx, "precision": self.precision, "tensorrt": self.tensorrt,
+                "profile": dict(zip(("min", "opt", "max"), self.profile)),
+                "input_size": list(self.input_size), "macs": self.macs}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: Path) -> "EngineInfo":
+        """The info in `data` (read from `source`), or an ArtifactError saying what is wrong."""
+        def bad(problem: str) -> ArtifactError:
+            return ArtifactError(f"{source}: {problem}; build the engine again with "
+                                 "`vitcompact export tensorrt`")
+
+        if not isinstance(data, dict):
+            raise bad("not a JSON object")
+        size, macs, precision = data.get("input_size"), data.get("macs"), data.get("precision")
+        profile = data.get("profile")
+        if not (isinstance(size, list) and len(size) == 3 and all(_whole(d, 1) for d in size)):
+            raise bad(f"input_size must be [C, H, W] in positive integers, not {size!r}")
+        if macs is not None and not _whole(macs, 0):
+            raise bad(f"macs must be a non-negative integer or null, not {macs!r}")
+        if precision not in PRECISIONS:
+            raise bad(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        batches = tuple(profile.get(k) for k in ("min", "opt", "max")) if isinstance(profile, dict) else ()
+        if not (len(batches) == 3 and all(_whole(b, 1) for b in batches) and list(batches) == sorted(batches)):
+            raise bad(f"profile must be {{min, opt, max}} batches with 1 <= min <= opt <= max, "
+                      f"not {profile!r}")
+        return cls(tuple(size), macs, precision, batches, str(data.get("onnx", "")),
+                   str(data.get("tensorrt", "")))
+
+    @classmethod
+    def read(cls, engine_path: str | os.PathLike) -> "EngineInfo":
+        """The info beside `engine_path`; a one-line ArtifactError when it is missing or malformed."""
+        path = info_path(engine_path)
+        if not path.exists():
+            raise ArtifactError(f"{engine_path} has no {path.name} beside it (input size and MACs); build "
+                                "the engine with `vitcompact export tensorrt`, which writes both")
+        return cls.from_dict(read_json(path), path)
+
+
 def require_tensorrt() -> Any:
     """The tensorrt module, or BackendUnavailableError saying what is missing."""
     try:
@@ -137,20 +210,34 @@ def _build(trt: Any, onnx_path: Path, config: TensorRTConfig) -> bytes:
     return bytes(serialized)
 
 
-def to_tensorrt(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
-                config: TensorRTConfig | None = None) -> EngineResult:
-    """Build a serialised engine with a dynamic-batch profile from the fp32 ONNX file `onnx_path`."""
-    trt = require_tensorrt()
-    config = (config or TensorRTConfig()).validate()
-    start = time.perf_counter()
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+def _source_metadata(onnx_path: Path, engine_path: Path) -> dict[str, Any]:
+    """The metadata of an ONNX file TensorRT can be built from; refuses one it cannot, before building."""
+    if engine_path.is_dir():
+        raise ArtifactError(f"{engine_path} is a folder; give the path of the engine file to write")
     check_onnx(onnx_path)
-    if read_metadata(onnx_path).get("precision", "fp32") != "fp32":
+    metadata = read_metadata(onnx_path)
+    if metadata.get("precision", "fp32") != "fp32":
         raise ConfigError(f"{onnx_path} is not an fp32 export; build engines from the fp32 ONNX "
                           "file (use --fp16 for an FP16 engine)")
     if has_contrib_ops(onnx_path):
         raise ConfigError(f"{onnx_path} holds onnxruntime-only fused operators, which TensorRT cannot "
                           "parse; export it again with --optimize off")
+    return metadata
+
+
+def to_tensorrt(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
+                config: TensorRTConfig | None = None) -> EngineResult:
+    """Build a serialised engine with a dynamic-batch profile from the fp32 ONNX file `onnx_path`.
+
+    The engine is written beside `engine_path` under a temporary name and verified there; only then
+    are it and its `<engine>.json` renamed into place, so a failed check leaves no engine behind and
+    an earlier engine (with its JSON) as it was.
+    """
+    trt = require_tensorrt()
+    config = (config or TensorRTConfig()).validate()
+    start = time.perf_counter()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    info = EngineInfo.for_build(onnx_path, _source_metadata(onnx_path, engine_path), config, trt.__version__)
     with scratch("vitcompact-trt-") as tmp:
         source = onnx_path
         if config.precision == "fp16":
@@ -158,27 +245,27 @@ def to_tensorrt(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
 
             source = to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx", verify=False).path
         engine = _build(trt, source, config)
-    with atomic_path(engine_path) as staged:
-        staged.write_bytes(engine)
-    profile = (config.min_batch, config.opt_batch, config.max_batch)
-    write_json(engine_path.with_name(engine_path.name + ".json"),
-               {"onnx": onnx_path.name, "precision": config.precision, "tensorrt": trt.__version__,
-                "profile": dict(zip(("min", "opt", "max"), profile))})
     parity = None
-    if config.verify:
-        parity = verify_tensorrt(engine_path, onnx_path, config.check_batches, config.tolerance).raise_if_failed()
-    return EngineResult(engine_path, onnx_path, config.precision, profile, trt.__version__, parity,
+    with atomic_paths(engine_path, info_path(engine_path)) as (staged, staged_info):
+        staged.write_bytes(engine)
+        if config.verify:
+            parity = verify_tensorrt(staged, onnx_path, config.check_batches, config.tolerance,
+                                     report_path=engine_path).raise_if_failed()
+        staged_info.write_text(json_text(info.to_dict()))
+    return EngineResult(engine_path, onnx_path, config.precision, info.profile, trt.__version__, parity,
                         time.perf_counter() - start)
 
 
 class EngineRunner:
-    """Runs a serialised engine on torch CUDA tensors (one input, one output)."""
+    """Runs a serialised engine on torch CUDA tensors (one input, one output), on a stream of its own:
+    on the default stream TensorRT adds synchronisations that a latency measurement would include."""
 
     def __init__(self, engine_path: str | os.PathLike):
         trt = require_tensorrt()
         path = Path(engine_path)
         if not path.is_file():
             raise ArtifactError(f"{path} does not exist")
+        self.path = path
         self.runtime = trt.Runtime(_logger(trt))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -194,14 +281,35 @@ class EngineRunner:
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
         self.input_dtype = dtypes[self.engine.get_tensor_dtype(self.input)]
         self.output_dtype = dtypes[self.engine.get_tensor_dtype(self.output)]
+        self.stream = torch.cuda.Stream()
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The per-image input shape (C, H, W) the engine was built for."""
+        return tuple(int(d) for d in self.engine.get_tensor_shape(self.input))[1:]
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        """The smallest and largest batch of the engine's optimisation profile."""
+        low, _, high = self.engine.get_tensor_profile_shape(self.input, 0)
+        return int(low[0]), int(high[0])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to("cuda", self.input_dtype).contiguous()
-        self.context.set_input_shape(self.input, tuple(x.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.output_dtype, device="cuda")
-        self.context.set_tensor_address(self.input, x.data_ptr())
-        self.context.set_tensor_address(self.output, out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        if not self.context.set_input_shape(self.input, tuple(x.shape)):
+            low, high = self.batch_range
+            raise ArtifactError(f"{self.path.name} takes batches {low}..{high} of {list(self.image_shape)}, "
+                                f"not {list(x.shape)}")
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)  # x may still be being written on the caller's stream
+        with torch.cuda.stream(self.stream):
+            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.output_dtype,
+                              device="cuda")
+            self.context.set_tensor_address(self.input, x.data_ptr())
+            self.context.set_tensor_address(self.output, out.data_ptr())
+            ran = self.context.execute_async_v3(self.stream.cuda_stream)
+        caller.wait_stream(self.stream)  # the caller's later work (and frees) come after the engine's
+        if not ran:
             raise ArtifactError("TensorRT failed to run the engine (batch outside the profile?)")
         return out
 
@@ -210,10 +318,14 @@ class EngineRunner:
 
 
 def verify_tensorrt(engine_path: str | os.PathLike, onnx_path: str | os.PathLike,
-                    batch_sizes: Sequence[int] = (1, 3), atol: float = TRT_ATOL["fp32"]) -> ParityReport:
-    """The engine against onnxruntime (CPU) on the fp32 ONNX file, at each batch size."""
+                    batch_sizes: Sequence[int] = (1, 3), atol: float = TRT_ATOL["fp32"], *,
+                    report_path: str | os.PathLike | None = None) -> ParityReport:
+    """The engine against onnxruntime (CPU) on the fp32 ONNX file, at each batch size.
+
+    `report_path` names the engine in the report when `engine_path` is a staged copy of it.
+    """
     runner = EngineRunner(engine_path)
     session = ort_session(onnx_path)
     _, chw = input_shape(session)
-    return compare(Path(engine_path), f"onnxruntime ({Path(onnx_path).name})", runner.run_numpy,
-                   onnx_runner(session), chw, batch_sizes, atol)
+    return compare(Path(report_path or engine_path), f"onnxruntime ({Path(onnx_path).name})",
+                   runner.run_numpy, onnx_runner(session), chw, batch_sizes, atol)

@@ -7,6 +7,7 @@ about speed.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -17,11 +18,20 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.bench import (SCHEMA, BenchConfig, benchmark, latency_stats, resolve,
                               speedup_interval, write_report)
-from vitcompact.bench.harness import measure_pair, plan_rounds
+from vitcompact.bench.harness import measure_pair, plan_rounds, summarise
 from vitcompact.cli.app import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = dict(threads=1, warmup=1, rounds=3, runs_per_round=2, min_rounds=3, time_budget_s=None)
+
+# MACs per image of the `pair` below, worked out by hand from vit-digits' shape: 8x8x1 input in
+# 2x2 patches -> 16 patches + the class token = 17 tokens, width 64, 4 blocks, 10 classes. Per
+# block: qkv 17*64*3A, q@k^T and attn@v 2*17*17*A, proj 17*A*64, fc1 and fc2 2*17*64*N, with
+# A = kept heads * 16 and N = kept neurons; outside the blocks the patch embedding (16 patches of
+# 64*1*2*2) and the head (64*10). Dense: 4 heads, 128 neurons; compact: 2 heads, 64 neurons.
+DENSE_MACS = 4 * (17 * 64 * 3 * 64 + 2 * 17 * 17 * 64 + 17 * 64 * 64 + 2 * 17 * 64 * 128) + 16 * 256 + 640
+COMPACT_MACS = 4 * (17 * 64 * 3 * 32 + 2 * 17 * 17 * 32 + 17 * 32 * 64 + 2 * 17 * 64 * 64) + 16 * 256 + 640
+IDEAL = DENSE_MACS / COMPACT_MACS  # 2380928 / 1192832
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +40,16 @@ def pair():
     dense = vc.create_model("vit-digits").eval()
     masks = vc.regroup(dense, vc.magnitude_prune(dense, 0.3), target="both", head_ratio=0.5,
                        mlp_ratio=0.5)
-    return dense, vc.compact(dense, masks).eval()
+    compact = vc.compact(dense, masks).eval()
+    assert [(b.attn.num_heads, b.mlp.fc1.out_features) for b in compact.blocks] == [(2, 64)] * 4
+    return dense, compact
 
 
 def test_latency_stats_known_percentiles():
     s = latency_stats(list(range(1, 101)), batch_size=4)
     assert (s.p50, s.p90, s.p99) == pytest.approx((50.5, 90.1, 99.01))
     assert s.mean == pytest.approx(50.5)
-    assert s.std == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert s.std == pytest.approx(math.sqrt(100 * 101 / 12))  # sample variance of 1..n is n(n+1)/12
     assert s.runs == 100
     assert s.throughput == pytest.approx(4 * 1000 / 50.5)
 
@@ -72,6 +84,20 @@ def test_speedup_interval_rejects_bad_level(level):
         speedup_interval([[1.0]], [[1.0]], level=level)
 
 
+def test_batch_summary_of_known_timings():
+    # Medians 10 ms and 4 ms: speed-up 2.5 in every resample; an ideal of 5 makes the efficiency 0.5.
+    dense = [[9.0, 11.0], [10.0, 10.0], [12.0, 8.0]]
+    compact = [[4.0, 4.0], [3.0, 5.0], [4.0, 4.0]]
+    batch = summarise(4, dense, compact, 5.0, BenchConfig())
+    assert (batch.dense.p50, batch.compact.p50, batch.rounds) == (10.0, 4.0, 3)
+    assert batch.dense.throughput == pytest.approx(400.0)  # 4 images per 10 ms
+    d = batch.to_dict()
+    assert (d["speedup"]["value"], d["ideal_speedup"], d["efficiency"]) == pytest.approx((2.5, 5.0, 0.5))
+    # Each round is symmetric about the median, so every resample has the same ratio.
+    assert (d["speedup"]["low"], d["speedup"]["high"]) == pytest.approx((2.5, 2.5))
+    assert summarise(4, dense, compact, None, BenchConfig()).to_dict()["efficiency"] is None
+
+
 def test_plan_rounds_respects_budget_and_floor():
     config = BenchConfig(rounds=20, min_rounds=5, time_budget_s=10.0)
     assert plan_rounds(config, 0.1) == 20
@@ -98,16 +124,15 @@ def test_torch_benchmark_result_schema_and_report(pair, tmp_path):
     assert d["schema"] == SCHEMA
     assert [b["batch_size"] for b in d["batches"]] == [1, 4]
     assert d["order"] == [["dense", 1], ["compact", 1]] * 3 + [["dense", 4], ["compact", 4]] * 3
-    ideal = vc.count(dense).macs / vc.count(compact).macs
-    assert d["ideal_speedup"] == pytest.approx(ideal)
+    assert (d["dense"]["macs"], d["compact"]["macs"]) == (DENSE_MACS, COMPACT_MACS)
+    assert d["ideal_speedup"] == pytest.approx(IDEAL)
     for b in d["batches"]:
         for side in ("dense", "compact"):
             assert set(b[side]) == {"p50", "p90", "p99", "mean", "std", "runs", "throughput"}
             assert b[side]["runs"] == 6
             assert b[side]["p50"] <= b[side]["p90"] <= b[side]["p99"]
         assert b["speedup"]["low"] <= b["speedup"]["value"] <= b["speedup"]["high"]
-        assert b["ideal_speedup"] == pytest.approx(ideal)
-        assert b["efficiency"] == pytest.approx(b["speedup"]["value"] / ideal)
+        assert b["ideal_speedup"] == pytest.approx(IDEAL)
     env = d["environment"]
     assert env["backend"] == "torch" and env["threads"] == 1
     for key in ("torch", "timm", "onnxruntime", "tensorrt", "cpu", "gpu", "physical_cores"):
@@ -132,16 +157,17 @@ def test_ort_benchmark_records_threads_and_graph_level(pair, tmp_path):
     env = result.environment
     assert (env["threads"], env["inter_op_threads"], env["graph_optimization"]) == (1, 1, "extended")
     assert result.batches[0].dense.runs == 6
-    assert result.to_dict()["ideal_speedup"] == pytest.approx(vc.count(dense).macs / vc.count(compact).macs)
+    assert (d_model.macs, c_model.macs) == (DENSE_MACS, COMPACT_MACS)
+    assert result.to_dict()["ideal_speedup"] == pytest.approx(IDEAL)
 
     # ONNX inputs: the ideal comes from `macs` metadata, and is reported missing without it.
     for side, model in (("dense", d_model), ("compact", c_model)):
         proto = onnx.load(str(model.onnx()))
         del proto.metadata_props[:]
         if side == "dense":
-            proto.metadata_props.add(key="macs", value=str(vc.count(dense).macs))
+            proto.metadata_props.add(key="macs", value=str(DENSE_MACS))
         onnx.save(proto, str(tmp_path / f"{side}.onnx"))
-    assert resolve(str(tmp_path / "dense.onnx")).macs == vc.count(dense).macs
+    assert resolve(str(tmp_path / "dense.onnx")).macs == DENSE_MACS
     result = benchmark(str(tmp_path / "dense.onnx"), str(tmp_path / "compact.onnx"),
                        BenchConfig(backend="ort-cpu", batch_sizes=(1,), **FAST))
     assert result.batches[0].ideal_speedup is None
@@ -162,7 +188,7 @@ def test_dense_fp32_file_against_compact_int8_file(pair, tmp_path):
     result = benchmark(str(dense_onnx), str(int8), BenchConfig(backend="ort-cpu", batch_sizes=(2,), **FAST))
     record = result.to_dict()
     assert (record["dense"]["precision"], record["compact"]["precision"]) == ("fp32", "int8")
-    assert record["ideal_speedup"] == pytest.approx(vc.count(dense).macs / vc.count(compact).macs)
+    assert record["ideal_speedup"] == pytest.approx(IDEAL)
     assert result.batches[0].compact.runs == 6
 
 

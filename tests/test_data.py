@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -44,6 +45,28 @@ def test_digits_split_shapes_and_normalisation():
     train_x = torch.cat([b[0] for b in bundle.calibration()])
     assert abs(float(train_x.mean())) < 1e-5
     assert abs(float(train_x.std()) - 1.0) < 1e-2
+
+
+def test_shipped_digits_equal_scikit_learns():
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
+    digits = load_digits()
+    # The reader that used scikit-learn: 0..16 scaled to 0..255, a fixed 20% held out as test.
+    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
+    test, train = order[:len(labels) // 5], order[len(labels) // 5:]
+    raw = DATA_SOURCES.get("digits").read(None)
+    for got, want in ((raw.train_images, images[train]), (raw.train_labels, labels[train]),
+                      (raw.test_images, images[test]), (raw.test_labels, labels[test])):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_digits_read_without_scikit_learn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # any `import sklearn` now fails
+    raw = DATA_SOURCES.get("digits").read(None)
+    assert raw.train_images.shape == (1438, 1, 8, 8) and raw.test_images.shape == (359, 1, 8, 8)
+    assert raw.train_images.dtype == torch.uint8 and int(raw.train_images.max()) == 255
+    assert raw.class_names == [str(i) for i in range(10)]
 
 
 def test_validation_split_is_fixed_by_seed_and_disjoint():

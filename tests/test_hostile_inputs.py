@@ -394,9 +394,11 @@ def test_round_to_is_checked_before_run_json(tmp_path, round_to, message):
 
 
 @pytest.mark.parametrize("toml,message", [
-    ('head_ratio = "half"\n', "head_ratio must be a number, got 'half'"),
-    ('states = 2.7\nbackend = "nope"\n', "states must be an integer, got 2.7"),  # backend: stop early today
-    ('batch_sizes = "1,2"\n', "batch_sizes must be a list, got '1,2'"),
+    ('[prune]\nhead_ratio = "half"\n', "[prune] head_ratio must be a number, got 'half'"),
+    ('[prune]\nstates = 2.7\n[bench]\nbackend = "nope"\n', "[prune] states must be an integer, got 2.7"),
+    ('[bench]\nbatch_sizes = "1,2"\n', "[bench] batch_sizes must be a list, got '1,2'"),
+    ('[bench]\nbackend = "nope"\n', "unknown bench backend 'nope'"),
+    ('[prune.train]\nlabel_smoothing = "some"\n', "[prune.train] label_smoothing must be a number"),
 ])
 def test_pipeline_toml_types_are_checked(tmp_path, toml, message):
     config = tmp_path / "p.toml"
@@ -452,20 +454,21 @@ def test_shared_validator_messages(call, message):
     assert str(e.value) == message
 
 
-def test_field_types_checks_a_toml_table_against_the_pipeline_config():
-    from vitcompact.cli.workflow import PipelineConfig
+def test_field_types_checks_a_toml_table_against_the_stage_configs():
+    from vitcompact.bench import BenchConfig
+    from vitcompact.pipeline import PipelineConfig
 
-    assert validate.field_types(PipelineConfig, {"batch_sizes": [1, 2], "lr": 1, "threads": None}) == \
-        {"batch_sizes": (1, 2), "lr": 1.0, "threads": None}
-    for values, message in (({"head_ratio": "half"}, "head_ratio must be a number, got 'half'"),
-                            ({"states": 2.7}, "states must be an integer, got 2.7"),
-                            ({"batch_sizes": "1,2"}, "batch_sizes must be a list, got '1,2'"),
-                            ({"batch_sizes": [1, "2"]}, "batch_sizes[1] must be an integer, got '2'"),
-                            ({"overwrite": "yes"}, "overwrite must be true or false, got 'yes'"),
-                            ({"lr": math.nan}, "lr must be a finite number, got nan"),
-                            ({"head_ratios": 0.3}, "unknown key(s) head_ratios")):
+    assert validate.field_types(BenchConfig, {"batch_sizes": [1, 2], "time_budget_s": 1, "threads": None}) == \
+        {"batch_sizes": (1, 2), "time_budget_s": 1.0, "threads": None}
+    for cls, values, message in ((vc.PruneConfig, {"head_ratio": "half"}, "head_ratio must be a number, got 'half'"),
+                                 (vc.PruneConfig, {"states": 2.7}, "states must be an integer, got 2.7"),
+                                 (BenchConfig, {"batch_sizes": "1,2"}, "batch_sizes must be a list, got '1,2'"),
+                                 (BenchConfig, {"batch_sizes": [1, "2"]}, "batch_sizes[1] must be an integer, got '2'"),
+                                 (PipelineConfig, {"overwrite": "yes"}, "overwrite must be true or false, got 'yes'"),
+                                 (vc.TrainConfig, {"lr": math.nan}, "lr must be a finite number, got nan"),
+                                 (vc.PruneConfig, {"head_ratios": 0.3}, "unknown key(s) head_ratios")):
         with pytest.raises(ConfigError, match=None) as e:
-            validate.field_types(PipelineConfig, values)
+            validate.field_types(cls, values)
         assert str(e.value).startswith(message), str(e.value)
 
 

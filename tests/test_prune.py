@@ -220,11 +220,23 @@ def test_structured_prune_rewinds_a_copy_of_the_initial_weights():
     for name, value in model.state_dict().items():
         expected = init[name] * masks[name] if name in masks.masks else init[name]
         assert torch.equal(value, expected), name
+    # Copies, not aliases: training the model on must leave the snapshot it rewound to as it was,
+    # and editing the snapshot must leave the model as it is.
+    snapshot = {k: v.clone() for k, v in init.items()}
+    rewound = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        model.blocks[0].mlp.fc1.weight.add_(3.0)
-    assert not torch.equal(model.blocks[0].mlp.fc1.weight, init["blocks.0.mlp.fc1.weight"] + 3.0 - 3.0)
+        for p in model.parameters():
+            p.add_(3.0)
+    assert all(torch.equal(init[k], snapshot[k]) for k in init)
+    for value in init.values():
+        value.mul_(-1.0)
+    for name, value in model.named_parameters():
+        assert torch.equal(value, rewound[name] + 3.0), name
+    # Without rewind_to it only returns the masks: the weights stay as they are.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     only = structured_prune(model, vc.magnitude_prune(model, 0.3), "magnitude", 0.5, 0.5)
     assert only.is_quasi_structured()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_masks_and_structure_round_trip(tmp_path):

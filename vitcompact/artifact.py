@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,10 @@ from . import __version__
 from .accounting import count
 from .artifact_config import (FORMAT_VERSION, check_accounting, check_against, match_weights, read_config,
                               weight_shapes)
-from .compact import COMPACT_ATTR, apply_block_specs, block_specs
+from .compact import CompactInfo, apply_block_specs, block_specs, compact_info, set_compact_info
 from .errors import ArtifactError, ConfigError
 from .io import atomic_paths, ensure_dir, json_text, regular_file, save_safetensors
+from .models.adapter import input_size
 from .models.presets import create_model, get_source, model_skeleton, set_source
 
 CONFIG = "config.json"
@@ -33,18 +33,18 @@ WEIGHTS = "model.safetensors"
 
 def _data_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    in_chans = model.patch_embed.proj.in_channels
+    in_chans, height, width = input_size(model)
     mean, std = cfg.get("mean", (0.5,) * in_chans), cfg.get("std", (0.5,) * in_chans)
     if len(mean) != in_chans:
         mean, std = (float(mean[0]),) * in_chans, (float(std[0]),) * in_chans
-    return {"num_classes": model.num_classes, "img_size": list(model.patch_embed.img_size),
+    return {"num_classes": model.num_classes, "img_size": [height, width],
             "in_chans": in_chans, "mean": list(mean), "std": list(std)}
 
 
 def model_config(model: nn.Module, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config.json content for a model built by vitcompact."""
     source = get_source(model)
-    info = getattr(model, COMPACT_ATTR, None) or {}
+    info = compact_info(model)
     compact_count = count(model).to_dict()
     return {
         "architecture": source["architecture"],
@@ -54,9 +54,9 @@ def model_config(model: nn.Module, provenance: dict[str, Any] | None = None) -> 
             "format_version": FORMAT_VERSION,
             "version": __version__,
             "preset": source.get("preset"),
-            "blocks": info.get("blocks"),
-            "structure": info.get("structure"),
-            "accounting": {"dense": info.get("dense", compact_count), "compact": compact_count},
+            "blocks": info.to_dict()["blocks"] if info else None,
+            "structure": info.structure if info else None,
+            "accounting": {"dense": info.dense if info else compact_count, "compact": compact_count},
             "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            "torch": torch.__version__, **(provenance or {})},
         },
@@ -137,8 +137,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     set_source(model, config.architecture, config.model_args, config.preset)
     if config.blocks is not None:
         apply_block_specs(model, config.blocks)
-        setattr(model, COMPACT_ATTR, {"blocks": [asdict(b) for b in config.blocks],
-                                      "structure": config.structure, "dense": config.dense})
+        set_compact_info(model, CompactInfo(list(config.blocks), config.structure, config.dense))
     _load_strict(model, _read_state(path / WEIGHTS), path / WEIGHTS)
     return model.eval()
 

@@ -20,7 +20,7 @@ from .accounting import count
 from .compact import BlockSpec
 from .errors import ArtifactError, ConfigError
 from .io import read_json, regular_file
-from .models.adapter import vit_layout
+from .models.adapter import input_size, vit_layout
 from .models.args import check_model_args
 from .validate import finite, flag, integer
 
@@ -187,7 +187,7 @@ def check_against(config: ArtifactConfig, dense: nn.Module, path: Path) -> None:
     sizes, the structure and the accounting's block count."""
     try:
         data = config.data
-        in_chans, img_size = dense.patch_embed.proj.in_channels, list(dense.patch_embed.img_size)
+        in_chans, *img_size = input_size(dense)
         for key, value in (("num_classes", dense.num_classes), ("in_chans", in_chans), ("img_size", img_size)):
             if data[key] != value:
                 raise ConfigError(f"{key} is {data[key]} but model_args build a model with {value}")

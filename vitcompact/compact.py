@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,29 @@ class BlockSpec:
     hidden: int
     proj_bias: bool  # with num_heads == 0: whether the constant attention branch is nonzero
     fc2_bias: bool   # with hidden == 0: whether the constant MLP branch is nonzero
+
+
+@dataclass
+class CompactInfo:
+    """What a compact model carries beside its weights, written to and read from the artifact's
+    config.json: each block's shapes, the structure kept (None when the masks were not
+    quasi-structured) and the dense model's accounting (what `inspect` compares with)."""
+
+    blocks: list[BlockSpec]
+    structure: dict[str, Any] | None
+    dense: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": [asdict(b) for b in self.blocks], "structure": self.structure, "dense": self.dense}
+
+
+def compact_info(model: nn.Module) -> CompactInfo | None:
+    """The model's CompactInfo; None for a dense model."""
+    return getattr(model, COMPACT_ATTR, None)
+
+
+def set_compact_info(model: nn.Module, info: CompactInfo) -> None:
+    setattr(model, COMPACT_ATTR, info)
 
 
 def _linear(in_f: int, out_f: int, bias: bool, like: nn.Linear) -> nn.Linear:
@@ -183,12 +207,9 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
     small.load_state_dict(state, strict=True)
     quasi = all(s is None or bool(s.whole.all()) for pair in states for s in pair)
     structure = masks.structure() if quasi else None
-    previous = getattr(model, COMPACT_ATTR, None)
-    setattr(small, COMPACT_ATTR, {
-        "blocks": [asdict(s) for s in specs],
-        "structure": structure.to_dict() if structure is not None else None,
-        "dense": previous["dense"] if previous else count(model).to_dict(),
-    })
+    previous = compact_info(model)
+    set_compact_info(small, CompactInfo(specs, structure.to_dict() if structure is not None else None,
+                                        previous.dense if previous else count(model).to_dict()))
     if hasattr(model, SOURCE_ATTR):
         setattr(small, SOURCE_ATTR, copy.deepcopy(getattr(model, SOURCE_ATTR)))
     vit_layout(small)
@@ -196,5 +217,5 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
 
 
 def block_specs(model: nn.Module) -> list[BlockSpec] | None:
-    info = getattr(model, COMPACT_ATTR, None)
-    return [BlockSpec(**s) for s in info["blocks"]] if info else None
+    info = compact_info(model)
+    return list(info.blocks) if info else None

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .. import validate
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from ..models.adapter import input_size
 from ..models.args import MAX_CHANNELS, MAX_IMG_SIZE
 from ..validate import in_range, integer
 from .sources import DATA_SOURCES
@@ -175,3 +177,15 @@ def load_data(source: str = "digits", root: str | os.PathLike | None = None, img
                       loader(test_x, test_y, False), num_classes,
                       tuple(float(v) for v in mean), tuple(float(v) for v in std),
                       list(raw.class_names), source)
+
+
+def load_data_for(model: nn.Module, source: str = "digits", root: str | os.PathLike | None = None,
+                  **options) -> DataBundle:
+    """`load_data` at `model`'s input (channels and size), refusing data whose class count is not
+    the model's; `options` go to `load_data` (batch_size, seed, augment, ...)."""
+    in_chans, img_size, _ = input_size(model)
+    bundle = load_data(source, root=root, img_size=img_size, in_chans=in_chans, **options)
+    if bundle.num_classes != model.num_classes:
+        raise ConfigError(f"{source} has {bundle.num_classes} classes but the model has {model.num_classes}; "
+                          "pick a model built for this data")
+    return bundle

@@ -14,8 +14,10 @@ import math
 import pickle
 import struct
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -58,16 +60,22 @@ def _need_dir(root: Path | None, name: str, hint: str) -> Path:
     return root
 
 
+# digits.npz ships with the package so that the demo runs from a plain install: scikit-learn's copy
+# of the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin, C. Kaynak; CC BY 4.0),
+# 1797 8x8 images, written once from `sklearn.datasets.load_digits()` with values 0..16 scaled to
+# the 0..255 range every other source uses: `np.round(images * (255 / 16)).astype(np.uint8)`.
+DIGITS_FILE = "digits.npz"
+
+
 def _digits(root: Path | None) -> RawData:
+    path = resources.files(__package__).joinpath(DIGITS_FILE)
     try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("the 'digits' source needs scikit-learn: pip install 'vitcompact[digits]'") from None
-    digits = load_digits()
-    # Values are 0..16; scale to the 0..255 range every other source uses.
-    images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(digits.target.astype(np.int64))
-    # scikit-learn ships no test split: hold out a fixed 20% (seed fixed, independent of the run's seed).
+        with path.open("rb") as f, np.load(f) as digits:
+            images = torch.from_numpy(digits["images"]).unsqueeze(1)
+            labels = torch.from_numpy(digits["labels"].astype(np.int64))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is missing or corrupt ({e}); reinstall vitcompact") from None
+    # The source has no test split: hold out a fixed 20% (seed fixed, independent of the run's seed).
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
     n_test = len(labels) // 5
     test, train = order[:n_test], order[n_test:]
@@ -318,7 +326,7 @@ def _imagefolder(root: Path | None) -> RawData:
                    _decode_images(test_paths), torch.tensor(test_labels, dtype=torch.int64), classes)
 
 
-DATA_SOURCES.register("digits")(DataSource(_digits, False, "scikit-learn's bundled 8x8 digits (1797 images)"))
+DATA_SOURCES.register("digits")(DataSource(_digits, False, "8x8 digits shipped with vitcompact (1797 images)"))
 DATA_SOURCES.register("fashion-mnist")(DataSource(
     _idx_source("fashion-mnist", FASHION_CLASSES, FASHION_DEFAULT_ROOT), True,
     f"IDX .gz files in a folder (default {FASHION_DEFAULT_ROOT})"))

@@ -1,10 +1,10 @@
 """Model adapters and presets."""
 
-from .adapter import BlockLayout, ViTLayout, check_vit, prunable_weights, unit_weights, vit_layout
+from .adapter import BlockLayout, ViTLayout, check_vit, input_size, prunable_weights, unit_weights, vit_layout
 from .layers import ConstantBranch
 from .presets import PRESETS, Preset, create_model, get_source, model_skeleton, set_source
 
 __all__ = [
-    "BlockLayout", "ViTLayout", "check_vit", "prunable_weights", "unit_weights", "vit_layout",
+    "BlockLayout", "ViTLayout", "check_vit", "input_size", "prunable_weights", "unit_weights", "vit_layout",
     "ConstantBranch", "PRESETS", "Preset", "create_model", "get_source", "model_skeleton", "set_source",
 ]

@@ -131,6 +131,12 @@ def num_tokens(model: VisionTransformer) -> int:
     return model.patch_embed.num_patches + model.num_prefix_tokens
 
 
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The image a ViT takes, as (channels, height, width), from its patch embedding."""
+    height, width = model.patch_embed.img_size
+    return model.patch_embed.proj.in_channels, int(height), int(width)
+
+
 def vit_layout(model: nn.Module) -> ViTLayout:
     """Describe the blocks (heads, head_dim, neurons) of a supported ViT."""
     check_vit(model)

@@ -1,0 +1,194 @@
+"""`PipelineConfig`: one run of data -> train -> prune -> compact -> export -> INT8 -> bench.
+
+It nests the stages' own configs (`TrainConfig`, `PruneConfig`, `ExportConfig`, `Int8Config`,
+`BenchConfig`), so every setting a stage has can be set here, and in a TOML file whose sections
+are those configs:
+
+    model = "vit-digits"
+    [data]    source = "digits"
+    [train]   epochs = 30
+    [prune]   method = "rsst", lambda_schedule = "x^2", round_to = 16, ...
+    [prune.train]  label_smoothing = 0.0
+    [export]  opset = 18
+    [int8]    mode = "static"          # or "none": no INT8 file
+    [bench]   batch_sizes = [1, 32], time_budget_s = 10.0
+
+One top-level `seed` drives the data split, the initial weights, training, pruning and the
+bench's inputs; the pipeline sets the prune stage's output folder itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitcompact.bench import BenchConfig
+from vitcompact.bench.backends import BACKENDS
+from vitcompact.data import DATA_SOURCES
+from vitcompact.errors import ConfigError
+from vitcompact.export import ExportConfig, Int8Config
+from vitcompact.prune.loop import PruneConfig
+from vitcompact.train import TrainConfig
+from vitcompact.validate import field_types, flag, integer, seed
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    """Which built-in source the run trains, prunes and measures on (resized to the model)."""
+
+    source: str = "digits"
+    root: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        DATA_SOURCES.get(self.source)
+        integer("batch_size", self.batch_size, 1)
+
+
+def _train() -> TrainConfig:
+    return TrainConfig(epochs=30, lr=3e-3)
+
+
+def _prune() -> PruneConfig:
+    # The demo's budget: 2 states of 4 epochs, then 10 epochs at the final structure.
+    return PruneConfig(head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=4, finetune_epochs=10, lr=3e-3)
+
+
+def _bench() -> BenchConfig:
+    # One pinned thread: steadier ratios than sharing the cores.
+    return BenchConfig(batch_sizes=(1, 32, 256), threads=1, time_budget_s=10.0)
+
+
+# Set by the pipeline itself; a config file that sets them is refused, naming the reason.
+PIPELINE_SETS = {"seed": "set `seed` at the top level: one seed drives every stage",
+                 "out_dir": "the pipeline prunes into <out>/prune",
+                 "resume": "a pipeline run starts afresh (use `vitcompact prune --resume`)",
+                 "inputs": "the pipeline records its inputs itself",
+                 "progress": "progress display follows the command (off under --json)"}
+# Flat keys of the pipeline's first TOML format, and where they live now.
+MOVED = {"train_epochs": "[train] epochs", "lr": "[train] lr and [prune] lr", "data": "[data] source",
+         "data_root": "[data] root", "batch_size": "[data] batch_size", "bench_seconds": "[bench] time_budget_s",
+         "backend": "[bench] backend", "batch_sizes": "[bench] batch_sizes", "threads": "[bench] threads",
+         "opset": "[export] opset", "optimize": "[export] optimize", "calib_method": "[int8] calibration",
+         "calib_batches": "[int8] calib_batches", "max_accuracy_drop": "[int8] max_accuracy_drop",
+         **{k: f"[prune] {k}" for k in ("method", "target", "head_ratio", "mlp_ratio", "criteria", "mode",
+                                        "states", "epochs_per_state", "finetune_epochs")}}
+
+
+@dataclass
+class PipelineConfig:
+    """Every setting of a pipeline run; `from_toml` reads the same from a file."""
+
+    model: str = "vit-digits"
+    checkpoint: str | None = None
+    out: str = "runs/pipeline"
+    overwrite: bool = False
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=_train)          # the dense model's training
+    prune: PruneConfig = field(default_factory=_prune)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    int8: Int8Config | None = field(default_factory=lambda: Int8Config(mode="static"))  # None: no INT8
+    bench: BenchConfig = field(default_factory=_bench)
+
+    def __post_init__(self) -> None:
+        seed("seed", self.seed)
+        flag("overwrite", self.overwrite)
+        self.train.check()
+        self.prune.check()
+        self.bench.check()
+        BACKENDS.get(self.bench.backend)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
+        """Read a TOML file; `overrides` (flag values, None for unset) replace what it says, by
+        dotted name: `{"prune.method": "oneshot", "train.epochs": 2}`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        try:
+            return with_overrides(build(cls, raw), **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None) -> Any:
+    """The dataclass `cls` from a TOML table, on top of `base` (default: the pipeline's own
+    defaults): nested tables build nested configs, every key is checked against its field's type,
+    and a key the pipeline sets itself is refused."""
+    where = f"[{section}] " if section else ""
+    for key in values:
+        if section and key in PIPELINE_SETS:
+            raise ConfigError(f"{where}{key} cannot be set here: {PIPELINE_SETS[key]}")
+        if not section and key in MOVED and not isinstance(values[key], dict):
+            raise ConfigError(f"{key} is not a top-level key; it is now {MOVED[key]}")
+    base = base if base is not None else cls()
+    hints = typing.get_type_hints(cls)
+    nested, plain = {}, {}
+    for key, value in values.items():
+        kind = _dataclass_of(hints.get(key))
+        if kind is not None and isinstance(value, dict):
+            if kind is Int8Config and value.get("mode") == "none":
+                nested[key] = None
+                continue
+            inner = getattr(base, key, None)
+            nested[key] = build(kind, value, f"{section}.{key}" if section else key,
+                                inner if inner is not None else kind())
+        else:
+            plain[key] = value
+    try:
+        return dataclasses.replace(base, **field_types(cls, plain), **nested)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+
+
+def _dataclass_of(kind: Any) -> type | None:
+    """The dataclass a field holds (`X` or `X | None`), if it holds one."""
+    for candidate in (kind, *typing.get_args(kind)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def with_overrides(config: PipelineConfig, **overrides: Any) -> PipelineConfig:
+    """`config` with dotted-name overrides applied (None values skipped); `int8="none"` drops INT8."""
+    config = dataclasses.replace(config)
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name == "int8.mode" and value == "none":
+            config.int8 = None
+            continue
+        section, _, key = name.rpartition(".")
+        if section == "int8" and config.int8 is None:
+            config.int8 = Int8Config(mode="static")
+        if section:
+            setattr(config, section, dataclasses.replace(getattr(config, section), **{key: value}))
+        else:
+            setattr(config, key, value)
+    config.__post_init__()
+    return config
+
+
+def config_dict(config: Any) -> Any:
+    """A config as JSON-ready data: nested dataclasses as dicts, tuples as lists, paths as strings."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [config_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: config_dict(v) for k, v in config.items()}
+    return str(config) if isinstance(config, Path) else config

@@ -1,0 +1,213 @@
+"""`run(config)`: data -> train -> prune -> compact -> export -> INT8 -> verify -> bench -> report.
+
+It ties the core, export and bench together (the core never imports those). Every stage writes
+into a hidden sibling folder that replaces `config.out` only when all stages succeed, so a failed
+or interrupted run leaves the previous folder as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import vitcompact as vc
+from vitcompact import output_folder
+from vitcompact.bench import BenchResult, benchmark, write_report
+from vitcompact.bench.sources import resolve
+from vitcompact.data import DataBundle
+from vitcompact.errors import ConfigError
+from vitcompact.export import AccuracyDropError, ExportResult, to_int8, to_onnx
+from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
+from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
+from vitcompact.prune.loop import prune
+from vitcompact.train import evaluate, train
+from vitcompact.train.seeding import seed_everything
+
+from .config import PipelineConfig, config_dict
+from .progress import Progress, Silent
+from .report import render_report
+
+
+@dataclass
+class PipelineResult:
+    out: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def run(config: PipelineConfig, progress: Progress | None = None) -> PipelineResult:
+    """Run every stage of `config` into `config.out` (replaced whole at the end)."""
+    progress = progress or Silent()
+    out = Path(config.out)
+    _check_out(config)
+    ensure_dir(out.parent)
+    with output_folder.lock(out):
+        _check_out(config)  # again, now as the folder's only writer
+        work = temp_dir(out.parent, f".{out.name}.partial-")
+        try:
+            result = _stages(config, work, progress)
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            os.replace(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    result.out = out
+    result.files = {k: str(out / Path(v).relative_to(work)) for k, v in result.files.items()}
+    result.summary["config"]["out"] = str(out)
+    return result
+
+
+def _check_out(config: PipelineConfig) -> None:
+    out = Path(config.out)
+    if out.exists() and (not out.is_dir() or output_folder.contents(out)) and not config.overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; pass --overwrite to replace it "
+                          "or choose another --out")
+
+
+def model_and_data(config: PipelineConfig) -> tuple[nn.Module, DataBundle]:
+    """The model (seeded first: a preset or timm name is randomly initialised) and its data."""
+    seed_everything(config.seed)
+    model = vc.load_model(config.model, config.checkpoint)
+    vc.vit_layout(model)  # refuses a model that is not a timm ViT, naming it
+    bundle = vc.load_data_for(model, config.data.source, config.data.root, batch_size=config.data.batch_size,
+                              seed=config.seed)
+    return model, bundle
+
+
+def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineResult:
+    started = time.perf_counter()
+    # Model and data first: most user errors surface here, before any output.
+    model, bundle = model_and_data(config)
+    dense_test = _train_dense(model, bundle, config, progress)
+    vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})
+    pruned, masks = _prune(model, bundle, config, out, progress)
+    small, compact_test, compact_gap = _compact(pruned, masks, bundle, config, out, progress)
+    dense_onnx, compact_onnx, onnx_top1 = _export(model, small, bundle, config, out, progress)
+    int8, int8_refused = _int8(compact_onnx, bundle, config, progress)
+    bench, stacked, plot = _bench(dense_onnx, compact_onnx, int8, config, out, progress)
+
+    dense_count, compact_count = vc.count(model), vc.count(small)
+    summary = {
+        "config": config_dict(config),
+        "accuracy": {"dense_test_top1": dense_test["top1"], "compact_test_top1": compact_test["top1"],
+                     "compact_onnx_test_top1": onnx_top1},
+        "structure": masks.structure().summary(),
+        "params": {"dense": dense_count.params, "compact": compact_count.params},
+        "macs": {"dense": dense_count.macs, "compact": compact_count.macs},
+        "ideal_speedup": dense_count.macs / compact_count.macs,
+        "compact_vs_masked_max_abs_diff": compact_gap,
+        "onnx_graph_optimised": bool(compact_onnx.optimized),
+        "onnx_parity": {"dense": dense_onnx.parity.to_dict() if dense_onnx.parity else None,
+                        "compact": compact_onnx.parity.to_dict() if compact_onnx.parity else None},
+        "int8": ({**int8.int8, "file": int8.path.name} if int8 is not None else
+                 {"mode": config.int8.mode, "refused": int8_refused} if int8_refused else None),
+        "latency": [{"batch": b.batch_size, "dense_p50_ms": b.dense.p50, "compact_p50_ms": b.compact.p50,
+                     "speedup": b.speedup.value, "speedup_ci": [b.speedup.low, b.speedup.high],
+                     "ideal": b.ideal_speedup, **_stacked_row(stacked, i)} for i, b in enumerate(bench.batches)],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    files = {"report": str(out / "report.md"), "plot": str(plot), "onnx": str(compact_onnx.path),
+             "compact": str(out / "compact"), "dense": str(out / "dense"),
+             **({"int8_onnx": str(int8.path)} if int8 is not None else {})}
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", render_report(summary, plot.relative_to(out)))
+    return PipelineResult(out, summary, files)
+
+
+def _train_dense(model: nn.Module, bundle: DataBundle, config: PipelineConfig, progress: Progress) -> dict:
+    if config.train.epochs > 0:
+        with progress.stage(f"train dense model ({config.train.epochs} epochs)"):
+            train(model, bundle, dataclasses.replace(config.train, seed=config.seed, progress=progress.bars),
+                  description="dense")
+    return evaluate(model, bundle.test)
+
+
+def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Path, progress: Progress):
+    p = config.prune
+    prune_config = dataclasses.replace(p, seed=config.seed, out_dir=out / "prune",
+                                       train=dataclasses.replace(p.train, progress=progress.bars))
+    with progress.stage(f"{p.method} pruning (heads {p.head_ratio}, MLP {p.mlp_ratio})"):
+        result = prune(copy.deepcopy(model), bundle, prune_config)
+    return result.model.eval(), result.masks
+
+
+def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfig, out: Path,
+             progress: Progress) -> tuple[nn.Module, dict, float]:
+    with progress.stage("compact and evaluate", total=2) as advance:
+        small = vc.compact(pruned, masks).eval()
+        x = torch.randn(4, *vc.input_size(small))
+        with torch.no_grad():
+            gap = float((small(x) - pruned(x)).abs().max())
+        advance()
+        test = evaluate(small, bundle.test)
+        vc.save(small, out / "compact", provenance={"data": config.data.source, "method": config.prune.method,
+                                                    "test": test})
+        advance()
+    return small, test, gap
+
+
+def _export(model: nn.Module, small: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Path,
+            progress: Progress) -> tuple[ExportResult, ExportResult, float]:
+    with progress.stage("export ONNX, verify, evaluate", total=3) as advance:
+        compact_onnx = to_onnx(small, out / "compact.onnx", config.export)
+        advance()
+        # The dense reference gets the compact model's graph treatment, so the bench compares
+        # like with like (an `auto` decision of its own could fuse one graph and not the other).
+        same = "on" if compact_onnx.optimized else "off"
+        dense_onnx = to_onnx(model, out / "dense.onnx", dataclasses.replace(config.export, optimize=same))
+        advance()
+        top1 = loader_top1(onnx_runner(ort_session(compact_onnx.path)), bundle.test)
+        advance()
+    return dense_onnx, compact_onnx, top1
+
+
+def _int8(compact_onnx: ExportResult, bundle: DataBundle, config: PipelineConfig,
+          progress: Progress) -> tuple[ExportResult | None, str | None]:
+    if config.int8 is None:
+        return None, None
+    with progress.stage(f"{config.int8.mode} INT8 of the compact model, measured on validation and test"):
+        try:
+            return to_int8(compact_onnx.path, config=config.int8, data=bundle), None
+        except AccuracyDropError as e:  # the run goes on without the stacked file, saying why
+            progress.note(f"INT8 refused: {e}")
+            return None, str(e)
+
+
+def _bench(dense_onnx: ExportResult, compact_onnx: ExportResult, int8: ExportResult | None,
+           config: PipelineConfig, out: Path, progress: Progress) -> tuple[BenchResult, BenchResult | None, Path]:
+    bench_config = dataclasses.replace(config.bench, seed=config.seed)
+    files = [("compact.onnx", compact_onnx.path, "bench")]
+    if int8 is not None:
+        files.append((int8.path.name, int8.path, "bench-int8"))
+    dense = resolve(dense_onnx.path)
+    dense.label = "dense.onnx"  # not the temporary run folder
+    sizes = len(bench_config.batch_sizes or ())
+    results = []
+    with progress.stage(f"benchmark dense vs compact ({bench_config.backend})", total=len(files) * sizes) as advance:
+        for label, path, folder in files:
+            other = resolve(path)
+            other.label = label
+            result = benchmark(dense, other, bench_config, progress=advance)
+            written = write_report(result, out / folder)
+            results.append((result, written))
+    (bench, bench_files), stacked = results[0], (results[1][0] if len(results) > 1 else None)
+    return bench, stacked, Path(bench_files["png"])
+
+
+def _stacked_row(stacked: BenchResult | None, i: int) -> dict[str, Any]:
+    """The compact INT8 file's latency at one batch size, timed against the same dense file."""
+    if stacked is None:
+        return {}
+    b = stacked.batches[i]
+    return {"int8_p50_ms": b.compact.p50, "int8_speedup": b.speedup.value,
+            "int8_speedup_ci": [b.speedup.low, b.speedup.high]}
