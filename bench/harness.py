@@ -50,7 +50,7 @@ class BenchConfig:
     onnx_optimize: str = "off"                  # exporter's transformer fusion for both models
     seed: int = 0                               # input batch and bootstrap
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.batch_sizes is not None and not self.batch_sizes:
             raise ConfigError("batch sizes must not be empty")
         for i, b in enumerate(self.batch_sizes or ()):
@@ -161,7 +161,6 @@ def benchmark(dense: ModelSource, compact: ModelSource, config: BenchConfig | No
     receives one line per batch size as it completes.
     """
     config = config or BenchConfig()
-    config.check()
     threads = config.threads or physical_cores()
     backend = make_backend(config.backend, BackendOptions(threads, config.graph_optimization,
                                                              config.onnx_optimize, config.seed))

@@ -22,6 +22,7 @@ from typing import Union
 import torch.nn as nn
 
 import vitcompact as vc
+from vitcompact.artifact import resolve_model
 from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.export.tensorrt import ENGINE_SUFFIXES, EngineInfo
 from vitcompact.io import regular_file, temp_dir
@@ -132,7 +133,7 @@ def resolve(source: ModelSource) -> BenchModel:
         return _from_onnx(path, label)
     if path.suffix in ENGINE_SUFFIXES:
         return _from_engine(path, label)
-    return _from_module(vc.load_model(source), label)
+    return _from_module(resolve_model(source), label)
 
 
 def ideal_speedup(dense: BenchModel, compact: BenchModel) -> float | None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 import vitcompact as vc
+from vitcompact.artifact import resolve_model
 from vitcompact.data import DATA_SOURCES, DataBundle
 from vitcompact.errors import VitCompactError
 from vitcompact.train.seeding import seed_everything
@@ -108,7 +109,7 @@ def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Pa
     resized to the model's input."""
     # Seeded before the model is built: a preset or timm name is randomly initialised here.
     seed_everything(seed)
-    m = vc.load_model(model, checkpoint)
+    m = resolve_model(model, checkpoint)
     vc.vit_layout(m)
     return m, vc.load_data_for(m, data, data_root, batch_size=batch_size, seed=seed)
 
@@ -118,4 +119,4 @@ def load_any(model: str, num_classes: int | None = None, in_chans: int | None = 
     """A model from an artifact directory, a preset or a timm name (with optional overrides)."""
     args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
                                 ("img_size", img_size)) if v is not None}
-    return vc.load_model(model, **args)
+    return resolve_model(model, **args)

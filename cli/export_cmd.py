@@ -59,7 +59,7 @@ def onnx_cmd(
     Example: vitcompact export onnx runs/demo/compact runs/demo/model.onnx --fp16
     --int8 static --calib-data digits
     """
-    config = ExportConfig(opset=opset, verify=verify, optimize=optimize).validate()
+    config = ExportConfig(opset=opset, verify=verify, optimize=optimize)
     int8_config = None
     if int8 is not None:
         int8_config = Int8Config(mode=int8, calibration=calib_method, calib_batches=calib_batches,

@@ -76,7 +76,7 @@ def prune(
         lambda_base=lambda_base, lambda_exponent=lambda_exponent,
         penalty=penalty, fade_to=fade_to, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
         train=TrainConfig(precision=precision, compile=compile_model, progress=not json_out), out_dir=out, resume=resume, seed=seed,
-        wandb_project=wandb_project, inputs=run_inputs(model, checkpoint, data, data_root, batch_size)).check()
+        wandb_project=wandb_project, inputs=run_inputs(model, checkpoint, data, data_root, batch_size))
     check_writable(out)
     if not resume and (out / "run.json").exists():
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")

@@ -36,7 +36,7 @@ def train(
     Example: vitcompact train vit-digits --data digits --epochs 10 --out runs/dense
     """
     config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, precision=precision,
-                         compile=compile_model, progress=not json_out).check()
+                         compile=compile_model, progress=not json_out)
     check_writable(out)
     output_folder.claim(out, overwrite, inputs=(model, checkpoint, data_root))
     m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)

@@ -46,9 +46,6 @@ class ExportConfig:
     external_data: bool | None = None
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "ExportConfig":
         if not MIN_OPSET <= integer("opset", self.opset) <= MAX_OPSET:
             raise ConfigError(f"opset {self.opset} is not supported; use an opset from {MIN_OPSET} "
                               f"to {MAX_OPSET} (default 18)")
@@ -62,7 +59,6 @@ class ExportConfig:
         in_range("atol", self.atol, 0.0, low_open=True)
         if not self.input_name or not self.output_name or self.input_name == self.output_name:
             raise ConfigError("the input and output names must be non-empty and differ")
-        return self
 
 
 @dataclass
@@ -133,7 +129,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig | No
 
     Nothing appears at `path` unless the export passed verification (when `config.verify`).
     """
-    config = (config or ExportConfig()).validate()
+    config = config or ExportConfig()
     start = time.perf_counter()
     path = Path(path)
     model = model.eval()

@@ -47,9 +47,6 @@ class TensorRTConfig:
     atol: float | None = None  # None: TRT_ATOL[precision]
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "TensorRTConfig":
         if self.precision not in PRECISIONS:
             raise ConfigError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         for name in ("min_batch", "opt_batch", "max_batch"):
@@ -66,7 +63,6 @@ class TensorRTConfig:
         if outside:
             raise ConfigError(f"verification batch sizes {outside} lie outside the profile "
                               f"{self.min_batch}..{self.max_batch}")
-        return self
 
     @property
     def check_batches(self) -> tuple[int, ...]:
@@ -234,7 +230,7 @@ def to_tensorrt(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     an earlier engine (with its JSON) as it was.
     """
     trt = require_tensorrt()
-    config = (config or TensorRTConfig()).validate()
+    config = config or TensorRTConfig()
     start = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     info = EngineInfo.for_build(onnx_path, _source_metadata(onnx_path, engine_path), config, trt.__version__)

@@ -103,9 +103,6 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         seed("seed", self.seed)
         flag("overwrite", self.overwrite)
-        self.train.check()
-        self.prune.check()
-        self.bench.check()
         BACKENDS.get(self.bench.backend)
 
     @classmethod

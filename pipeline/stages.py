@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import vitcompact as vc
+from vitcompact.artifact import resolve_model
 from vitcompact import output_folder
 from vitcompact.bench import BenchResult, benchmark, write_report
 from vitcompact.bench.sources import resolve
@@ -77,7 +78,7 @@ def _check_out(config: PipelineConfig) -> None:
 def model_and_data(config: PipelineConfig) -> tuple[nn.Module, DataBundle]:
     """The model (seeded first: a preset or timm name is randomly initialised) and its data."""
     seed_everything(config.seed)
-    model = vc.load_model(config.model, config.checkpoint)
+    model = resolve_model(config.model, config.checkpoint)
     vc.vit_layout(model)  # refuses a model that is not a timm ViT, naming it
     bundle = vc.load_data_for(model, config.data.source, config.data.root, batch_size=config.data.batch_size,
                               seed=config.seed)

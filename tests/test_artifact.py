@@ -70,14 +70,14 @@ def test_load_user_checkpoints_safetensors_and_pth(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.pth"):
-        loaded = vc.load_checkpoint("vit-digits", tmp_path / name, depth=2)
+        loaded = vc.create_model("vit-digits", checkpoint_path=tmp_path / name, depth=2)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     partial = dict(state)
     partial.pop("head.weight")
     partial["extra.weight"] = torch.zeros(1)
     torch.save(partial, tmp_path / "partial.pt")
     with pytest.raises(vc.ArtifactError, match=r"missing keys \['head.weight'\], unexpected keys \['extra.weight'\]"):
-        vc.load_checkpoint("vit-digits", tmp_path / "partial.pt", depth=2)
+        vc.create_model("vit-digits", checkpoint_path=tmp_path / "partial.pt", depth=2)
 
 
 class NotATensor:
@@ -89,14 +89,14 @@ def test_checkpoints_are_never_unpickled(tmp_path, capsys):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"x": NotATensor()}, f)
     with pytest.raises(vc.ArtifactError, match="could not be read as a weights-only checkpoint"):
-        vc.load_checkpoint("vit-digits", tmp_path / "evil.pth")
+        vc.create_model("vit-digits", checkpoint_path=tmp_path / "evil.pth")
     assert "this must never run" not in capsys.readouterr().out
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(vc.ArtifactError, match="is not a readable safetensors file"):
-        vc.load_checkpoint("vit-digits", tmp_path / "corrupt.safetensors")
+        vc.create_model("vit-digits", checkpoint_path=tmp_path / "corrupt.safetensors")
     with pytest.raises(vc.ArtifactError, match="unsupported checkpoint type '.ckpt'"):
         (tmp_path / "w.ckpt").write_bytes(b"x")
-        vc.load_checkpoint("vit-digits", tmp_path / "w.ckpt")
+        vc.create_model("vit-digits", checkpoint_path=tmp_path / "w.ckpt")
 
 
 def test_save_to_unwritable_place_fails_cleanly(tmp_path):

@@ -407,12 +407,12 @@ def test_pipeline_toml_types_are_checked(tmp_path, toml, message):
 
 
 @pytest.mark.parametrize("build", [
-    lambda: vc.TrainConfig(lr=math.nan).check(),
-    lambda: vc.TrainConfig(warmup_epochs=-1.0).check(),
-    lambda: vc.PruneConfig(lambda_max=math.nan).check(),
-    lambda: vc.PruneConfig(lr=math.inf).check(),
-    lambda: vc.PruneConfig(round_to=0).check(),
-    lambda: vc.PruneConfig(states=2.7).check(),
+    lambda: vc.TrainConfig(lr=math.nan),
+    lambda: vc.TrainConfig(warmup_epochs=-1.0),
+    lambda: vc.PruneConfig(lambda_max=math.nan),
+    lambda: vc.PruneConfig(lr=math.inf),
+    lambda: vc.PruneConfig(round_to=0),
+    lambda: vc.PruneConfig(states=2.7),
 ], ids=["train-lr", "train-warmup", "prune-lambda-max", "prune-lr", "prune-round-to", "prune-states"])
 def test_library_configs_refuse_non_finite_and_out_of_range(build):
     with pytest.raises(ConfigError):

@@ -121,9 +121,9 @@ def test_penalties_are_registered_by_name():
     assert PENALTIES.names() == ["fade", "gradient"]
     assert PENALTIES.get("gradient") is RSSTPenalty and PENALTIES.get("fade") is FadePenalty
     with pytest.raises(ConfigError, match="unknown rsst penalty 'l1'"):
-        quick(penalty="l1").check()
+        quick(penalty="l1")
     with pytest.raises(ConfigError, match="fade_to must be in"):
-        quick(fade_to=1.0).check()
+        quick(fade_to=1.0)
 
 
 def test_state_ratios_end_exactly_at_the_final_ratio():
@@ -213,7 +213,7 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_a_used_folder(bun
 ])
 def test_bad_prune_config_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
-        PruneConfig(**kw).check()
+        PruneConfig(**kw)
 
 
 TORCHRUN_SCRIPT = textwrap.dedent("""

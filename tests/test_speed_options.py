@@ -62,7 +62,7 @@ def test_auto_precision_rule():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         autocast_dtype("fp16", cpu, 192)
     with pytest.raises(ConfigError, match="unknown precision 'int4'"):
-        vc.TrainConfig(precision="int4").check()
+        vc.TrainConfig(precision="int4")
 
 
 def _first_loss(config: vc.TrainConfig) -> tuple[float, str]:

@@ -55,15 +55,13 @@ def test_distill_trains_towards_the_frozen_dense_teacher(bundle, monkeypatch):
     # plain cross-entropy).
     train = TrainConfig(progress=False, distill_alpha=1.0)
 
-    def run(distill: bool, epochs: int = 1) -> tuple[torch.nn.Module, torch.nn.Module]:
-        student = tiny()
-        dense = copy.deepcopy(student).eval()
-        prune(student, bundle, PruneConfig(head_ratio=0.5, mlp_ratio=0.3, states=1, epochs_per_state=epochs,
-                                           finetune_epochs=epochs, distill=distill, train=train))
-        return student.eval(), dense
+    def config(distill: bool, epochs: int = 1) -> PruneConfig:
+        return PruneConfig(head_ratio=0.5, mlp_ratio=0.3, states=1, epochs_per_state=epochs,
+                           finetune_epochs=epochs, distill=distill, train=train)
 
-    untrained, dense = run(distill=False, epochs=0)
-    labels_only, _ = run(distill=False)
+    untrained, labels_only = tiny(), tiny()
+    prune(untrained, bundle, config(distill=False, epochs=0))
+    prune(labels_only, bundle, config(distill=False))
     assert kd_calls == []
 
     student = tiny()
@@ -76,8 +74,7 @@ def test_distill_trains_towards_the_frozen_dense_teacher(bundle, monkeypatch):
         if module is not student:
             teacher_forwards.append((inputs[0].detach().clone(), output.detach().clone()))
     student.register_forward_hook(record)
-    prune(student, bundle, PruneConfig(head_ratio=0.5, mlp_ratio=0.3, states=1, epochs_per_state=1,
-                                       finetune_epochs=1, distill=True, train=train))
+    prune(student, bundle, config(distill=True))
 
     steps = 2 * trainer.steps_per_epoch(bundle)  # one state epoch and one fine-tuning epoch
     assert len(kd_calls) == len(teacher_forwards) == steps
@@ -86,11 +83,10 @@ def test_distill_trains_towards_the_frozen_dense_teacher(bundle, monkeypatch):
         assert torch.equal(targets, output.float())
         with torch.no_grad():  # the teacher is the dense model as it came in, unchanged by training
             assert torch.allclose(targets, dense(x).float(), atol=1e-5)
-    # Trained on the soft targets, the pruned student comes closer to the teacher than it was
-    # right after pruning; trained on the labels, it moves away.
-    student.eval()
-    kd, before, ce = (divergence(dense, m, bundle.val) for m in (student, untrained, labels_only))
-    assert kd < before < ce, (kd, before, ce)
+    # Trained on the soft targets, the pruned student comes much closer to the teacher than it was
+    # right after pruning (weight decay alone barely moves it); trained on the labels, it moves away.
+    kd, before, ce = (divergence(dense, m.eval(), bundle.val) for m in (student, untrained, labels_only))
+    assert kd < 0.5 * before and before < ce, (kd, before, ce)
 
 
 # ---------------------------------------------------------------- rewind to an epoch
@@ -256,16 +252,12 @@ def test_cifar100_python_pickles_load_with_fine_labels_and_names(tmp_path):
     assert torch.equal(test_set.images, torch.from_numpy(test[b"data"].reshape(4, 3, 32, 32)))
     assert test_set.labels.tolist() == [99, 12, 0, 50]  # the fine labels, not the coarse ones
     # Train and validation split the training file: every image with its own fine label.
+    images = torch.cat([bundle.train.dataset.images, bundle.val.dataset.images])
+    labels = torch.cat([bundle.train.dataset.labels, bundle.val.dataset.labels]).tolist()
     label_of = {row.tobytes(): label for row, label in zip(train[b"data"], train[b"fine_labels"])}
-    seen = {}
-    for ds in (bundle.train.dataset, bundle.val.dataset):
-        for image, label in zip(ds.images, ds.labels):
-            seen[image.numpy().reshape(3072).tobytes()] = int(label)
-    assert seen == label_of
-    red = next(image for image, label in zip(bundle.train.dataset.images.tolist() + bundle.val.dataset.images.tolist(),
-                                             bundle.train.dataset.labels.tolist() + bundle.val.dataset.labels.tolist())
-               if label == 0)
-    assert [{v for row in plane for v in row} for plane in red] == [{255}, {0}, {7}]
+    assert {image.numpy().reshape(3072).tobytes(): label for image, label in zip(images, labels)} == label_of
+    red = images[labels.index(0)]
+    assert [set(plane.unique().tolist()) for plane in red] == [{255}, {0}, {7}]
     # The folder itself works as the root too.
     same = vc.load_data("cifar100", root=folder, img_size=32, in_chans=3, val_fraction=0.2, augment=False)
     assert torch.equal(same.test.dataset.images, test_set.images)

@@ -4,11 +4,11 @@ __version__ = "0.1.0"
 
 from . import _timm  # noqa: F401  (first, so that timm is imported without wandb)
 from .accounting import Count, count
-from .artifact import is_compact, load, load_checkpoint, load_model, save
+from .artifact import create_model, is_compact, load, save
 from .compact import CompactInfo, compact, compact_info
 from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataError, MaskError,
                      UnsupportedModelError, VitCompactError)
-from .models import PRESETS, create_model, input_size, vit_layout
+from .models import PRESETS, input_size, vit_layout
 from .prune import (CRITERIA, PruneMasks, ScoreContext, Structure, magnitude_prune, regroup,
                     structured_prune)
 from .data import DATA_SOURCES, DataBundle, load_data, load_data_for
@@ -16,7 +16,7 @@ from .prune.loop import PruneConfig, PruneResult, prune
 from .train import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
-    "__version__", "Count", "count", "is_compact", "load", "load_checkpoint", "load_model", "save", "compact", "CompactInfo", "compact_info",
+    "__version__", "Count", "count", "is_compact", "load", "save", "compact", "CompactInfo", "compact_info",
     "ArtifactError", "BackendUnavailableError", "ConfigError", "DataError", "MaskError",
     "UnsupportedModelError", "VitCompactError", "PRESETS", "create_model", "input_size", "vit_layout",
     "CRITERIA", "PruneMasks", "ScoreContext", "Structure", "magnitude_prune", "regroup",

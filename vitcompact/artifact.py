@@ -25,7 +25,7 @@ from .compact import CompactInfo, apply_block_specs, block_specs, compact_info, 
 from .errors import ArtifactError, ConfigError
 from .io import atomic_paths, ensure_dir, json_text, regular_file, save_safetensors
 from .models.adapter import input_size
-from .models.presets import create_model, get_source, model_skeleton, set_source
+from .models.presets import build_model, get_source, model_skeleton, set_source
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -142,21 +142,26 @@ def load(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def load_checkpoint(name: str, checkpoint: str | os.PathLike, **model_args: Any) -> nn.Module:
-    """A dense model `name` (preset or timm name) with a user's weights (.safetensors, .pth, .pt)."""
-    model = create_model(name, **model_args)
-    checkpoint = Path(checkpoint)
-    _load_strict(model, _read_state(checkpoint), checkpoint)
+def create_model(name: str, checkpoint_path: str | os.PathLike | None = None, **model_args: Any) -> nn.Module:
+    """A ViT from a preset name or any timm ViT name, as timm's `create_model`: randomly initialised,
+    or with the weights of `checkpoint_path` (.safetensors, or .pth/.pt read with weights_only).
+
+    Keyword arguments override the preset's (e.g. `num_classes`, `in_chans`, `img_size`); each is
+    checked and the model's size is bounded before any memory is allocated. Nothing is downloaded.
+    """
+    model = build_model(name, **model_args)
+    if checkpoint_path is not None:
+        _load_strict(model, _read_state(Path(checkpoint_path)), Path(checkpoint_path))
     return model
 
 
-def load_model(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-               **model_args: Any) -> nn.Module:
-    """The one door from a user's model argument to a module: an artifact directory, or a preset
-    / timm name (randomly initialised, or with `checkpoint` weights)."""
+def resolve_model(spec: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                  **model_args: Any) -> nn.Module:
+    """What the commands do with a user's model argument: `load` an artifact directory, or
+    `create_model` a preset / timm name (randomly initialised, or with `checkpoint` weights)."""
     path = Path(spec)
     if checkpoint is not None:
-        return load_checkpoint(str(spec), checkpoint, **model_args)
+        return create_model(str(spec), checkpoint, **model_args)
     if path.is_dir():
         if model_args:
             raise ConfigError(f"{spec} is an artifact whose config.json fixes the model; "

@@ -1,4 +1,5 @@
-"""Named model presets and `create_model`, the one door for building a ViT."""
+"""Named model presets and `build_model`, the one door for building a ViT (`vitcompact.create_model`
+adds a checkpoint on top)."""
 
 from __future__ import annotations
 
@@ -94,14 +95,10 @@ def model_skeleton(name: str, **model_args: Any) -> nn.Module:
     return skeleton
 
 
-def create_model(name: str, **model_args: Any) -> nn.Module:
-    """Build a randomly initialised ViT from a preset name or any timm ViT name.
-
-    Keyword arguments override the preset's (e.g. `num_classes`, `in_chans`, `img_size`); each is
-    checked (`vitcompact.models.args`) and the model's size is bounded (`model_skeleton`) before
-    any memory is allocated. No weights are downloaded; load a checkpoint with
-    `vitcompact.load_checkpoint`.
-    """
+def build_model(name: str, **model_args: Any) -> nn.Module:
+    """A randomly initialised ViT from a preset name or any timm ViT name (`vitcompact.create_model`
+    adds a checkpoint). Keyword arguments override the preset's; each is checked and the model's
+    size is bounded (`model_skeleton`) before any memory is allocated."""
     source = get_source(model_skeleton(name, **model_args))
     model = _build(source["architecture"], source["model_args"])
     set_source(model, source["architecture"], source["model_args"], source["preset"])

@@ -99,7 +99,7 @@ class PruneConfig:
     # kept in run.json beside the settings, so that resuming with other inputs is refused.
     inputs: dict[str, Any] = field(default_factory=dict)
 
-    def check(self) -> "PruneConfig":
+    def __post_init__(self) -> None:
         for name, value, choices in (("method", self.method, METHODS), ("target", self.target, TARGETS),
                                      ("mode", self.mode, MODES), ("rewind", self.rewind, REWINDS)):
             if value not in choices:
@@ -127,8 +127,7 @@ class PruneConfig:
         if self.rewind == "epoch" and not 0 <= self.rewind_epoch <= self.dense_epochs:
             raise ConfigError(f"rewind_epoch must be in [0, dense_epochs={self.dense_epochs}], got {self.rewind_epoch}")
         self.schedule()
-        dataclasses.replace(self.train, lr=self.lr).check()
-        return self
+        dataclasses.replace(self.train, lr=self.lr)  # the pruning lr must suit the trainer too
 
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.lambda_schedule, self.lambda_max, self.lambda_base, self.lambda_exponent)
@@ -287,7 +286,7 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
     quasi-structured masks and structure, the metrics records, and validation and test accuracy
     (the test set is used for this final report only).
     """
-    config = (config or PruneConfig()).check()
+    config = config or PruneConfig()
     if config.out_dir is None:
         return _prune(model, bundle, config)
     with output_folder.lock(config.out_dir, enabled=distributed.is_main()):

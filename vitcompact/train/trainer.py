@@ -61,7 +61,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     progress: bool = True
 
-    def check(self) -> "TrainConfig":
+    def __post_init__(self) -> None:
         integer("epochs", self.epochs, 0)
         in_range("lr", self.lr, 0.0, low_open=True)
         in_range("min_lr", self.min_lr, 0.0)
@@ -76,7 +76,6 @@ class TrainConfig:
         in_range("distill_alpha", self.distill_alpha, 0.0, 1.0)
         in_range("distill_temperature", self.distill_temperature, 0.0, low_open=True)
         seed("seed", self.seed)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,7 +205,7 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: Pr
     continues an earlier run's optimiser (its moments), so consecutive runs train as one.
     Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by rank.
     """
-    config = (config or TrainConfig()).check()
+    config = config or TrainConfig()
     device = resolve_device(config)
     distributed.setup(device)
     seed_everything(config.seed, config.deterministic)
