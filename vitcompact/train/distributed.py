@@ -7,13 +7,14 @@ same code path serves one process and many.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..prune.masks import PruneMasks
+Masks = TypeVar("Masks")
 
 
 def launched() -> bool:
@@ -84,8 +85,9 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     return float(t.item()) / world_size()
 
 
-def broadcast_masks(masks: PruneMasks) -> PruneMasks:
-    """Rank 0's masks on every rank: every rank must cut exactly the same units."""
+def broadcast_masks(masks: Masks) -> Masks:
+    """Rank 0's masks (a `PruneMasks`, rebuilt by its own type so that training does not import
+    pruning) on every rank: every rank must cut exactly the same units."""
     if not active():
         return masks
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -94,7 +96,7 @@ def broadcast_masks(masks: PruneMasks) -> PruneMasks:
         t = masks.masks[name].to(device=device, dtype=torch.uint8).contiguous()
         dist.broadcast(t, src=0)
         out[name] = t.bool().to(masks.masks[name].device)
-    return PruneMasks(out, masks.layout)
+    return type(masks)(out, masks.layout)
 
 
 def barrier() -> None:

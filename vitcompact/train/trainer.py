@@ -18,7 +18,6 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, TrainingError
-from ..prune.masks import PruneMasks
 from ..validate import in_range, integer, one_of, seed
 from . import distributed
 from .seeding import seed_everything
@@ -28,6 +27,13 @@ OPTIMIZERS = ("adamw", "sgd")
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *DTYPES)
 BF16_MIN_WIDTH = 128
+
+
+class WeightMasks(Protocol):
+    """What training needs of pruning masks (`vitcompact.prune.PruneMasks`): zeroing the pruned
+    weights in place. Declared here so that training does not import pruning."""
+
+    def apply_(self, model: nn.Module) -> Any: ...
 
 
 @dataclass
@@ -193,7 +199,7 @@ def _progress(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: PruneMasks | None = None, *,
+def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: WeightMasks | None = None, *,
           penalty: GradientPenalty | None = None, teacher: nn.Module | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None, description: str = "train",
           window: ScheduleWindow | None = None, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
