@@ -32,8 +32,9 @@ def dense_model(name: str, seed: int = 0) -> nn.Module:
 
 def compact_model(dense: nn.Module, case: PruneCase, round_to: int = 1) -> nn.Module:
     """The compact model of `dense` for `case`; `round_to` aligns MLP widths to a multiple."""
-    masks = vc.regroup(dense, vc.magnitude_prune(dense, 0.3), target="both", head_ratio=case.head_ratio,
-                       mlp_ratio=case.mlp_ratio, mode="layer-wise", round_to=round_to)
+    config = vc.RegroupConfig(target="both", head_ratio=case.head_ratio, mlp_ratio=case.mlp_ratio, mode="layer-wise",
+                              round_to=round_to)
+    masks = vc.regroup(dense, vc.magnitude_prune(dense, 0.3), config)
     return vc.compact(dense, masks).eval()
 
 

@@ -85,7 +85,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     dense = vc.create_model("vit_small_patch16_224", **model_args).eval()
-    masks = vc.regroup(dense, PruneMasks.ones(dense), target="both", head_ratio=2 / 6, mlp_ratio=0.3)
+    masks = vc.regroup(dense, PruneMasks.ones(dense), vc.RegroupConfig(target="both", head_ratio=2 / 6, mlp_ratio=0.3))
     compact = vc.compact(dense, masks).eval()
     masked = masks.apply_(copy.deepcopy(dense)).eval()
     dc, cc = vc.count(dense), vc.count(compact)

@@ -265,9 +265,9 @@ def prune_by_magnitude(dense: nn.Module, point: Point) -> tuple[nn.Module, vc.Pr
     """Whole heads and neurons ranked by weight magnitude and cut, no training."""
     defaults = vc.PruneConfig()
     model = copy.deepcopy(dense)
-    masks = vc.regroup(model, vc.PruneMasks.ones(model), target=defaults.target, head_ratio=point.head_ratio,
-                       mlp_ratio=point.mlp_ratio, criteria="magnitude", mode=point.mode,
-                       min_keep=defaults.min_keep, round_to=defaults.round_to)
+    config = dataclasses.replace(defaults.regroup_config(point.head_ratio, point.mlp_ratio), criteria="magnitude",
+                                 mode=point.mode)
+    masks = vc.regroup(model, vc.PruneMasks.ones(model), config)
     apply_hard(model, masks)
     return model, masks
 

@@ -82,6 +82,8 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> ort.Infe
 
 def check_onnx(path: str | os.PathLike) -> None:
     """The ONNX checker's full check (by path, so models with external data work too)."""
+    if not Path(path).is_file():
+        raise ArtifactError(f"{path} does not exist")
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

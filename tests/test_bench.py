@@ -38,8 +38,8 @@ IDEAL = DENSE_MACS / COMPACT_MACS  # 2380928 / 1192832
 def pair():
     """A tiny dense ViT and its compact version (half the heads and neurons removed)."""
     dense = vc.create_model("vit-digits").eval()
-    masks = vc.regroup(dense, vc.magnitude_prune(dense, 0.3), target="both", head_ratio=0.5,
-                       mlp_ratio=0.5)
+    masks = vc.regroup(dense, vc.magnitude_prune(dense, 0.3), vc.RegroupConfig(target="both", head_ratio=0.5,
+                       mlp_ratio=0.5))
     compact = vc.compact(dense, masks).eval()
     assert [(b.attn.num_heads, b.mlp.fc1.out_features) for b in compact.blocks] == [(2, 64)] * 4
     return dense, compact

@@ -35,7 +35,7 @@ def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
     model = vc.create_model("vit-digits", depth=2)
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), head_ratio=0.5, mlp_ratio=0.5)
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     masks.apply_(model)
     vc.save(model, root / "pruned")
     masks.save(root / "masks.safetensors")
@@ -180,7 +180,7 @@ def test_tensorrt_export_refusals_name_their_cause(bad_files, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     missing = bad_files / "missing.onnx"
     one_line_error(runner.invoke(app, args),
-                   f"error: {missing} fails the ONNX checker: Unable to open proto file: {missing}.")
+                   f"error: {missing} does not exist")
     assert sorted(p.name for p in bad_files.iterdir()) == before
 
 

@@ -86,7 +86,7 @@ def test_compact_equals_masked_model(family, scenario):
 def test_compact_of_vit_cifar_tiny_reference_structure():
     torch.manual_seed(0)
     model = vc.create_model("vit-cifar-tiny").eval()
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), head_ratio=0.3, mlp_ratio=0.3)
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(head_ratio=0.3, mlp_ratio=0.3))
     small = vc.compact(model, masks)
     assert [b.attn.num_heads for b in small.blocks] == [2] * 9
     assert [b.mlp.fc1.out_features for b in small.blocks] == [268] * 9
@@ -125,7 +125,7 @@ def test_compacting_twice_keeps_the_function():
     model = make_family("vit_tiny")
     first = scenario_masks(model, "no_heads")
     small = vc.compact(model, first)
-    again = vc.regroup(small, PruneMasks.ones(small), head_ratio=0.5, mlp_ratio=0.5)
+    again = vc.regroup(small, PruneMasks.ones(small), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     smaller = vc.compact(small, again).eval()
     assert vc.compact_info(smaller).dense["params"] == vc.count(model).params
     assert_same_function(again.apply_(copy.deepcopy(small)).eval(), smaller, model)

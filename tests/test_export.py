@@ -26,7 +26,7 @@ PLAIN = ExportConfig(optimize="off")
 
 
 def compact_of(model: torch.nn.Module) -> torch.nn.Module:
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), target="both", head_ratio=0.5, mlp_ratio=0.3)
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(target="both", head_ratio=0.5, mlp_ratio=0.3))
     return vc.compact(model, masks).eval()
 
 

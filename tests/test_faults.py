@@ -206,7 +206,7 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_is_one_line_and_keeps_the_previous_artifact(small_disk, artifact):
     out = small_disk / "compact"
-    masks = vc.regroup(vc.load(artifact), vc.magnitude_prune(vc.load(artifact), 0.3), head_ratio=0.9, mlp_ratio=0.95)
+    masks = vc.regroup(vc.load(artifact), vc.magnitude_prune(vc.load(artifact), 0.3), vc.RegroupConfig(head_ratio=0.9, mlp_ratio=0.95))
     vc.save(vc.compact(vc.load(artifact), masks), out)
     disk = os.statvfs(small_disk)
     (small_disk / "filler").write_bytes(bytes(disk.f_bavail * disk.f_frsize - 64 * 1024))  # 64 KiB left

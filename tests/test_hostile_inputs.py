@@ -52,7 +52,7 @@ def artifacts(tmp_path_factory):
     torch.manual_seed(0)
     model = vc.create_model("vit-digits", depth=2)
     vc.save(model, root / "dense")
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), head_ratio=0.5, mlp_ratio=0.5)
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     vc.save(vc.compact(model, masks), root / "compact")
     return root
 

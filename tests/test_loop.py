@@ -67,7 +67,7 @@ def test_default_base_reaches_the_cap_half_way(name):
 def test_penalty_touches_exactly_the_weights_the_structure_drops():
     model = tiny()
     element = vc.magnitude_prune(model, 0.4)
-    structured = vc.regroup(model, element, head_ratio=0.5, mlp_ratio=0.5)
+    structured = vc.regroup(model, element, vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     targets = penalised_weights(structured, element)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -86,7 +86,7 @@ def test_penalty_touches_exactly_the_weights_the_structure_drops():
 def test_fade_penalty_scales_exactly_the_dropped_weights_by_its_formula(name):
     model = tiny()
     element = vc.magnitude_prune(model, 0.4)
-    structured = vc.regroup(model, element, head_ratio=0.5, mlp_ratio=0.5)
+    structured = vc.regroup(model, element, vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     targets = penalised_weights(structured, element)
     penalty = FadePenalty(structured, element, LambdaSchedule(name, exponent=3.0), fade_to=0.05)
     T, t = 20, 6
@@ -109,7 +109,7 @@ def test_fade_penalty_scales_exactly_the_dropped_weights_by_its_formula(name):
 def test_fade_alone_leaves_fade_to_of_the_weights_after_a_state():
     model = tiny()
     element = vc.PruneMasks.ones(model)
-    structured = vc.regroup(model, element, head_ratio=0.5, mlp_ratio=0.5)
+    structured = vc.regroup(model, element, vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     penalty = FadePenalty(structured, element, LambdaSchedule("x"), fade_to=0.01)
     start = penalty.norm(model)
     for t in range(37):

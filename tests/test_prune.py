@@ -38,8 +38,8 @@ def unit_values(masks: PruneMasks):
 def test_regroup_is_quasi_structured(criteria, target, mode):
     model = tiny_model()
     element = vc.magnitude_prune(model, 0.4)
-    masks = vc.regroup(model, element, target=target, head_ratio=0.5, mlp_ratio=0.3, criteria=criteria,
-                       mode=mode, data=calibration(model))
+    masks = vc.regroup(model, element, vc.RegroupConfig(target=target, head_ratio=0.5, mlp_ratio=0.3,
+                       criteria=criteria, mode=mode), data=calibration(model))
     for kind, block, unit, values in unit_values(masks):
         assert bool(values.all()) or not bool(values.any()), f"{kind} {unit} of block {block} is mixed"
     structure = masks.structure()
@@ -62,8 +62,8 @@ def test_regroup_is_quasi_structured(criteria, target, mode):
 def test_reference_accounting_vit_cifar_tiny():
     torch.manual_seed(0)
     model = vc.create_model("vit-cifar-tiny")
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), target="both", head_ratio=0.3,
-                       mlp_ratio=0.3, criteria="magnitude", mode="layer-wise")
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(target="both", head_ratio=0.3,
+                       mlp_ratio=0.3, criteria="magnitude", mode="layer-wise"))
     s = masks.sparsity()
     assert s["attention"] == {"total": 1_327_104, "pruned": 442_368}
     assert s["mlp"] == {"total": 1_327_104, "pruned": 400_896}
@@ -81,7 +81,7 @@ def test_head_only_leaves_mlp_untouched_and_mlp_only_leaves_attention():
     model = tiny_model()
     element = vc.magnitude_prune(model, 0.5)
     for target, untouched, touched in (("head", ".mlp.", ".attn."), ("mlp", ".attn.", ".mlp.")):
-        masks = vc.regroup(model, element, target=target, head_ratio=0.5, mlp_ratio=0.5)
+        masks = vc.regroup(model, element, vc.RegroupConfig(target=target, head_ratio=0.5, mlp_ratio=0.5))
         pruned = masks.apply_(copy.deepcopy(model))
         before, after = dict(model.named_parameters()), dict(pruned.named_parameters())
         for name in masks.masks:
@@ -136,19 +136,19 @@ def test_global_regroup_ranks_heads_across_blocks():
         for p, view in ((model.blocks[1].attn.qkv.weight, (3, 4, 16, 64)), (model.blocks[1].attn.proj.weight, (64, 4, 16))):
             v = p.view(*view)
             v[:, 1:].mul_(0.01)  # heads are dim 1 in both views
-    masks = vc.regroup(model, PruneMasks.ones(model), target="head", head_ratio=0.5, mode="global", min_keep=1)
+    masks = vc.regroup(model, PruneMasks.ones(model), vc.RegroupConfig(target="head", head_ratio=0.5, mode="global", min_keep=1))
     blocks = masks.structure().blocks
     assert sum(len(b.heads) for b in blocks) == 6
     assert blocks[1].heads == [0]
-    masks = vc.regroup(model, PruneMasks.ones(model), target="head", head_ratio=0.9, mode="global", min_keep=0)
+    masks = vc.regroup(model, PruneMasks.ones(model), vc.RegroupConfig(target="head", head_ratio=0.9, mode="global", min_keep=0))
     assert [b.heads for b in masks.structure().blocks] == [[], [0], []]
-    masks = vc.regroup(model, PruneMasks.ones(model), target="head", head_ratio=0.9, mode="global", min_keep=1)
+    masks = vc.regroup(model, PruneMasks.ones(model), vc.RegroupConfig(target="head", head_ratio=0.9, mode="global", min_keep=1))
     assert [len(b.heads) for b in masks.structure().blocks] == [1, 1, 1]
 
 
 def test_round_to_rounds_kept_mlp_width_up():
     model = tiny_model()
-    masks = vc.regroup(model, PruneMasks.ones(model), target="mlp", mlp_ratio=0.3, round_to=16)
+    masks = vc.regroup(model, PruneMasks.ones(model), vc.RegroupConfig(target="mlp", mlp_ratio=0.3, round_to=16))
     assert [len(b.neurons) for b in masks.structure().blocks] == [96, 96, 96]  # 89 -> 96
 
 
@@ -204,9 +204,9 @@ def test_remain_counts_surviving_weights():
 
 def test_pruned_unit_cannot_come_back_through_stale_values():
     model = tiny_model()
-    first = vc.regroup(model, PruneMasks.ones(model), target="head", head_ratio=0.5)
+    first = vc.regroup(model, PruneMasks.ones(model), vc.RegroupConfig(target="head", head_ratio=0.5))
     removed = first.structure().blocks[0].removed_heads
-    second = vc.regroup(model, first, target="head", head_ratio=0.5, criteria="l1", data=calibration(model))
+    second = vc.regroup(model, first, vc.RegroupConfig(target="head", head_ratio=0.5, criteria="l1"), data=calibration(model))
     assert second.structure().blocks[0].removed_heads == removed
 
 
@@ -241,7 +241,7 @@ def test_structured_prune_rewinds_a_copy_of_the_initial_weights():
 
 def test_masks_and_structure_round_trip(tmp_path):
     model = tiny_model()
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), head_ratio=0.5, mlp_ratio=0.3)
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.3))
     masks.save(tmp_path / "masks.safetensors")
     assert PruneMasks.load(tmp_path / "masks.safetensors") == masks
     masks.structure().save(tmp_path / "structure.json")
@@ -256,7 +256,7 @@ def test_count_model_and_structure():
     n, d = 17, 64
     attn = n * d * 3 * 64 + 2 * n * n * 64 + n * 64 * d
     assert c.blocks[0].macs == attn + 2 * n * d * 128
-    masks = vc.regroup(model, PruneMasks.ones(model), head_ratio=0.5, mlp_ratio=0.5)
+    masks = vc.regroup(model, PruneMasks.ones(model), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     small = vc.compact(model, masks)
     by_structure, by_model = vc.count(masks.structure()), vc.count(small)
     assert (by_structure.params, by_structure.macs) == (by_model.params, by_model.macs)
@@ -274,8 +274,8 @@ def test_adapter_families(family):
     assert layout.blocks[0].head_dim == attn.head_dim
     assert layout.blocks[0].hidden == model.blocks[0].mlp.fc1.out_features
     assert layout.num_tokens == 16 + model.num_prefix_tokens
-    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), head_ratio=0.5, mlp_ratio=0.5,
-                       criteria="l2", data=calibration(model))
+    masks = vc.regroup(model, vc.magnitude_prune(model, 0.3), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5,
+                       criteria="l2"), data=calibration(model))
     assert masks.structure().kept_heads == 2 * max(1, attn.num_heads // 2)
 
 
@@ -305,19 +305,19 @@ def test_bad_inputs_give_clear_errors():
         with pytest.raises(vc.ConfigError, match=rf"rate must be in \[0, 1\), got {bad}"):
             vc.magnitude_prune(model, bad)
         with pytest.raises(vc.ConfigError, match=rf"head_ratio must be in \[0, 1\), got {bad}"):
-            vc.regroup(model, ones, head_ratio=bad)
+            vc.regroup(model, ones, vc.RegroupConfig(head_ratio=bad))
         with pytest.raises(vc.ConfigError, match=rf"mlp_ratio must be in \[0, 1\), got {bad}"):
-            vc.regroup(model, ones, mlp_ratio=bad)
+            vc.regroup(model, ones, vc.RegroupConfig(mlp_ratio=bad))
     with pytest.raises(vc.ConfigError, match="unknown criterion 'taylor'; choose one of: l1, l2, magnitude, remain, saliency"):
-        vc.regroup(model, ones, criteria="taylor")
+        vc.regroup(model, ones, vc.RegroupConfig(criteria="taylor"))
     with pytest.raises(vc.ConfigError, match="unknown target 'neurons'; choose one of: head, mlp, both"):
-        vc.regroup(model, ones, target="neurons")
+        vc.regroup(model, ones, vc.RegroupConfig(target="neurons"))
     with pytest.raises(vc.ConfigError, match="unknown selection mode 'per-block'"):
-        vc.regroup(model, ones, mode="per-block")
+        vc.regroup(model, ones, vc.RegroupConfig(mode="per-block"))
     with pytest.raises(vc.ConfigError, match="unknown model 'vit-huge-nope'"):
         vc.create_model("vit-huge-nope")
     with pytest.raises(vc.ConfigError, match="criterion 'l1' needs calibration data"):
-        vc.regroup(model, ones, criteria="l1")
+        vc.regroup(model, ones, vc.RegroupConfig(criteria="l1"))
     other = vc.create_model("vit-digits", depth=2)
     with pytest.raises(vc.MaskError, match="masks do not match the model: missing"):
         vc.regroup(other, ones)

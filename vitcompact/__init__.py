@@ -9,7 +9,7 @@ from .compact import CompactInfo, compact, compact_info
 from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataError, MaskError,
                      UnsupportedModelError, VitCompactError)
 from .models import PRESETS, input_size, vit_layout
-from .prune import (CRITERIA, PruneMasks, ScoreContext, Structure, magnitude_prune, regroup,
+from .prune import (CRITERIA, PruneMasks, RegroupConfig, ScoreContext, Structure, magnitude_prune, regroup,
                     structured_prune)
 from .data import DATA_SOURCES, DataBundle, load_data, load_data_for
 from .prune.loop import PruneConfig, PruneResult, prune
@@ -19,7 +19,7 @@ __all__ = [
     "__version__", "Count", "count", "is_compact", "load", "save", "compact", "CompactInfo", "compact_info",
     "ArtifactError", "BackendUnavailableError", "ConfigError", "DataError", "MaskError",
     "UnsupportedModelError", "VitCompactError", "PRESETS", "create_model", "input_size", "vit_layout",
-    "CRITERIA", "PruneMasks", "ScoreContext", "Structure", "magnitude_prune", "regroup",
+    "CRITERIA", "PruneMasks", "RegroupConfig", "ScoreContext", "Structure", "magnitude_prune", "regroup",
     "structured_prune",
     "DATA_SOURCES", "DataBundle", "load_data", "load_data_for", "PruneConfig", "PruneResult", "prune",
     "TrainConfig", "TrainResult", "evaluate", "train",

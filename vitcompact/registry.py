@@ -12,8 +12,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A dict from name to thing, filled where the thing is defined (`@registry.register("name")`)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, ordered: bool = False):
+        # `ordered` lists names as registered (e.g. methods, the recommended one first), else sorted.
         self.kind = kind
+        self.ordered = ordered
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -27,12 +29,12 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
-            known = ", ".join(sorted(self._items))
+        except (KeyError, TypeError):  # TypeError: an unhashable name, e.g. a list from a config file
+            known = ", ".join(self.names())
             raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return list(self._items) if self.ordered else sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

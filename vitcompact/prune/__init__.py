@@ -3,12 +3,12 @@
 from .criteria import CRITERIA, DATA_DRIVEN, ScoreContext, score_units
 from .magnitude import magnitude_prune
 from .masks import PruneMasks
-from .regroup import TARGETS, regroup, structured_prune
+from .regroup import TARGETS, RegroupConfig, regroup, structured_prune
 from .selection import MODES, keep_count, select_units
 from .structure import BlockStructure, Structure
 
 __all__ = [
     "CRITERIA", "DATA_DRIVEN", "ScoreContext", "score_units", "magnitude_prune", "PruneMasks",
-    "TARGETS", "regroup", "structured_prune", "MODES", "keep_count", "select_units",
+    "TARGETS", "RegroupConfig", "regroup", "structured_prune", "MODES", "keep_count", "select_units",
     "BlockStructure", "Structure",
 ]

@@ -3,7 +3,8 @@
 A criterion takes the model (already masked: scores come from the current masked weights, so a
 pruned unit cannot come back through stale values), the element masks and a `ScoreContext`, and
 returns, per block, one score per head and one per neuron (None for a removed branch). Higher
-means more important.
+means more important. Each registered criterion declares `needs_data`: whether it scores units on
+calibration batches, so that a caller fetches those batches only for the criteria that use them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ BlockScores = tuple["torch.Tensor | None", "torch.Tensor | None"]
 Criterion = Callable[[nn.Module, PruneMasks, "ScoreContext"], list[BlockScores]]
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
-DATA_DRIVEN = ("l1", "l2", "saliency")
+
+
+def criterion(name: str, needs_data: bool = False) -> Callable[[Criterion], Criterion]:
+    """Register a criterion under `name`, declaring whether it needs calibration data."""
+    def add(fn: Criterion) -> Criterion:
+        fn.needs_data = needs_data
+        return CRITERIA.register(name)(fn)
+    return add
 
 
 @dataclass
@@ -72,13 +80,13 @@ def _masked_weights(model: nn.Module, masks: PruneMasks) -> dict[str, torch.Tens
     return out
 
 
-@CRITERIA.register("remain")
+@criterion("remain")
 def remain(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
     """Number of surviving weights of the unit."""
     return _unit_sums(masks, {n: m.float() for n, m in masks.masks.items()})
 
 
-@CRITERIA.register("magnitude")
+@criterion("magnitude")
 def magnitude(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
     """L1 norm of the unit's masked weights."""
     return _unit_sums(masks, {n: w.abs() for n, w in _masked_weights(model, masks).items()})
@@ -134,19 +142,19 @@ def _activation_scores(model: nn.Module, masks: PruneMasks, ctx: ScoreContext, n
     return scores
 
 
-@CRITERIA.register("l1")
+@criterion("l1", needs_data=True)
 def l1(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
     """Mean |activation| of the unit's qkv outputs (heads) or pre-activation fc1 output (neurons)."""
     return _activation_scores(model, masks, ctx, "l1", torch.abs, lambda t: t)
 
 
-@CRITERIA.register("l2")
+@criterion("l2", needs_data=True)
 def l2(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
     """RMS activation of the same outputs as `l1`."""
     return _activation_scores(model, masks, ctx, "l2", torch.square, torch.sqrt)
 
 
-@CRITERIA.register("saliency")
+@criterion("saliency", needs_data=True)
 def saliency(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
     """First-order Taylor importance: sum over the unit's weights of |w * dL/dw|, over N batches."""
     scoring = _masked_copy(model, masks, ctx.device)
@@ -164,8 +172,12 @@ def saliency(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[Blo
     return _unit_sums(masks, {n: t.cpu() for n, t in totals.items()})
 
 
-def score_units(model: nn.Module, masks: PruneMasks, criteria: str,
+def score_units(model: nn.Module, masks: PruneMasks, criteria: str | Criterion,
                 ctx: ScoreContext | None = None) -> list[BlockScores]:
-    """Scores per block with the named criterion."""
-    fn = CRITERIA.get(criteria)
+    """Scores per block with the named criterion, or with a callable of the criterion signature."""
+    fn = CRITERIA.get(criteria) if isinstance(criteria, str) else criteria
     return fn(model, masks, ctx or ScoreContext())
+
+
+# The registered criteria that score on calibration data, by name (read from their declarations).
+DATA_DRIVEN = tuple(name for name in CRITERIA if CRITERIA.get(name).needs_data)

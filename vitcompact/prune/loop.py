@@ -1,19 +1,18 @@
 """`prune`: the iterative loop (RSST, Refill) and the one-shot baseline, on the pruning core.
 
 Each state s = 1..S magnitude-prunes the surviving weights (compounding), regroups the element
-masks into whole heads and neurons at that state's ratio, then
-- refill: applies the structured mask at once, optionally rewinds the survivors, and retrains;
-- rsst: retrains with a growing penalty on the weights the structure will drop, then cuts them;
-- oneshot: a single state at the final ratio, then the whole epoch budget as fine-tuning.
-Removed units never come back (each state's mask lies within the previous one) and the last
-state uses the user's ratios exactly, so the final structure is what a direct `regroup` gives.
+masks into whole heads and neurons at that state's ratio, then runs its method's state step
+(`methods`: RSST fades the units it will drop, then cuts them; Refill cuts, optionally rewinds
+and retrains; one-shot is a single state at the final ratio, then the whole epoch budget as
+fine-tuning). Removed units never come back (each state's mask lies within the previous one) and
+the last state uses the user's ratios exactly, so the final structure is what a direct `regroup`
+gives.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,31 +22,26 @@ import torch.nn as nn
 
 from .. import output_folder
 from ..errors import ConfigError
-from ..io import ensure_dir, read_json, write_json, write_tensors
+from ..io import write_json, write_tensors
 from ..models.adapter import vit_layout
 from ..train import distributed
 from ..train.metrics_log import MetricsLog
 from ..train.seeding import rng_state, seed_everything, set_rng_state
 from ..train.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
 from ..validate import flag, in_range, integer, ratio, seed
-from . import checkpoint
+from . import checkpoint, run_folder
 from .criteria import CRITERIA
 from .magnitude import magnitude_prune
 from .masks import PruneMasks
+from .methods import METHODS, Method, StatePlan, state_ratio  # noqa: F401  (state_ratio: re-exported)
 from .penalty import PENALTIES
-from .regroup import TARGETS, regroup
+from .regroup import TARGETS, RegroupConfig, regroup
 from .schedules import LambdaSchedule
 from .selection import MODES, check_round_to
 from .structure import Structure
 
-METHODS = ("rsst", "refill", "oneshot")
 REWINDS = ("none", "init", "epoch")
-# Fields of run.json that may differ between a run and its resumption: where it is written and how
-# it is shown. Every other one changes the result.
-RESUME_FREE = ("out_dir", "resume", "wandb_project", "train.progress")
 BUDGET_WARMUP = 0.1
-# How a resume refusal names a run.json field that is not an option of the same name.
-RECORD_NAMES = {"inputs.model": "MODEL", "inputs.train_images": "training set (images)"}
 
 
 @dataclass
@@ -100,8 +94,9 @@ class PruneConfig:
     inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, value, choices in (("method", self.method, METHODS), ("target", self.target, TARGETS),
-                                     ("mode", self.mode, MODES), ("rewind", self.rewind, REWINDS)):
+        METHODS.get(self.method)
+        for name, value, choices in (("target", self.target, TARGETS), ("mode", self.mode, MODES),
+                                     ("rewind", self.rewind, REWINDS)):
             if value not in choices:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
         CRITERIA.get(self.criteria)
@@ -132,19 +127,16 @@ class PruneConfig:
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.lambda_schedule, self.lambda_max, self.lambda_base, self.lambda_exponent)
 
+    def regroup_config(self, head_ratio: float, mlp_ratio: float) -> RegroupConfig:
+        """How a state at these ratios regroups its element masks."""
+        return RegroupConfig(target=self.target, head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=self.criteria,
+                             mode=self.mode, min_keep=self.min_keep, round_to=self.round_to,
+                             num_batches=self.num_batches)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["out_dir"] = str(self.out_dir) if self.out_dir is not None else None
         return d
-
-
-@dataclass
-class StatePlan:
-    index: int
-    head_ratio: float
-    mlp_ratio: float
-    rate: float
-    epochs: int
 
 
 @dataclass
@@ -158,12 +150,7 @@ class PruneResult:
     out_dir: Path | None = None
 
 
-def state_ratio(final: float, state: int, states: int) -> float:
-    """Ratio for state s of S: kept fraction (1 - r)^(s/S), and exactly r at the last state."""
-    return final if state == states else 1.0 - (1.0 - final) ** (state / states)
-
-
-def plan_states(model: nn.Module, config: PruneConfig) -> tuple[list[StatePlan], int]:
+def plan_states(model: nn.Module, config: PruneConfig, method: Method) -> tuple[list[StatePlan], int]:
     """The per-state ratios, magnitude rates and training epochs, and the fine-tuning epochs."""
     layout = vit_layout(model)
     if config.target != "head":  # before the run folder is written
@@ -173,15 +160,7 @@ def plan_states(model: nn.Module, config: PruneConfig) -> tuple[list[StatePlan],
     head_r = config.head_ratio if config.target != "mlp" else 0.0
     mlp_r = config.mlp_ratio if config.target != "head" else 0.0
     removed = (attn * head_r + mlp * mlp_r) / max(1, attn + mlp)
-    if config.method == "oneshot":
-        rate = config.prune_rate if config.prune_rate is not None else removed
-        budget = config.states * config.epochs_per_state + config.finetune_epochs
-        return [StatePlan(1, head_r, mlp_r, rate, 0)], budget
-    S = config.states
-    rate = config.prune_rate if config.prune_rate is not None else 1.0 - (1.0 - removed) ** (1.0 / S)
-    plans = [StatePlan(s, state_ratio(head_r, s, S), state_ratio(mlp_r, s, S), rate, config.epochs_per_state)
-             for s in range(1, S + 1)]
-    return plans, config.finetune_epochs
+    return method.plan(head_r, mlp_r, removed)
 
 
 @torch.no_grad()
@@ -211,11 +190,20 @@ def _summary(hard: PruneMasks) -> dict[str, Any]:
             "kept_neurons": structure.kept_neurons}
 
 
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 class _Run:
-    """State shared by the phases of one `prune` call."""
+    """One `prune` call: its settings and method, and what its steps hand on to each other."""
 
     def __init__(self, model: nn.Module, bundle, config: PruneConfig):
         self.model, self.bundle, self.config = model, bundle, config
+        self.device = resolve_device(config.train)
+        distributed.setup(self.device)
+        model.to(self.device)
+        self.method = METHODS.get(config.method)(config)
+        self.plans, self.finetune_epochs = plan_states(model, config, self.method)
         self.out = Path(config.out_dir) if config.out_dir is not None else None
         self.main = distributed.is_main()
         records = []
@@ -223,6 +211,20 @@ class _Run:
             records = MetricsLog.read(self.out / "metrics.jsonl")
         self.log = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None,
                               config.wandb_project, records, config.to_dict(), enabled=self.main)
+        # A model that arrives pruned keeps its removed units removed; a dense one gets all-ones masks.
+        hard = PruneMasks.from_weights(model)
+        self.hard = hard if hard.is_quasi_structured() else PruneMasks.ones(model)
+        self.element = _intersect(PruneMasks.ones(model), self.hard)
+        self.calibration = bundle.calibration() if CRITERIA.get(config.criteria).needs_data else None
+        self.done: int | None = None  # the last state a resumed run finished
+        self.start = 0  # states up to this one are done
+        self.rewind_state: dict[str, torch.Tensor] | None = None
+        self.teacher: nn.Module | None = None
+        # The pruning passes (states, then fine-tuning) share one learning-rate schedule and optimiser.
+        self.epoch_steps = steps_per_epoch(bundle)
+        self.budget = sum(plan.epochs for plan in self.plans) + self.finetune_epochs
+        self.offset = 0  # steps of that schedule already taken
+        self.opt_state = None
 
     def train_config(self, epochs: int, phase: int, budget_epochs: int | None = None) -> TrainConfig:
         # A seed per phase: each phase's data order and augmentation repeat on resume.
@@ -234,49 +236,43 @@ class _Run:
         return dataclasses.replace(self.config.train, epochs=epochs, lr=self.config.lr, warmup_epochs=warmup,
                                    seed=self.config.seed * 1000 + phase)
 
-    def logger(self, phase: str, state: int, hard: PruneMasks):
-        summary = _summary(hard)
+    def logger(self, phase: str, state: int):
+        summary = _summary(self.hard)  # the masks the epochs train under
 
         def on_epoch(record: dict[str, Any]) -> None:
             self.log.write({"phase": phase, "state": state, **record, **summary})
         return on_epoch
 
-    def checkpoint(self, state: int, element: PruneMasks, hard: PruneMasks, opt_state, info: dict) -> None:
+    def checkpoint(self, state: int, opt_state, info: dict) -> None:
         if self.out is not None and self.main:
-            checkpoint.save_state(self.out, state, self.model, element, hard, opt_state,
+            checkpoint.save_state(self.out, state, self.model, self.element, self.hard, opt_state,
                                   {**info, "rng": rng_state()})
         distributed.barrier()
 
+    def train_pass(self, epochs: int, phase: int, **train_args: Any) -> None:
+        """One pass of the pruning budget, going on with the last pass's schedule and optimiser."""
+        result = train(self.model, self.bundle, self.train_config(epochs, phase, self.budget), self.hard,
+                       window=ScheduleWindow(self.offset, self.epoch_steps * self.budget),
+                       optimizer_state=self.opt_state, teacher=self.teacher, **train_args)
+        self.offset += self.epoch_steps * epochs
+        self.opt_state = result.optimizer_state
 
-def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    def train_state(self, plan: StatePlan, **train_args: Any) -> None:
+        method = self.config.method
+        self.train_pass(plan.epochs, plan.index, on_epoch=self.logger(method, plan.index),
+                        description=f"{method} state {plan.index}/{len(self.plans)}", **train_args)
 
+    def cut(self, structured: PruneMasks) -> None:
+        self.hard = structured
+        apply_hard(self.model, structured)
 
-def _run_record(config: PruneConfig, bundle) -> dict[str, Any]:
-    """run.json: the settings, and the inputs — as the caller names them, plus what the data
-    loaders show of themselves (a library caller may name nothing)."""
-    record = config.to_dict()
-    loader = bundle.train
-    seen = {"batch_size": loader.batch_size, "train_images": len(loader.dataset)}
-    # The caller's names first: a refusal names the first difference, and those are what it typed.
-    record["inputs"] = {**config.inputs, **{k: v for k, v in seen.items() if k not in config.inputs}}
-    return json.loads(json.dumps(record, default=str))  # as it reads back: lists, not tuples
-
-
-def _check_resume(out: Path, record: dict[str, Any]) -> None:
-    saved, now = _flat(read_json(out / "run.json")), _flat(record)
-    for key, value in saved.items():
-        if key not in RESUME_FREE and now.get(key) != value:
-            option = RECORD_NAMES.get(key) or "--" + key.rpartition(".")[2].replace("_", "-")
-            raise ConfigError(f"--resume with a different {option}: the run used {value!r}, now {now.get(key)!r}; "
-                              "resume with the original value or start a new output folder")
+    def rewind(self) -> None:
+        if self.rewind_state is None:
+            return
+        with torch.no_grad():
+            for k, t in self.model.state_dict().items():
+                t.copy_(self.rewind_state[k])
+        self.opt_state = None  # moments of weights that no longer exist
 
 
 def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneResult:
@@ -294,133 +290,124 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneR
 
 
 def _prune(model: nn.Module, bundle, config: PruneConfig) -> PruneResult:
-    device = resolve_device(config.train)
-    distributed.setup(device)
-    model.to(device)
-    plans, finetune_epochs = plan_states(model, config)
     run = _Run(model, bundle, config)
-    out = run.out
-    start, element, hard, rewind_state = 0, PruneMasks.ones(model), PruneMasks.from_weights(model), None
-    # A model that arrives pruned keeps its removed units removed; a dense one gets all-ones masks.
-    hard = hard if hard.is_quasi_structured() else PruneMasks.ones(model)
-    element = _intersect(element, hard)
-    done = None
-    if out is not None:
-        started = (out / "run.json").is_file()
-        if started and not config.resume:
-            raise ConfigError(f"{out} already holds a pruning run; resume it (--resume) or choose a new folder")
-        record = _run_record(config, bundle)
-        if started:
-            _check_resume(out, record)
-            done = checkpoint.last_finished(out)
-        # Every rank reads the folder before rank 0 writes to it.
-        distributed.barrier()
-        if run.main and not started:
-            ensure_dir(out)
-            write_json(out / "run.json", record)
+    _open_run_folder(run)
+    _restore_or_train_dense(run)
+    _keep_rewind_weights(run)
+    _make_teacher(run)
+    for plan in run.plans:
+        if plan.index > run.start:
+            _prune_state(run, plan)
+    _finetune(run)
+    return _finish(run)
+
+
+def _open_run_folder(run: _Run) -> None:
+    """Open a new run folder or resume the run in it; keep the records of the finished states."""
+    if run.out is not None:
+        run.done = run_folder.open_run(run.out, run.config, run.bundle, run.main)
     # Records of a state that did not finish are dropped; that state runs again.
-    run.log.records = [r for r in run.log.records if done is not None and r.get("state", -1) <= done
+    run.log.records = [r for r in run.log.records if run.done is not None and r.get("state", -1) <= run.done
                        and r["phase"] != "final"]
 
-    # The pruning passes (states, then fine-tuning) share one learning-rate schedule and optimiser.
-    epoch_steps = steps_per_epoch(bundle)
-    budget = sum(plan.epochs for plan in plans) + finetune_epochs
-    opt_state = None
-    if done is not None:
-        element, hard, info = checkpoint.load_state(out, done, model)
-        element, hard = element.to(device), hard.to(device)
-        set_rng_state(info["rng"])
-        start = done
-        if done > 0:
-            opt_state = checkpoint.load_optimizer(out, done)
-    elif config.dense_epochs:
-        seed_everything(config.seed)
-        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        snapshots = {0: init}
 
-        def keep_snapshot(record: dict[str, Any]) -> None:
-            if record["epoch"] == config.rewind_epoch:
-                snapshots[record["epoch"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            run.logger("dense", 0, hard)(record)
-        result = train(model, bundle, run.train_config(config.dense_epochs, 0), hard,
-                       on_epoch=keep_snapshot, description="dense")
-        rewind_state = snapshots[0 if config.rewind == "init" else config.rewind_epoch] if config.rewind != "none" else None
-        if rewind_state is not None and out is not None and run.main:
-            write_tensors(out / "rewind.safetensors", rewind_state)
-        run.checkpoint(0, element, hard, result.optimizer_state, {"phase": "dense", "val": result.val})
-    if config.rewind != "none" and rewind_state is None:
-        rewind_state = checkpoint.load_tensors(out / "rewind.safetensors") if out is not None else None
-        if rewind_state is None:
-            raise ConfigError("cannot rewind: the rewind weights were not kept; resume needs out_dir")
+def _restore_or_train_dense(run: _Run) -> None:
+    if run.done is not None:
+        _restore(run)
+    elif run.config.dense_epochs:
+        _train_dense(run)
 
-    teacher = None
-    if config.distill:
-        if out is not None and config.resume and (out / "teacher.safetensors").is_file():
-            teacher = copy.deepcopy(model)
-            teacher.load_state_dict(checkpoint.load_tensors(out / "teacher.safetensors"))
-        else:
-            teacher = copy.deepcopy(model)
-            if out is not None and run.main:
-                write_tensors(out / "teacher.safetensors", teacher.state_dict())
-        teacher.requires_grad_(False)
 
-    offset = epoch_steps * sum(plan.epochs for plan in plans if plan.index <= start)
+def _restore(run: _Run) -> None:
+    """Masks, weights, RNG, optimiser and schedule position as the last finished state left them."""
+    element, hard, info = checkpoint.load_state(run.out, run.done, run.model)
+    run.element, run.hard = element.to(run.device), hard.to(run.device)
+    set_rng_state(info["rng"])
+    run.start = run.done
+    if run.done > 0:
+        run.opt_state = checkpoint.load_optimizer(run.out, run.done)
+    run.offset = run.epoch_steps * sum(plan.epochs for plan in run.plans if plan.index <= run.start)
 
-    def train_pass(epochs: int, phase: int, **kw: Any):
-        nonlocal opt_state, offset
-        result = train(model, bundle, run.train_config(epochs, phase, budget), hard,
-                       window=ScheduleWindow(offset, epoch_steps * budget), optimizer_state=opt_state, **kw)
-        offset += epoch_steps * epochs
-        opt_state = result.optimizer_state
-        return result
 
-    calibration = bundle.calibration() if config.criteria in ("l1", "l2", "saliency") else None
-    for plan in plans:
-        if plan.index <= start:
-            continue
-        seed_everything(config.seed * 1000 + plan.index)
-        # Scores come from the current trained, masked weights (never stale or rewound ones).
-        element = magnitude_prune(model, plan.rate, masks=element)
-        structured = regroup(model, element, config.target, plan.head_ratio, plan.mlp_ratio,
-                             config.criteria, config.mode, config.min_keep, config.round_to,
-                             data=calibration, num_batches=config.num_batches, device=device)
-        structured = distributed.broadcast_masks(_intersect(structured, hard))
-        element = distributed.broadcast_masks(element)
-        info: dict[str, Any] = {"head_ratio": plan.head_ratio,
-                                "mlp_ratio": plan.mlp_ratio, "rate": plan.rate}
-        if config.method == "rsst":
-            penalty = PENALTIES.get(config.penalty)(structured, element, config.schedule(), config.fade_to)
-            norm_before = penalty.norm(model)
-            train_pass(plan.epochs, plan.index, penalty=penalty, teacher=teacher,
-                       on_epoch=run.logger("rsst", plan.index, hard),
-                       description=f"rsst state {plan.index}/{len(plans)}")
-            info.update({"lambda": penalty.value, "penalised_norm_before": norm_before,
-                         "penalised_norm_after": penalty.norm(model)})
-            hard = structured
-            apply_hard(model, hard)
-        else:
-            hard = structured
-            if rewind_state is not None:
-                with torch.no_grad():
-                    for k, t in model.state_dict().items():
-                        t.copy_(rewind_state[k])
-                opt_state = None  # moments of weights that no longer exist
-            apply_hard(model, hard)
-            if plan.epochs:
-                train_pass(plan.epochs, plan.index, teacher=teacher,
-                           on_epoch=run.logger(config.method, plan.index, hard),
-                           description=f"{config.method} state {plan.index}/{len(plans)}")
-        element = _intersect(element, hard)
-        info.update({"val": evaluate(model, bundle.val, device), **_summary(hard)})
-        run.log.write({"phase": "state_end", "state": plan.index, **{k: v for k, v in info.items() if k != "val"},
-                       **{f"val_{k}": v for k, v in info["val"].items()}})
-        run.checkpoint(plan.index, element, hard, opt_state, {"phase": "state", **info})
+def _train_dense(run: _Run) -> None:
+    """Dense training inside the loop, keeping the weights a rewind goes back to (state 0)."""
+    config, model = run.config, run.model
+    seed_everything(config.seed)
+    snapshots = {0: _weights(model)}
 
-    if finetune_epochs:
-        train_pass(finetune_epochs, len(plans) + 1, teacher=teacher,
-                   on_epoch=run.logger("finetune", len(plans) + 1, hard), description="fine-tune")
+    def keep_snapshot(record: dict[str, Any]) -> None:
+        if record["epoch"] == config.rewind_epoch:
+            snapshots[record["epoch"]] = _weights(model)
+        run.logger("dense", 0)(record)
+    result = train(model, run.bundle, run.train_config(config.dense_epochs, 0), run.hard,
+                   on_epoch=keep_snapshot, description="dense")
+    if config.rewind != "none":
+        run.rewind_state = snapshots[0 if config.rewind == "init" else config.rewind_epoch]
+        if run.out is not None and run.main:
+            write_tensors(run.out / "rewind.safetensors", run.rewind_state)
+    run.checkpoint(0, result.optimizer_state, {"phase": "dense", "val": result.val})
+
+
+def _keep_rewind_weights(run: _Run) -> None:
+    """A resumed run reads the rewind weights its dense training kept."""
+    if run.config.rewind == "none" or run.rewind_state is not None:
+        return
+    run.rewind_state = checkpoint.load_tensors(run.out / "rewind.safetensors") if run.out is not None else None
+    if run.rewind_state is None:
+        raise ConfigError("cannot rewind: the rewind weights were not kept; resume needs out_dir")
+
+
+def _make_teacher(run: _Run) -> None:
+    """The model as it enters pruning, frozen (kept in the folder, so that a resume distils from it)."""
+    config, out = run.config, run.out
+    if not config.distill:
+        return
+    run.teacher = copy.deepcopy(run.model)
+    if out is not None and config.resume and (out / "teacher.safetensors").is_file():
+        run.teacher.load_state_dict(checkpoint.load_tensors(out / "teacher.safetensors"))
+    elif out is not None and run.main:
+        write_tensors(out / "teacher.safetensors", run.teacher.state_dict())
+    run.teacher.requires_grad_(False)
+
+
+def _prune_state(run: _Run, plan: StatePlan) -> None:
+    seed_everything(run.config.seed * 1000 + plan.index)
+    structured = _regroup_state(run, plan)
+    info: dict[str, Any] = {"head_ratio": plan.head_ratio, "mlp_ratio": plan.mlp_ratio, "rate": plan.rate,
+                            **run.method.run_state(run, plan, structured, run.element)}
+    run.element = _intersect(run.element, run.hard)
+    _end_state(run, plan, info)
+
+
+def _regroup_state(run: _Run, plan: StatePlan) -> PruneMasks:
+    """Magnitude-prune the survivors at the state's rate and regroup them at its ratios."""
+    # Scores come from the current trained, masked weights (never stale or rewound ones).
+    element = magnitude_prune(run.model, plan.rate, masks=run.element)
+    structured = regroup(run.model, element, run.config.regroup_config(plan.head_ratio, plan.mlp_ratio),
+                         data=run.calibration, device=run.device)
+    structured = distributed.broadcast_masks(_intersect(structured, run.hard))
+    run.element = distributed.broadcast_masks(element)
+    return structured
+
+
+def _end_state(run: _Run, plan: StatePlan, info: dict[str, Any]) -> None:
+    info.update({"val": evaluate(run.model, run.bundle.val, run.device), **_summary(run.hard)})
+    run.log.write({"phase": "state_end", "state": plan.index, **{k: v for k, v in info.items() if k != "val"},
+                   **{f"val_{k}": v for k, v in info["val"].items()}})
+    run.checkpoint(plan.index, run.opt_state, {"phase": "state", **info})
+
+
+def _finetune(run: _Run) -> None:
+    if run.finetune_epochs:
+        phase = len(run.plans) + 1
+        run.train_pass(run.finetune_epochs, phase, on_epoch=run.logger("finetune", phase), description="fine-tune")
+
+
+def _finish(run: _Run) -> PruneResult:
+    """Evaluate the hard-masked model, log and save the final masks, structure and result."""
+    model, hard, out = run.model, run.hard, run.out
     apply_hard(model, hard)
-    val, test = evaluate(model, bundle.val, device), evaluate(model, bundle.test, device)
+    val, test = evaluate(model, run.bundle.val, run.device), evaluate(model, run.bundle.test, run.device)
     structure = hard.structure()
     run.log.write({"phase": "final", **{f"val_{k}": v for k, v in val.items()},
                    **{f"test_{k}": v for k, v in test.items()}, **_summary(hard)})

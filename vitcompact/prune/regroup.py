@@ -2,40 +2,70 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from ..validate import ratio
-from .criteria import ScoreContext, score_units
+from ..validate import integer, one_of, ratio
+from .criteria import CRITERIA, Criterion, ScoreContext, score_units
 from .masks import PruneMasks, head_view
-from .selection import select_units
+from .selection import MODES, select_units
 
 TARGETS = ("head", "mlp", "both")
 
 
-def regroup(model: nn.Module, masks: PruneMasks, target: str = "both", head_ratio: float = 0.0,
-            mlp_ratio: float = 0.0, criteria: str = "magnitude", mode: str = "layer-wise",
-            min_keep: int = 1, round_to: int = 1, data: Iterable[Any] | None = None,
-            num_batches: int = 8, device: torch.device | str | None = None) -> PruneMasks:
-    """Quasi-structured masks from element masks: whole heads and neurons kept or removed.
+@dataclass
+class RegroupConfig:
+    """How `regroup` turns element masks into whole heads and neurons.
 
     `target` chooses what is pruned (`head`, `mlp` or `both`); the other part gets all-ones masks,
-    so its weights are left untouched. Units are scored with the named criterion on the masked
-    model (data-driven criteria need `data`, an iterable of (images, labels) batches) and selected
-    per `mode` (see `selection`). `round_to` rounds kept MLP widths up to a multiple.
+    so its weights are left untouched. Units are scored with `criteria`, a name in `CRITERIA` or a
+    callable of the criterion signature (data-driven ones score `num_batches` calibration batches),
+    and selected per `mode` keeping at least `min_keep` per block (see `selection`). `round_to`
+    rounds kept MLP widths up to a multiple.
     """
-    if target not in TARGETS:
-        raise ConfigError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
-    head_ratio = ratio("head_ratio", head_ratio)
-    mlp_ratio = ratio("mlp_ratio", mlp_ratio)
+
+    target: str = "both"
+    head_ratio: float = 0.0
+    mlp_ratio: float = 0.0
+    criteria: str | Criterion = "magnitude"
+    mode: str = "layer-wise"
+    min_keep: int = 1
+    round_to: int = 1
+    num_batches: int = 8
+
+    def __post_init__(self) -> None:
+        one_of("target", self.target, TARGETS)
+        self.head_ratio = ratio("head_ratio", self.head_ratio)
+        self.mlp_ratio = ratio("mlp_ratio", self.mlp_ratio)
+        if isinstance(self.criteria, str):
+            CRITERIA.get(self.criteria)
+        elif not callable(self.criteria):
+            raise ConfigError(f"criteria must be one of {', '.join(CRITERIA.names())} or a callable "
+                              f"(model, masks, ScoreContext) -> scores, got {self.criteria!r}")
+        one_of("selection mode", self.mode, MODES)
+        integer("min_keep", self.min_keep, 0)
+        integer("round_to", self.round_to, 1)
+        integer("num_batches", self.num_batches, 1)
+
+
+def regroup(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = None, *,
+            data: Iterable[Any] | None = None, device: torch.device | str | None = None) -> PruneMasks:
+    """Quasi-structured masks from element masks: whole heads and neurons kept or removed, as
+    `config` says. Scores come from the masked model on `device`; data-driven criteria need `data`,
+    an iterable of (images, labels) batches."""
+    config = config or RegroupConfig()
     masks.check_model(model)
-    scores = score_units(model, masks, criteria, ScoreContext(data, num_batches, device))
-    heads = select_units([s[0] for s in scores], head_ratio, mode, min_keep) if target != "mlp" else None
-    neurons = (select_units([s[1] for s in scores], mlp_ratio, mode, min_keep, round_to)
-               if target != "head" else None)
+    scores = score_units(model, masks, config.criteria, ScoreContext(data, config.num_batches, device))
+    heads = neurons = None
+    if config.target != "mlp":
+        heads = select_units([s[0] for s in scores], config.head_ratio, config.mode, config.min_keep)
+    if config.target != "head":
+        neurons = select_units([s[1] for s in scores], config.mlp_ratio, config.mode, config.min_keep,
+                               config.round_to)
     out = {}
     for i, block in enumerate(masks.layout.blocks):
         for name, m in masks.block_masks(block).items():
@@ -54,18 +84,21 @@ def regroup(model: nn.Module, masks: PruneMasks, target: str = "both", head_rati
     return PruneMasks(out, masks.layout)
 
 
-def structured_prune(model: nn.Module, masks: PruneMasks, criteria: str, head_ratio: float,
+def structured_prune(model: nn.Module, masks: PruneMasks, criteria: str | Criterion, head_ratio: float,
                      mlp_ratio: float, target: str = "both",
-                     rewind_to: Mapping[str, torch.Tensor] | None = None, **regroup_args: Any) -> PruneMasks:
+                     rewind_to: Mapping[str, torch.Tensor] | None = None, *, data: Iterable[Any] | None = None,
+                     device: torch.device | str | None = None, **regroup_config: Any) -> PruneMasks:
     """The research code's combined step (`prune_model_custom_fillback`), corrected.
 
-    Regroups `masks` into quasi-structured masks with `criteria`. Without `rewind_to` it only
-    returns them (the RSST use: training goes on and the penalty fades the dropped weights). With
-    `rewind_to`, a state dict of initial weights, it loads a copy of those weights (never aliases
-    them), applies the structured masks and returns them (the Refill use).
+    Regroups `masks` into quasi-structured masks with `criteria` (`regroup_config`: the other
+    `RegroupConfig` fields). Without `rewind_to` it only returns them (the RSST use: training goes
+    on and the penalty fades the dropped weights). With `rewind_to`, a state dict of initial
+    weights, it loads a copy of those weights (never aliases them), applies the structured masks
+    and returns them (the Refill use).
     """
-    structured = regroup(model, masks, target=target, head_ratio=head_ratio, mlp_ratio=mlp_ratio,
-                         criteria=criteria, **regroup_args)
+    config = RegroupConfig(target=target, head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=criteria,
+                           **regroup_config)
+    structured = regroup(model, masks, config, data=data, device=device)
     if rewind_to is not None:
         missing = set(model.state_dict()) - set(rewind_to)
         if missing:
