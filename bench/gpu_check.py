@@ -68,7 +68,7 @@ def main() -> int:
 
     import vitcompact as vc
     from vitcompact.export import ExportConfig, to_onnx
-    from vitcompact.prune import PruneMasks
+    from vitcompact.pruning import PruneMasks
 
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():

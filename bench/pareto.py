@@ -35,8 +35,8 @@ import vitcompact as vc
 from vitcompact.errors import VitCompactError
 from vitcompact.export import ExportConfig, to_onnx
 from vitcompact.io import atomic_path, ensure_dir, read_json, scratch, write_json, write_text
-from vitcompact.prune.loop import apply_hard
-from vitcompact.train.seeding import seed_everything
+from vitcompact.pruning.loop import apply_hard
+from vitcompact.training.seeding import seed_everything
 
 from .environment import environment
 from .harness import BenchConfig, benchmark

@@ -19,7 +19,7 @@ import torch
 
 import vitcompact as vc
 from vitcompact.io import atomic_path, ensure_dir, write_json, write_text
-from vitcompact.train.seeding import seed_everything
+from vitcompact.training.seeding import seed_everything
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 

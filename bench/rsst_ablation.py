@@ -21,7 +21,7 @@ from pathlib import Path
 
 import vitcompact as vc
 from vitcompact.io import ensure_dir, write_json, write_text
-from vitcompact.train.seeding import seed_everything
+from vitcompact.training.seeding import seed_everything
 
 BUDGET_SPLIT_3 = {"states": 3, "epochs_per_state": 2, "finetune_epochs": 2}
 BUDGET_SPLIT_2 = {"states": 2, "epochs_per_state": 2, "finetune_epochs": 4}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import vitcompact as vc
-from vitcompact.train.trainer import native_bf16
+from vitcompact.training.trainer import native_bf16
 
 
 class PerSample(Dataset):

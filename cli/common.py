@@ -18,7 +18,7 @@ import vitcompact as vc
 from vitcompact.artifact import resolve_model
 from vitcompact.data import DATA_SOURCES, DataBundle
 from vitcompact.errors import VitCompactError
-from vitcompact.train.seeding import seed_everything
+from vitcompact.training.seeding import seed_everything
 from vitcompact.validate import finite
 
 F = TypeVar("F", bound=Callable[..., Any])

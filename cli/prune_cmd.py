@@ -8,10 +8,10 @@ import typer
 
 import vitcompact as vc
 from vitcompact import output_folder
-from vitcompact.prune.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
-from vitcompact.prune.penalty import PENALTIES
-from vitcompact.prune.schedules import LAMBDA_SCHEDULES
-from vitcompact.train import TrainConfig, distributed
+from vitcompact.pruning.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
+from vitcompact.pruning.penalty import PENALTIES
+from vitcompact.pruning.schedules import LAMBDA_SCHEDULES
+from vitcompact.training import TrainConfig, distributed
 
 from .common import (DataOption, DataRootOption, JsonOption, check_writable, console, model_and_data,
                      print_json, user_errors)

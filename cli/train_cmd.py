@@ -8,7 +8,7 @@ import typer
 
 import vitcompact as vc
 from vitcompact import output_folder
-from vitcompact.train import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
+from vitcompact.training import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
 
 from .common import (DataOption, DataRootOption, JsonOption, check_writable, console, model_and_data,
                      print_json, user_errors)

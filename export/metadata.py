@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.artifact import _data_config
-from vitcompact.compact import compact_info
+from vitcompact.compaction import compact_info
 from vitcompact.errors import ArtifactError
 from vitcompact.models.presets import SOURCE_ATTR
 

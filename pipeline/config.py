@@ -31,8 +31,8 @@ from vitcompact.bench.backends import BACKENDS
 from vitcompact.data import DATA_SOURCES
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, Int8Config
-from vitcompact.prune.loop import PruneConfig
-from vitcompact.train import TrainConfig
+from vitcompact.pruning.loop import PruneConfig
+from vitcompact.training import TrainConfig
 from vitcompact.validate import field_types, flag, integer, seed
 
 if sys.version_info >= (3, 11):

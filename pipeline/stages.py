@@ -29,9 +29,9 @@ from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, ExportResult, to_int8, to_onnx
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
-from vitcompact.prune.loop import prune
-from vitcompact.train import evaluate, train
-from vitcompact.train.seeding import seed_everything
+from vitcompact.pruning.loop import prune
+from vitcompact.training import evaluate, train
+from vitcompact.training.seeding import seed_everything
 
 from .config import PipelineConfig, config_dict
 from .progress import Progress, Silent

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import vitcompact as vc
 from vitcompact.cli.app import app
-from vitcompact.prune import PruneMasks
+from vitcompact.pruning import PruneMasks
 
 runner = CliRunner()
 

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitcompact as vc
 from vitcompact.models import ConstantBranch
-from vitcompact.prune import PruneMasks
+from vitcompact.pruning import PruneMasks
 
 
 def remove_heads(masks: PruneMasks, block: int, heads: list[int], outgoing: bool = True) -> None:

@@ -19,7 +19,7 @@ from vitcompact.export import (ExportConfig, ParityError, TensorRTConfig, read_m
 from vitcompact.export import optimize as optimize_mod
 from vitcompact.export.verify import ort_session
 from vitcompact.models import ConstantBranch
-from vitcompact.prune import PruneMasks
+from vitcompact.pruning import PruneMasks
 
 FAMILIES = ("vit_tiny", "deit_distilled", "reg4")
 PLAIN = ExportConfig(optimize="off")

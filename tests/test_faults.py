@@ -28,8 +28,8 @@ from vitcompact import output_folder
 from vitcompact.cli.app import app
 from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.io import write_json
-from vitcompact.prune.loop import PruneConfig, prune
-from vitcompact.train import TrainConfig
+from vitcompact.pruning.loop import PruneConfig, prune
+from vitcompact.training import TrainConfig
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

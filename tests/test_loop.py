@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
-from vitcompact.prune import checkpoint
-from vitcompact.prune.loop import PruneConfig, apply_hard, prune, state_ratio
-from vitcompact.prune.penalty import PENALTIES, FadePenalty, RSSTPenalty, penalised_weights
-from vitcompact.prune.schedules import LAMBDA_SCHEDULES, LambdaSchedule
-from vitcompact.prune.selection import keep_count
-from vitcompact.train import TrainConfig, steps_per_epoch
+from vitcompact.pruning import checkpoint
+from vitcompact.pruning.loop import PruneConfig, apply_hard, prune, state_ratio
+from vitcompact.pruning.penalty import PENALTIES, FadePenalty, RSSTPenalty, penalised_weights
+from vitcompact.pruning.schedules import LAMBDA_SCHEDULES, LambdaSchedule
+from vitcompact.pruning.selection import keep_count
+from vitcompact.training import TrainConfig, steps_per_epoch
 
 QUIET = TrainConfig(progress=False)
 
@@ -221,7 +221,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     import torch
     from safetensors.torch import save_file
     import vitcompact as vc
-    from vitcompact.prune.loop import PruneConfig, prune
+    from vitcompact.pruning.loop import PruneConfig, prune
     rank = os.environ["RANK"]
     torch.manual_seed(int(rank))  # different init per rank: DDP must align them
     model = vc.create_model("vit-digits", depth=2)

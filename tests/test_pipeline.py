@@ -17,7 +17,7 @@ from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, Int8Config
 from vitcompact.pipeline import DataConfig, PipelineConfig, PipelineResult, run
-from vitcompact.prune.loop import PruneConfig
+from vitcompact.pruning.loop import PruneConfig
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import calibration, input_for, make_family
 
 import vitcompact as vc
-from vitcompact.prune import CRITERIA, PruneMasks, select_units, structured_prune
-from vitcompact.prune.masks import head_view
+from vitcompact.pruning import CRITERIA, PruneMasks, select_units, structured_prune
+from vitcompact.pruning.masks import head_view
 
 
 def tiny_model(seed: int = 0):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 import vitcompact as vc
 from vitcompact.data.bundle import ImageDataset, collate
 from vitcompact.errors import ConfigError
-from vitcompact.train.trainer import BF16_MIN_WIDTH, autocast_dtype, native_bf16
+from vitcompact.training.trainer import BF16_MIN_WIDTH, autocast_dtype, native_bf16
 
 
 def _images(n: int = 12, side: int = 16) -> ImageDataset:

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
-from vitcompact.train import MetricsLog, TrainConfig, evaluate, train
-from vitcompact.train.trainer import _lr_factor, distill_loss
+from vitcompact.training import MetricsLog, TrainConfig, evaluate, train
+from vitcompact.training.trainer import _lr_factor, distill_loss
 
 FAST = dict(epochs=1, progress=False)
 

@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.export import ExportConfig, files, to_onnx
-from vitcompact.prune import loop
-from vitcompact.prune.loop import PruneConfig, prune
-from vitcompact.train import TrainConfig, trainer
+from vitcompact.pruning import loop
+from vitcompact.pruning.loop import PruneConfig, prune
+from vitcompact.training import TrainConfig, trainer
 
 QUIET = TrainConfig(progress=False)
 

@@ -5,15 +5,15 @@ __version__ = "0.1.0"
 from . import _timm  # noqa: F401  (first, so that timm is imported without wandb)
 from .accounting import Count, count
 from .artifact import create_model, is_compact, load, save
-from .compact import CompactInfo, compact, compact_info
+from .compaction import CompactInfo, compact, compact_info
 from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataError, MaskError,
                      UnsupportedModelError, VitCompactError)
 from .models import PRESETS, input_size, vit_layout
-from .prune import (CRITERIA, PruneMasks, RegroupConfig, ScoreContext, Structure, magnitude_prune, regroup,
+from .pruning import (CRITERIA, PruneMasks, RegroupConfig, ScoreContext, Structure, magnitude_prune, regroup,
                     structured_prune)
 from .data import DATA_SOURCES, DataBundle, load_data, load_data_for
-from .prune.loop import PruneConfig, PruneResult, prune
-from .train import TrainConfig, TrainResult, evaluate, train
+from .pruning.loop import PruneConfig, PruneResult, prune
+from .training import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
     "__version__", "Count", "count", "is_compact", "load", "save", "compact", "CompactInfo", "compact_info",

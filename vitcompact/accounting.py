@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .models.adapter import BlockLayout, ViTLayout, vit_layout
-from .prune.structure import Structure
+from .pruning.structure import Structure
 
 
 @dataclass

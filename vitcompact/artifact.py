@@ -21,7 +21,7 @@ from . import __version__
 from .accounting import count
 from .artifact_config import (FORMAT_VERSION, check_accounting, check_against, match_weights, read_config,
                               weight_shapes)
-from .compact import CompactInfo, apply_block_specs, block_specs, compact_info, set_compact_info
+from .compaction import CompactInfo, apply_block_specs, block_specs, compact_info, set_compact_info
 from .errors import ArtifactError, ConfigError
 from .io import atomic_paths, ensure_dir, json_text, regular_file, save_safetensors
 from .models.adapter import input_size

@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from .accounting import count
-from .compact import BlockSpec
+from .compaction import BlockSpec
 from .errors import ArtifactError, ConfigError
 from .io import read_json, regular_file
 from .models.adapter import input_size, vit_layout

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from ..io import ensure_dir, read_json, write_json
-from ..train import distributed
+from ..training import distributed
 from . import checkpoint
-
-if TYPE_CHECKING:
-    from .loop import PruneConfig
 
 # Fields of run.json that may differ between a run and its resumption: where it is written and how
 # it is shown. Every other one changes the result.
@@ -33,14 +30,16 @@ def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_record(config: PruneConfig, bundle) -> dict[str, Any]:
-    """run.json: the settings, and the inputs — as the caller names them, plus what the data
-    loaders show of themselves (a library caller may name nothing)."""
-    record = config.to_dict()
+def run_record(settings: dict[str, Any], bundle) -> dict[str, Any]:
+    """run.json: the settings (`PruneConfig.to_dict()`), and the inputs — as the caller names them
+    in `settings["inputs"]`, plus what the data loaders show of themselves (a library caller may
+    name nothing)."""
+    record = dict(settings)
+    named = settings.get("inputs") or {}
     loader = bundle.train
     seen = {"batch_size": loader.batch_size, "train_images": len(loader.dataset)}
     # The caller's names first: a refusal names the first difference, and those are what it typed.
-    record["inputs"] = {**config.inputs, **{k: v for k, v in seen.items() if k not in config.inputs}}
+    record["inputs"] = {**named, **{k: v for k, v in seen.items() if k not in named}}
     return json.loads(json.dumps(record, default=str))  # as it reads back: lists, not tuples
 
 
@@ -53,13 +52,14 @@ def check_resume(out: Path, record: dict[str, Any]) -> None:
                               "resume with the original value or start a new output folder")
 
 
-def open_run(out: Path, config: PruneConfig, bundle, main: bool) -> int | None:
-    """Refuse a used folder unless resuming with the same settings, and write a new one's run.json
-    (on the main process). Returns the last state a resumed run finished, or None."""
+def open_run(out: Path, settings: dict[str, Any], bundle, main: bool) -> int | None:
+    """Refuse a used folder unless resuming (`settings["resume"]`) with the same settings, and
+    write a new one's run.json (on the main process). Returns the last state a resumed run
+    finished, or None."""
     started = (out / "run.json").is_file()
-    if started and not config.resume:
+    if started and not settings.get("resume"):
         raise ConfigError(f"{out} already holds a pruning run; resume it (--resume) or choose a new folder")
-    record = run_record(config, bundle)
+    record = run_record(settings, bundle)
     done = None
     if started:
         check_resume(out, record)

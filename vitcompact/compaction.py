@@ -19,7 +19,7 @@ from .errors import MaskError
 from .models.adapter import BlockLayout, vit_layout
 from .models.layers import ConstantBranch
 from .models.presets import SOURCE_ATTR
-from .prune.masks import PruneMasks, UnitState, head_view
+from .pruning.masks import PruneMasks, UnitState, head_view
 
 COMPACT_ATTR = "vitcompact_compact"
 

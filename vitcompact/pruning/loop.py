@@ -24,10 +24,10 @@ from .. import output_folder
 from ..errors import ConfigError
 from ..io import write_json, write_tensors
 from ..models.adapter import vit_layout
-from ..train import distributed
-from ..train.metrics_log import MetricsLog
-from ..train.seeding import rng_state, seed_everything, set_rng_state
-from ..train.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
+from ..training import distributed
+from ..training.metrics_log import MetricsLog
+from ..training.seeding import rng_state, seed_everything, set_rng_state
+from ..training.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
 from ..validate import flag, in_range, integer, ratio, seed
 from . import checkpoint, run_folder
 from .criteria import CRITERIA
@@ -305,7 +305,7 @@ def _prune(model: nn.Module, bundle, config: PruneConfig) -> PruneResult:
 def _open_run_folder(run: _Run) -> None:
     """Open a new run folder or resume the run in it; keep the records of the finished states."""
     if run.out is not None:
-        run.done = run_folder.open_run(run.out, run.config, run.bundle, run.main)
+        run.done = run_folder.open_run(run.out, run.config.to_dict(), run.bundle, run.main)
     # Records of a state that did not finish are dropped; that state runs again.
     run.log.records = [r for r in run.log.records if run.done is not None and r.get("state", -1) <= run.done
                        and r["phase"] != "final"]

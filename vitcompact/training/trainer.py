@@ -30,7 +30,7 @@ BF16_MIN_WIDTH = 128
 
 
 class WeightMasks(Protocol):
-    """What training needs of pruning masks (`vitcompact.prune.PruneMasks`): zeroing the pruned
+    """What training needs of pruning masks (`vitcompact.pruning.PruneMasks`): zeroing the pruned
     weights in place. Declared here so that training does not import pruning."""
 
     def apply_(self, model: nn.Module) -> Any: ...

@@ -12,16 +12,13 @@ structure is regrouped:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch.nn as nn
 
 from ..registry import Registry
 from .masks import PruneMasks
 from .penalty import PENALTIES
-
-if TYPE_CHECKING:
-    from .loop import PruneConfig
 
 
 @dataclass
@@ -36,6 +33,19 @@ class StatePlan:
 def state_ratio(final: float, state: int, states: int) -> float:
     """Ratio for state s of S: kept fraction (1 - r)^(s/S), and exactly r at the last state."""
     return final if state == states else 1.0 - (1.0 - final) ** (state / states)
+
+
+class MethodSettings(Protocol):
+    """The settings a method reads (a `PruneConfig` has them all)."""
+
+    states: int
+    epochs_per_state: int
+    finetune_epochs: int
+    prune_rate: float | None
+    penalty: str
+    fade_to: float
+
+    def schedule(self) -> Any: ...
 
 
 class StateRun(Protocol):
@@ -57,7 +67,7 @@ class Method:
     """A pruning method, made for one run's config. By default it plans `states` states whose
     ratios grow to the final ones, each trained `epochs_per_state`, then `finetune_epochs`."""
 
-    def __init__(self, config: PruneConfig):
+    def __init__(self, config: MethodSettings):
         self.config = config
 
     def plan(self, head_ratio: float, mlp_ratio: float, removed: float) -> tuple[list[StatePlan], int]:
