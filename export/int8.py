@@ -158,6 +158,16 @@ def end_layers(path: Path) -> list[str]:
     return names
 
 
+def activation_products(path: Path) -> list[str]:
+    """Node names of the matmuls of two activations (attention's q·kᵀ and weights·v): no weight
+    there, so "linear" keeps them FP32 (onnxruntime's MatMulConstBOnly is ignored in QDQ format)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not weights.intersection(n.input)]
+
+
 def _quantise_static(src: Path, staged: Path, config: Int8Config, data: DataBundle, external: bool) -> int:
     """Write the static QDQ model of `src` to `staged`; returns the number of calibration images.
 
@@ -177,11 +187,12 @@ def _quantise_static(src: Path, staged: Path, config: Int8Config, data: DataBund
     extra = {"ActivationSymmetric": True,
              "TensorQuantOverrides": _activation_ranges(prepared, op_types, config, reader, external)}
     if linear:
-        extra.update(MatMulConstBOnly=True, OpTypesToExcludeOutputQuantization=WEIGHT_OPS)
+        extra.update(OpTypesToExcludeOutputQuantization=WEIGHT_OPS)
     quantize_static(str(prepared), str(staged), _calibration_reader(src, data, 1), quant_format=QuantFormat.QDQ,
                     per_channel=config.per_channel, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
-                    nodes_to_exclude=end_layers(prepared) if config.fp32_ends else None,
+                    nodes_to_exclude=((activation_products(prepared) if linear else [])
+                                      + (end_layers(prepared) if config.fp32_ends else [])),
                     use_external_data_format=external, extra_options=extra)
     for leftover in (prepared, data_file(prepared), prepared.with_name("augmented.onnx")):
         leftover.unlink(missing_ok=True)

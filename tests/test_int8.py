@@ -103,6 +103,12 @@ def test_static_int8_keeps_top1_and_records_what_it_measured(trained, digits, tm
     for node in graph.node:
         if node.op_type in ("Softmax", "LayerNormalization"):
             assert all(producers.get(i) != "DequantizeLinear" for i in node.input), node.name
+    # ... and so do attention's two activation products: of the 2 blocks' 4 weight matmuls and
+    # 2 activation matmuls each, only the weight ones (and the head) read dequantised inputs.
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    dequantised = [n for n in matmuls if all(producers.get(i) == "DequantizeLinear" for i in n.input[:2])]
+    plain = [n for n in matmuls if not any(producers.get(i) == "DequantizeLinear" for i in n.input[:2])]
+    assert (len(dequantised), len(plain)) == (4 * 2 + 1, 2 * 2)
 
 
 def test_fp32_ends_keeps_patch_embedding_and_head_in_float(trained, digits, tmp_path):

@@ -9,8 +9,7 @@ from .compaction import CompactInfo, compact, compact_info
 from .errors import (ArtifactError, BackendUnavailableError, ConfigError, DataError, MaskError,
                      UnsupportedModelError, VitCompactError)
 from .models import PRESETS, input_size, vit_layout
-from .pruning import (CRITERIA, PruneMasks, RegroupConfig, ScoreContext, Structure, magnitude_prune, regroup,
-                    structured_prune)
+from .pruning import CRITERIA, PruneMasks, RegroupConfig, ScoreContext, Structure, magnitude_prune, regroup
 from .data import DATA_SOURCES, DataBundle, load_data, load_data_for
 from .pruning.loop import PruneConfig, PruneResult, prune
 from .training import TrainConfig, TrainResult, evaluate, train
@@ -20,7 +19,6 @@ __all__ = [
     "ArtifactError", "BackendUnavailableError", "ConfigError", "DataError", "MaskError",
     "UnsupportedModelError", "VitCompactError", "PRESETS", "create_model", "input_size", "vit_layout",
     "CRITERIA", "PruneMasks", "RegroupConfig", "ScoreContext", "Structure", "magnitude_prune", "regroup",
-    "structured_prune",
     "DATA_SOURCES", "DataBundle", "load_data", "load_data_for", "PruneConfig", "PruneResult", "prune",
     "TrainConfig", "TrainResult", "evaluate", "train",
 ]
