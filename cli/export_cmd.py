@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -10,10 +9,9 @@ from rich.table import Table
 
 import vitcompact as vc
 from vitcompact.data import DATA_SOURCES
-from vitcompact.errors import ArtifactError, ConfigError
-from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, to_fp16,
-                               to_int8, to_onnx, to_tensorrt)
-from vitcompact.export.files import publish, staging
+from vitcompact.errors import ConfigError
+from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, export_all,
+                               to_tensorrt)
 from vitcompact.export.int8 import CALIBRATIONS, MODES
 
 from .common import JsonOption, console, load_any, print_json, user_errors
@@ -73,10 +71,7 @@ def onnx_cmd(
     # Unaugmented at the model's input: training split to calibrate, validation and test to measure.
     data = (vc.load_data_for(loaded, calib_data, data_root, batch_size=64, seed=seed, augment=False)
             if calib_data is not None else None)
-    if not fp16 and int8_config is None:
-        results = [to_onnx(loaded, out, config)]
-    else:
-        results = _export_together(loaded, out, config, fp16, int8_config, data, verify)
+    results = export_all(loaded, out, config, fp16=fp16, int8=int8_config, data=data)
     if json_out:
         print_json([r.to_dict() for r in results])
         return
@@ -91,23 +86,6 @@ def onnx_cmd(
     for r in results:
         if r.precision == "int8" and "accuracy" in r.int8:
             console.print(_int8_text(r), markup=False)
-
-
-def _export_together(model, out: Path, config: ExportConfig, fp16: bool, int8_config: Int8Config | None,
-                     data, verify: bool) -> list[ExportResult]:
-    """The fp32 file and its variants, made in a staging folder and moved into place only when all
-    of them are done: a refused INT8 file leaves nothing behind, not even the fp32 file."""
-    with staging(out) as stage:
-        staged = stage / out.name
-        try:
-            results = [to_onnx(model, staged, config)]
-            if fp16:
-                results.append(to_fp16(staged, verify=verify))
-            if int8_config is not None:
-                results.append(to_int8(staged, config=int8_config, data=data, verify=verify))
-        except ArtifactError as e:  # name the file the user asked for, not the staging folder
-            raise ArtifactError(str(e).replace(str(stage), str(out.parent))) from None
-        return [dataclasses.replace(r, path=publish(r.path, out.with_name(r.path.name))) for r in results]
 
 
 def _int8_text(result: ExportResult) -> str:

@@ -4,12 +4,13 @@ from .int8 import AccuracyDropError, Int8Config, to_int8
 from .metadata import read_metadata
 from .onnx import ExportConfig, ExportResult, to_onnx
 from .optimize import OptimizeReport
+from .release import export_all
 from .tensorrt import EngineResult, EngineRunner, TensorRTConfig, to_tensorrt, verify_tensorrt
 from .variants import to_fp16
 from .verify import ParityError, ParityReport, verify_onnx
 
 __all__ = [
-    "ExportConfig", "ExportResult", "to_onnx", "verify_onnx", "read_metadata", "to_fp16", "to_int8",
+    "ExportConfig", "ExportResult", "to_onnx", "verify_onnx", "read_metadata", "to_fp16", "to_int8", "export_all",
     "Int8Config", "AccuracyDropError",
     "to_tensorrt", "TensorRTConfig", "verify_tensorrt", "EngineResult", "EngineRunner",
     "OptimizeReport", "ParityError", "ParityReport",

@@ -11,6 +11,7 @@ structure is regrouped:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,7 +64,7 @@ class StateRun(Protocol):
         """Load the rewind weights, where the run keeps any."""
 
 
-class Method:
+class Method(abc.ABC):
     """A pruning method, made for one run's config. By default it plans `states` states whose
     ratios grow to the final ones, each trained `epochs_per_state`, then `finetune_epochs`."""
 
@@ -80,10 +81,10 @@ class Method:
                  for s in range(1, S + 1)]
         return plans, c.finetune_epochs
 
+    @abc.abstractmethod
     def run_state(self, run: StateRun, plan: StatePlan, structured: PruneMasks,
                   element: PruneMasks) -> dict[str, Any]:
         """Train and cut to `structured`; returns what the state's record adds."""
-        raise NotImplementedError
 
 
 METHODS: Registry[type[Method]] = Registry("method", ordered=True)
