@@ -84,8 +84,10 @@ def pipeline(
 ) -> None:
     """Prune -> compact -> export -> INT8 -> verify -> bench, from flags or a TOML config file.
 
-    The file's sections are the stages' configs ([data], [train], [prune], [export], [int8],
-    [bench]); flags override it. Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
+    The file's sections (data, train, prune, export, int8, bench) are the stages' configs, with
+    their field names; flags override the file.
+
+    Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
     """
     overrides = {"model": model, "checkpoint": checkpoint, "data.source": data, "data.root": data_root,
                  "prune.method": method, "prune.head_ratio": head_ratio, "prune.mlp_ratio": mlp_ratio,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 
 from vitcompact.errors import ArtifactError, ConfigError
@@ -54,12 +55,12 @@ def quiet_root_logger() -> Iterator[None]:
 
 
 def finish_variant(staged: Path, src: Path, dst: Path, meta: dict[str, str], precision: str,
-            verify: bool, start: float) -> ExportResult:
+                   verify: bool, start: float, images: np.ndarray | None = None) -> ExportResult:
     proto = restamp(staged, {**meta, "precision": precision})
     parity = None
     if verify:
         check_onnx(staged)
-        parity = verify_against_onnx(staged, src, DEFAULT_BATCHES, VARIANT_ATOL[precision])
+        parity = verify_against_onnx(staged, src, DEFAULT_BATCHES, VARIANT_ATOL[precision], images)
     external = data_file(staged).exists()
     publish(staged, dst)
     return ExportResult(dst, precision, opset_of(proto), parity, None, external, raw_metadata(proto),

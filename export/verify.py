@@ -109,11 +109,12 @@ def sample_inputs(chw: Sequence[int], batch: int, seed: int = 0) -> np.ndarray:
 
 def compare(path: Path, reference: str, run: Callable[[np.ndarray], np.ndarray],
             expected: Callable[[np.ndarray], np.ndarray], chw: Sequence[int],
-            batch_sizes: Sequence[int], atol: float) -> ParityReport:
-    """Run `run` and `expected` on the same inputs per batch size and record the differences."""
+            batch_sizes: Sequence[int], atol: float, images: np.ndarray | None = None) -> ParityReport:
+    """Run `run` and `expected` on the same inputs per batch size and record the differences:
+    the first images of `images` where given, normal noise otherwise."""
     report = ParityReport(Path(path), reference, atol)
     for batch in batch_sizes:
-        x = sample_inputs(chw, batch)
+        x = images[:batch] if images is not None and len(images) >= batch else sample_inputs(chw, batch)
         got, want = np.asarray(run(x), dtype=np.float32), np.asarray(expected(x), dtype=np.float32)
         if got.shape != want.shape:
             raise ParityError(f"{Path(path).name} returns shape {got.shape} at batch {batch} but "
@@ -164,9 +165,12 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, batch_sizes: Sequence
 
 
 def verify_against_onnx(path: str | os.PathLike, reference: str | os.PathLike,
-                        batch_sizes: Sequence[int] = DEFAULT_BATCHES, atol: float = DEFAULT_ATOL) -> ParityReport:
-    """onnxruntime on `path` against onnxruntime on the `reference` ONNX file (variants, fusions)."""
+                        batch_sizes: Sequence[int] = DEFAULT_BATCHES, atol: float = DEFAULT_ATOL,
+                        images: np.ndarray | None = None) -> ParityReport:
+    """onnxruntime on `path` against onnxruntime on the `reference` ONNX file (variants, fusions),
+    on `images` where given (real inputs: a statically quantised file is calibrated for them)."""
     session, ref_session = ort_session(path), ort_session(reference)
     _, chw = input_shape(ref_session)
-    return compare(Path(path), Path(reference).name, onnx_runner(session), onnx_runner(ref_session),
-                   chw, batch_sizes, atol)
+    label = Path(reference).name + (" on validation images" if images is not None else "")
+    return compare(Path(path), label, onnx_runner(session), onnx_runner(ref_session), chw, batch_sizes, atol,
+                   images)

@@ -76,6 +76,8 @@ def test_static_int8_keeps_top1_and_records_what_it_measured(trained, digits, tm
     result = to_int8(src, tmp_path / "m.int8.onnx", Int8Config(mode="static"), data=digits)
     meta = read_metadata(result.path)
     assert meta["precision"] == "int8" and result.precision == "int8"
+    # Verified on validation images (what it was calibrated for), within the variants' tolerance.
+    assert result.parity.reference == "model.onnx on validation images" and result.parity.passed
     record = meta["int8"]
     assert record == result.int8
     assert {k: record[k] for k in ("mode", "calibration", "calib_batches", "per_channel", "scope",
