@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 import torch
@@ -103,7 +103,7 @@ def export_program(model: nn.Module, path: Path, config: ExportConfig) -> None:
     example = torch.randn(EXPORT_BATCH, *input_size(model))
     batch = torch.export.Dim("batch", min=1, max=config.max_batch)
     # The exporter reports progress on stdout and warns about its own internals; keep both quiet.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _explicit_attention(model):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -114,6 +114,22 @@ def export_program(model: nn.Module, path: Path, config: ExportConfig) -> None:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UnsupportedModelError(f"torch.onnx could not export this model: {first}") from None
         program.save(str(path), external_data=config.external_data)
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module) -> Iterator[None]:
+    """timm attention as its explicit softmax(q·kᵀ)·v while exporting. The exporter spells the fused
+    kernel (scaled_dot_product_attention) out with shape arithmetic for the dynamic batch: 380
+    operators against 299 for vit-cifar-tiny, 2 % slower at batch 1 on onnxruntime CPU in FP32 and
+    9 % slower in static INT8 (one interleaved run)."""
+    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    for m, _ in fused:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, value in fused:
+            m.fused_attn = value
 
 
 def restamp(path: Path, metadata: dict[str, str]) -> onnx.ModelProto:

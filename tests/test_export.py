@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import input_for, make_family, randomize_
+from conftest import input_for, make_family, randomize_, tiny
 from typer.testing import CliRunner
 
 import vitcompact as vc
@@ -264,3 +264,14 @@ def test_cli_rejects_a_bad_opset(tmp_path):
     result = CliRunner().invoke(app, ["export", "onnx", "vit-digits", str(tmp_path / "m.onnx"), "--opset", "12"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: opset 12 is not supported; use an opset from 17 to 25 (default 18)"
+
+
+def test_export_spells_attention_out_and_leaves_the_model_as_it_was(tmp_path):
+    model = tiny().eval()
+    flags = [b.attn.fused_attn for b in model.blocks]
+    path = to_onnx(model, tmp_path / "m.onnx", ExportConfig(optimize="off")).path
+    assert [b.attn.fused_attn for b in model.blocks] == flags
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # Explicit softmax(q·kᵀ)·v per block, without the shape arithmetic of the fused kernel's
+    # spelling: the one Shape left expands the class token to the batch.
+    assert ops.count("Softmax") == len(model.blocks) and ops.count("Shape") == 1
