@@ -68,3 +68,13 @@ def tiny():
     """The demo preset cut to two blocks, seeded."""
     torch.manual_seed(0)
     return vc.create_model("vit-digits", depth=2)
+
+
+def one_line_error(result, expected: str) -> None:
+    """A CLI result that failed as a user error should: exit code 2, one `error:` line holding
+    `expected`, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output

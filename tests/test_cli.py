@@ -18,15 +18,9 @@ import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.pruning import PruneMasks
 
+from conftest import one_line_error
+
 runner = CliRunner()
-
-
-def one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

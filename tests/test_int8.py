@@ -20,14 +20,9 @@ from vitcompact.export.int8 import end_layers
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.errors import ConfigError
 
+from conftest import one_line_error
+
 runner = CliRunner()
-
-
-def one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert expected in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

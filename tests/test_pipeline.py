@@ -19,6 +19,8 @@ from vitcompact.export import AccuracyDropError, Int8Config
 from vitcompact.pipeline import DataConfig, PipelineConfig, PipelineResult, run
 from vitcompact.pruning.loop import PruneConfig
 
+from conftest import one_line_error
+
 runner = CliRunner()
 
 TINY_TOML = (
@@ -35,14 +37,6 @@ def tiny(out, **changes) -> PipelineConfig:
         int8=Int8Config(mode="static", calib_batches=2, max_accuracy_drop=None),
         bench=BenchConfig(batch_sizes=(2,), threads=1, time_budget_s=0.5))
     return dataclasses.replace(config, **changes)
-
-
-def one_line_error(result, expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert expected in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def params_of(module: torch.nn.Module) -> int:
