@@ -112,6 +112,17 @@ class OrtBackend:
                 "onnx_optimize": self.options.onnx_optimize}
 
 
+def _pytorch_module(model: BenchModel, backend: str, threads: int, for_files: str) -> torch.nn.Module:
+    """The model's module in eval mode, torch's threads pinned; engine and ONNX files are refused
+    (naming `for_files`, the backend that times such files)."""
+    model.refuse_engine(backend)
+    if model.module is None:
+        raise ConfigError(f"{model.label}: the {backend} backend needs a model (artifact directory, "
+                          f"preset or timm name), not an ONNX file; use --backend {for_files}")
+    torch.set_num_threads(threads)
+    return model.module.eval()
+
+
 class TorchBackend:
     """PyTorch eager on CPU under `inference_mode`, with `torch.set_num_threads` pinned."""
 
@@ -121,12 +132,7 @@ class TorchBackend:
         self.options = options
 
     def load(self, model: BenchModel) -> Loaded:
-        model.refuse_engine(self.name)
-        if model.module is None:
-            raise ConfigError(f"{model.label}: the torch backend needs a model (artifact directory, "
-                              "preset or timm name), not an ONNX file; use --backend ort-cpu")
-        torch.set_num_threads(self.options.threads)
-        module = model.module.eval()
+        module = _pytorch_module(model, self.name, self.options.threads, "ort-cpu")
 
         def bind(batch: int) -> Runner:
             x = torch.from_numpy(random_batch(batch, model.input_size, self.options.seed))
@@ -189,12 +195,8 @@ class TorchCudaBackend:
         self.eager_fallbacks: list[str] = []  # "label, batch N: reason" where capture failed
 
     def load(self, model: BenchModel) -> Loaded:
-        model.refuse_engine(self.name)
-        if model.module is None:
-            raise ConfigError(f"{model.label}: the {self.name} backend needs a model (artifact "
-                              "directory, preset or timm name), not an ONNX file; use --backend ort-cuda")
-        torch.set_num_threads(self.options.threads)
-        module = copy.deepcopy(model.module).eval().to("cuda", self.dtype)
+        module = copy.deepcopy(_pytorch_module(model, self.name, self.options.threads, "ort-cuda")).to(
+            "cuda", self.dtype)
 
         def bind(batch: int) -> Runner:
             x = random_batch(batch, model.input_size, self.options.seed)
