@@ -29,7 +29,7 @@ def main() -> None:
 
     model = vc.load(args.artifact).eval()
     c, h, _ = vc.input_size(model)
-    bundle = load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=256, augment=False)
+    bundle = load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=256, aug="none")
     out = Path(args.out or tempfile.mkdtemp(prefix="variants-"))
 
     fp32 = to_onnx(model, out / "model.onnx", ExportConfig(optimize="off"))

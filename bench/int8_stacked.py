@@ -87,7 +87,7 @@ def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) ->
     compact = compact_model(dense, RESEARCH, args.round_to)
     c, h, _ = vc.input_size(dense)
     data = vc.load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=8,
-                        augment=False, limit=args.calib_images)
+                        aug="none", limit=args.calib_images)
     dense_onnx = export_quiet(dense, folder / f"{name}-dense.onnx")
     compact_onnx = export_quiet(compact, folder / f"{name}-compact.onnx")
     files = {"compact fp32": compact_onnx}

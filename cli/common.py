@@ -16,9 +16,9 @@ from typer.core import TyperGroup
 
 import vitcompact as vc
 from vitcompact.artifact import resolve_model
-from vitcompact.data import DATA_SOURCES, DataBundle
-from vitcompact.errors import VitCompactError
-from vitcompact.training.seeding import seed_everything
+from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
+from vitcompact.errors import VitCompactError, one_line
+from vitcompact.training import TrainConfig
 from vitcompact.validate import finite
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,7 +51,7 @@ def user_errors(fn: F) -> F:
             _finite_options(kwargs)
             return fn(*args, **kwargs)
         except VitCompactError as e:
-            raise fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise fail(one_line(e)) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             raise fail(f"{e.strerror}: {e.filename}") from None
         except KeyboardInterrupt:
@@ -90,6 +90,17 @@ JsonOption = typer.Option(False, "--json", help="Print the result as JSON instea
 
 DataOption = typer.Option("digits", "--data", help=f"Data source: {', '.join(DATA_SOURCES.names())}.")
 DataRootOption = typer.Option(None, "--data-root", help="Folder of the data source's files.")
+AugOption = typer.Option("light", "--aug", help=f"Training augmentation: {', '.join(AUGMENTATIONS)} "
+                         "(light: small shifts and flips; randaugment: timm's RandAugment and random erasing).")
+WorkersOption = typer.Option(None, "--workers", help="DataLoader worker processes for image folders and per-image "
+                             "transforms (default: one per core but one).")
+MixupOption = typer.Option(0.0, "--mixup", help="Mixup alpha (0: off).")
+CutmixOption = typer.Option(0.0, "--cutmix", help="CutMix alpha (0: off).")
+LabelSmoothingOption = typer.Option(TrainConfig.label_smoothing, "--label-smoothing", help="Label smoothing.")
+PretrainedOption = typer.Option(False, "--pretrained", help="Start a timm model from its hub weights (needs the "
+                                "internet; offline, pass --checkpoint FILE).")
+ResetClassifierOption = typer.Option(False, "--reset-classifier", help="Give an artifact a new classifier when the "
+                                     "data has another class count.")
 
 
 def check_writable(out: Path) -> None:
@@ -101,17 +112,6 @@ def check_writable(out: Path) -> None:
         raise vc.ArtifactError(f"cannot write to {out}: {probe} is not a folder")
     if not os.access(probe, os.W_OK):
         raise vc.ArtifactError(f"cannot write to {out}: {probe} is not writable")
-
-
-def model_and_data(model: str, checkpoint: Path | None, data: str, data_root: Path | None,
-                   batch_size: int, seed: int) -> tuple[nn.Module, DataBundle]:
-    """The model (artifact, preset or timm name, optionally with checkpoint weights) and its data,
-    resized to the model's input."""
-    # Seeded before the model is built: a preset or timm name is randomly initialised here.
-    seed_everything(seed)
-    m = resolve_model(model, checkpoint)
-    vc.vit_layout(m)
-    return m, vc.load_data_for(m, data, data_root, batch_size=batch_size, seed=seed)
 
 
 def load_any(model: str, num_classes: int | None = None, in_chans: int | None = None,

@@ -69,7 +69,7 @@ def onnx_cmd(
         raise ConfigError("--calib-data is for INT8; add --int8 static (or dynamic)")
     loaded = load_any(model)
     # Unaugmented at the model's input: training split to calibrate, validation and test to measure.
-    data = (vc.load_data_for(loaded, calib_data, data_root, batch_size=64, seed=seed, augment=False)
+    data = (vc.load_data_for(loaded, calib_data, data_root, batch_size=64, seed=seed, aug="none")
             if calib_data is not None else None)
     results = export_all(loaded, out, config, fp16=fp16, int8=int8_config, data=data)
     if json_out:

@@ -69,8 +69,11 @@ def pipeline(
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML file of a PipelineConfig."),
     model: str | None = typer.Option(None, help="Preset, timm name or artifact directory."),
     checkpoint: str | None = typer.Option(None, help="Dense weights for MODEL (.safetensors/.pth)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Start a timm model from its hub weights "
+                                    "(needs the internet; offline, pass --checkpoint FILE)."),
     data: str | None = typer.Option(None, help="Data source (digits, fashion-mnist, mnist, cifar10, ...)."),
     data_root: str | None = typer.Option(None, help="Folder of the data source's files."),
+    aug: str | None = typer.Option(None, help="Training augmentation: none, light or randaugment."),
     method: str | None = typer.Option(None, help="rsst, refill or oneshot."),
     head_ratio: float | None = typer.Option(None, help="Fraction of heads to remove, in [0, 1)."),
     mlp_ratio: float | None = typer.Option(None, help="Fraction of MLP neurons to remove, in [0, 1)."),
@@ -89,7 +92,8 @@ def pipeline(
 
     Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
     """
-    overrides = {"model": model, "checkpoint": checkpoint, "data.source": data, "data.root": data_root,
+    overrides = {"model": model, "checkpoint": checkpoint, "pretrained": pretrained or None,
+                 "data.source": data, "data.root": data_root, "data.aug": aug,
                  "prune.method": method, "prune.head_ratio": head_ratio, "prune.mlp_ratio": mlp_ratio,
                  "prune.criteria": criteria, "train.epochs": train_epochs, "int8.mode": int8, "out": out,
                  "overwrite": overwrite or None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 
 import vitcompact as vc
@@ -13,19 +14,21 @@ from vitcompact.pruning.penalty import PENALTIES
 from vitcompact.pruning.schedules import LAMBDA_SCHEDULES
 from vitcompact.training import TrainConfig, distributed
 
-from .common import (DataOption, DataRootOption, JsonOption, check_writable, console, model_and_data,
+from .common import (AugOption, CutmixOption, DataOption, DataRootOption, JsonOption, LabelSmoothingOption,
+                     MixupOption, PretrainedOption, ResetClassifierOption, WorkersOption, check_writable, console,
                      print_json, user_errors)
 
 _defaults = PruneConfig()
 
 
-def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path | None, batch_size: int) -> dict:
+def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path | None, batch_size: int,
+               aug: str = "light", pretrained: bool = False) -> dict:
     """What a run prunes, for run.json: a resume with other inputs is refused. Paths are absolute,
     so that the same run resumed from another working folder is the same run."""
     def named(spec: str | Path | None) -> str | None:
         return None if spec is None else str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
-    return {"model": named(model), "checkpoint": named(checkpoint), "data": data, "data_root": named(data_root),
-            "batch_size": batch_size}
+    return {"model": named(model), "checkpoint": named(checkpoint), "pretrained": pretrained, "data": data,
+            "data_root": named(data_root), "batch_size": batch_size, "aug": aug}
 
 
 @user_errors
@@ -59,7 +62,14 @@ def prune(
     seed: int = typer.Option(0, help="Seed (initial weights of a preset, data split, order, augmentation)."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
     compile_model: bool = typer.Option(False, "--compile", help="Train through torch.compile."),
+    aug: str = AugOption,
+    mixup: float = MixupOption,
+    cutmix: float = CutmixOption,
+    label_smoothing: float = LabelSmoothingOption,
+    workers: int | None = WorkersOption,
     checkpoint: Path | None = typer.Option(None, help="Dense weights (.safetensors/.pth) for MODEL."),
+    pretrained: bool = PretrainedOption,
+    reset_classifier: bool = ResetClassifierOption,
     out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, masks, pruned artifact)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last state."),
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="Also log to wandb."),
@@ -75,12 +85,16 @@ def prune(
         finetune_epochs=finetune_epochs, lr=lr, lambda_schedule=lambda_schedule, lambda_max=lambda_max,
         lambda_base=lambda_base, lambda_exponent=lambda_exponent,
         penalty=penalty, fade_to=fade_to, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
-        train=TrainConfig(precision=precision, compile=compile_model, progress=not json_out), out_dir=out, resume=resume, seed=seed,
-        wandb_project=wandb_project, inputs=run_inputs(model, checkpoint, data, data_root, batch_size))
+        train=TrainConfig(precision=precision, compile=compile_model, mixup=mixup, cutmix=cutmix,
+                          label_smoothing=label_smoothing, progress=not json_out),
+        out_dir=out, resume=resume, seed=seed, wandb_project=wandb_project,
+        inputs=run_inputs(model, checkpoint, data, data_root, batch_size, aug, pretrained))
     check_writable(out)
     if not resume and (out / "run.json").exists():
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
-    m, bundle = model_and_data(model, checkpoint, data, data_root, batch_size, seed)
+    m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,
+                                  reset_classifier=reset_classifier, seed=seed, batch_size=batch_size, aug=aug,
+                                  workers=workers, pin_memory=torch.cuda.is_available())
     with output_folder.lock(out, enabled=distributed.is_main()):
         result = prune_model(m, bundle, config)
         if not distributed.is_main():  # under torchrun every rank holds the same masks; rank 0 writes

@@ -28,12 +28,12 @@ from typing import Any
 
 from vitcompact.bench import BenchConfig
 from vitcompact.bench.backends import BACKENDS
-from vitcompact.data import DATA_SOURCES
+from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, Int8Config
 from vitcompact.pruning.loop import PruneConfig
 from vitcompact.training import TrainConfig
-from vitcompact.validate import field_types, flag, integer, seed
+from vitcompact.validate import field_types, flag, integer, one_of, seed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,15 +43,24 @@ else:  # pragma: no cover
 
 @dataclass
 class DataConfig:
-    """Which built-in source the run trains, prunes and measures on (resized to the model)."""
+    """Which built-in source the run trains, prunes and measures on (at the model's input and
+    preprocessing), its training augmentation (`AUGMENTATIONS`) and loader workers (None: as
+    `load_data` chooses). `reset_classifier` lets an artifact trained on other classes start here."""
 
     source: str = "digits"
     root: str | None = None
     batch_size: int = 64
+    aug: str = "light"
+    workers: int | None = None
+    reset_classifier: bool = False
 
     def __post_init__(self) -> None:
         DATA_SOURCES.get(self.source)
         integer("batch_size", self.batch_size, 1)
+        one_of("aug", self.aug, AUGMENTATIONS)
+        if self.workers is not None:
+            integer("workers", self.workers, 0, 64)
+        flag("reset_classifier", self.reset_classifier)
 
 
 def _train() -> TrainConfig:
@@ -90,6 +99,7 @@ class PipelineConfig:
 
     model: str = "vit-digits"
     checkpoint: str | None = None
+    pretrained: bool = False
     out: str = "runs/pipeline"
     overwrite: bool = False
     seed: int = 0
@@ -103,6 +113,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         seed("seed", self.seed)
         flag("overwrite", self.overwrite)
+        flag("pretrained", self.pretrained)
         BACKENDS.get(self.bench.backend)
 
     @classmethod

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 import vitcompact as vc
-from vitcompact.artifact import resolve_model
 from vitcompact import output_folder
 from vitcompact.bench import BenchResult, benchmark, write_report
 from vitcompact.bench.sources import resolve
@@ -31,7 +30,6 @@ from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
 from vitcompact.pruning.loop import prune
 from vitcompact.training import evaluate, train
-from vitcompact.training.seeding import seed_everything
 
 from .config import PipelineConfig, config_dict
 from .progress import Progress, Silent
@@ -75,20 +73,14 @@ def _check_out(config: PipelineConfig) -> None:
                           "or choose another --out")
 
 
-def model_and_data(config: PipelineConfig) -> tuple[nn.Module, DataBundle]:
-    """The model (seeded first: a preset or timm name is randomly initialised) and its data."""
-    seed_everything(config.seed)
-    model = resolve_model(config.model, config.checkpoint)
-    vc.vit_layout(model)  # refuses a model that is not a timm ViT, naming it
-    bundle = vc.load_data_for(model, config.data.source, config.data.root, batch_size=config.data.batch_size,
-                              seed=config.seed)
-    return model, bundle
-
-
 def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineResult:
     started = time.perf_counter()
     # Model and data first: most user errors surface here, before any output.
-    model, bundle = model_and_data(config)
+    model, bundle = vc.model_and_data(
+        config.model, config.data.source, config.data.root, checkpoint=config.checkpoint,
+        pretrained=config.pretrained, reset_classifier=config.data.reset_classifier, seed=config.seed,
+        batch_size=config.data.batch_size, aug=config.data.aug, workers=config.data.workers,
+        pin_memory=torch.cuda.is_available())
     dense_test = _train_dense(model, bundle, config, progress)
     vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})
     pruned, masks = _prune(model, bundle, config, out, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 import struct
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from vitcompact.data import DATA_SOURCES, load_data
-from vitcompact.errors import ConfigError, DataError
+from vitcompact.errors import ConfigError, DataError, one_line
 
 
 def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
@@ -56,16 +57,16 @@ def test_shipped_digits_equal_scikit_learns():
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
     test, train = order[:len(labels) // 5], order[len(labels) // 5:]
     raw = DATA_SOURCES.get("digits").read(None)
-    for got, want in ((raw.train_images, images[train]), (raw.train_labels, labels[train]),
-                      (raw.test_images, images[test]), (raw.test_labels, labels[test])):
+    for got, want in ((raw.train.images, images[train]), (raw.train.labels, labels[train]),
+                      (raw.test.images, images[test]), (raw.test.labels, labels[test])):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_digits_read_without_scikit_learn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # any `import sklearn` now fails
     raw = DATA_SOURCES.get("digits").read(None)
-    assert raw.train_images.shape == (1438, 1, 8, 8) and raw.test_images.shape == (359, 1, 8, 8)
-    assert raw.train_images.dtype == torch.uint8 and int(raw.train_images.max()) == 255
+    assert raw.train.images.shape == (1438, 1, 8, 8) and raw.test.images.shape == (359, 1, 8, 8)
+    assert raw.train.images.dtype == torch.uint8 and int(raw.train.images.max()) == 255
     assert raw.class_names == [str(i) for i in range(10)]
 
 
@@ -162,5 +163,14 @@ def test_imagefolder_loads_and_rejects_broken_image(tmp_path):
     assert bundle.class_names == ["cat", "dog"]
     assert bundle.test.dataset.labels.tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "test" / "dog" / "1.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"test/dog/1.png is corrupt or not an image"):
+    with pytest.raises(DataError, match=r"test/dog/1.png is corrupt or not an image"):  # its header, at once
         load_data("imagefolder", root=tmp_path, img_size=8, in_chans=3)
+    # Pixels are decoded lazily, in the loader's workers: the error names the file, and one line of it does.
+    noisy = Image.effect_noise((64, 64), 40).convert("RGB")
+    noisy.save(tmp_path / "test" / "dog" / "1.png")
+    (tmp_path / "test" / "dog" / "1.png").write_bytes((tmp_path / "test" / "dog" / "1.png").read_bytes()[:-200])
+    bundle = load_data("imagefolder", root=tmp_path, img_size=8, in_chans=3, workers=1)
+    with pytest.raises(DataError, match=r"test/dog/1.png is corrupt or not an image") as caught:
+        list(bundle.test)
+    assert "Caught DataError in DataLoader worker" in str(caught.value)
+    assert re.fullmatch(r"\S+/test/dog/1\.png is corrupt or not an image: .*", one_line(caught.value))

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact import validate
 from vitcompact.cli.app import app
-from vitcompact.data.sources import MAX_IMAGE_PIXELS
+from vitcompact.data.samples import MAX_IMAGE_PIXELS
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, TensorRTConfig
 
@@ -206,7 +206,10 @@ def idx_root(tmp_path):
 
 
 def train_on(data: str, root, tmp_path) -> list:
-    return ["train", "vit-digits", "--data", data, "--data-root", root, "--epochs", "0", "--out", tmp_path / "out"]
+    # --json: no progress bar, so the output is the error line alone even when an image is found
+    # corrupt only when decoded, lazily, after training has started.
+    return ["train", "vit-digits", "--data", data, "--data-root", root, "--epochs", "0", "--out", tmp_path / "out",
+            "--json"]
 
 
 def _labels_with(value: int, at: int, n: int = 40) -> np.ndarray:

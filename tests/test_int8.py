@@ -28,7 +28,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def digits():
     """Digits at the demo model's input, unaugmented: 1,437 training, 180 validation, 180 test... images."""
-    return vc.load_data("digits", batch_size=64, augment=False)
+    return vc.load_data("digits", batch_size=64, aug="none")
 
 
 @pytest.fixture(scope="module")

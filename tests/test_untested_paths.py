@@ -245,7 +245,7 @@ def test_cifar100_python_pickles_load_with_fine_labels_and_names(tmp_path):
                                                 b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}))
 
     bundle = vc.load_data("cifar100", root=tmp_path, img_size=32, in_chans=3, batch_size=4, val_fraction=0.2,
-                          augment=False)
+                          aug="none")
     assert bundle.num_classes == 100 and bundle.class_names == [f"fine{i}" for i in range(100)]
     assert (len(bundle.train.dataset), len(bundle.val.dataset)) == (8, 2)
     test_set = bundle.test.dataset
@@ -259,5 +259,5 @@ def test_cifar100_python_pickles_load_with_fine_labels_and_names(tmp_path):
     red = images[labels.index(0)]
     assert [set(plane.unique().tolist()) for plane in red] == [{255}, {0}, {7}]
     # The folder itself works as the root too.
-    same = vc.load_data("cifar100", root=folder, img_size=32, in_chans=3, val_fraction=0.2, augment=False)
+    same = vc.load_data("cifar100", root=folder, img_size=32, in_chans=3, val_fraction=0.2, aug="none")
     assert torch.equal(same.test.dataset.images, test_set.images)

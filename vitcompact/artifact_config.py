@@ -22,7 +22,8 @@ from .errors import ArtifactError, ConfigError
 from .io import read_json, regular_file
 from .models.adapter import input_size, vit_layout
 from .models.args import check_model_args
-from .validate import finite, flag, integer
+from .models.preprocess import CROP_MODES, INTERPOLATIONS
+from .validate import finite, flag, in_range, integer
 
 FORMAT_VERSION = 1
 COUNT_KEYS = ("params", "macs", "heads", "neurons", "other_params", "other_macs")
@@ -40,7 +41,7 @@ class ArtifactConfig:
     structure: dict[str, Any] | None
     dense: dict[str, Any] | None     # accounting of the dense model (what inspect compares with)
     compact: dict[str, Any] | None   # accounting of this model, as saved
-    data: dict[str, Any]  # num_classes, img_size, in_chans, mean, std as written by `save`
+    data: dict[str, Any]  # num_classes, img_size, in_chans, mean, std (+ preprocessing) as `save` wrote them
 
 
 def _dict(name: str, value: Any) -> dict[str, Any]:
@@ -107,7 +108,21 @@ def _data(raw: dict[str, Any]) -> dict[str, Any]:
         stats[key] = [finite(f"{key}[{i}]", v) for i, v in enumerate(values)]
     if any(s <= 0 for s in stats["std"]):
         raise ConfigError(f"std values must be > 0, got {stats['std']}")
-    return {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, **stats}
+    return {"num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, **stats, **_preprocessing(raw)}
+
+
+def _preprocessing(raw: dict[str, Any]) -> dict[str, Any]:
+    """The optional timm-style preprocessing keys; an artifact without `crop_pct` does not know its
+    preprocessing (written before vitcompact recorded it, or by a model that never saw data)."""
+    found = {}
+    for key, choices in (("interpolation", INTERPOLATIONS), ("crop_mode", CROP_MODES)):
+        if key in raw:
+            if raw[key] not in choices:
+                raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {raw[key]!r}")
+            found[key] = raw[key]
+    if "crop_pct" in raw:
+        found["crop_pct"] = in_range("crop_pct", raw["crop_pct"], 0.0, 1.0, low_open=True)
+    return found
 
 
 def _parse(raw: Any) -> ArtifactConfig:

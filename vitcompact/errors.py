@@ -32,3 +32,15 @@ class DataError(VitCompactError):
 
 class BackendUnavailableError(VitCompactError):
     """An optional backend (TensorRT, CUDA, ...) is not installed or has no device."""
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line. An error raised in a DataLoader worker (a corrupt image read
+    lazily) reaches the main process with torch's "Caught ... in DataLoader worker" line and the
+    worker's traceback before the message: the message is the traceback's last line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+    return lines[0]

@@ -1,6 +1,9 @@
 """Data sources (offline) and `load_data`, which turns one into train/val/test loaders."""
 
-from .bundle import DataBundle, ImageDataset, load_data, load_data_for
+from .bundle import AUGMENTATIONS, DataBundle, ImageDataset, TransformDataset, load_data, load_data_for, open_source
+from .samples import FileSamples, Samples, TensorSamples
 from .sources import DATA_SOURCES, DataSource, RawData, read_idx
 
-__all__ = ["DataBundle", "ImageDataset", "load_data", "load_data_for", "DATA_SOURCES", "DataSource", "RawData", "read_idx"]
+__all__ = ["AUGMENTATIONS", "DataBundle", "ImageDataset", "TransformDataset", "load_data", "load_data_for",
+           "open_source", "FileSamples", "Samples", "TensorSamples", "DATA_SOURCES", "DataSource", "RawData",
+           "read_idx"]

@@ -1,7 +1,8 @@
 """Built-in data sources, all offline: one registry from name to a reader of raw uint8 images.
 
-A reader returns the source's own train and test splits as uint8 tensors `[N, C, H, W]` with
-int64 labels; resizing, channel conversion, normalisation and the validation split happen in
+A reader returns the source's own splits as `Samples` (`vitcompact.data.samples`): uint8 tensors
+in memory for the small sources, files decoded on demand for image folders. Resizing, channel
+conversion, normalisation, augmentation and the validation split happen in
 `vitcompact.data.bundle`, the same for every source.
 """
 
@@ -13,7 +14,6 @@ import io
 import math
 import pickle
 import struct
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -27,15 +27,20 @@ import torch
 from ..errors import DataError
 from ..io import regular_file
 from ..registry import Registry
+from .samples import FileSamples, Samples, TensorSamples, check_image
 
 
 @dataclass
 class RawData:
-    train_images: torch.Tensor  # uint8 [N, C, H, W]
-    train_labels: torch.Tensor  # int64 [N]
-    test_images: torch.Tensor | None
-    test_labels: torch.Tensor | None
+    """A source's splits as it ships them: `val` only where the source has its own validation split
+    (an image folder's `val/` beside `test/`); otherwise validation comes off `train`."""
+
+    train: Samples
+    test: Samples
     class_names: list[str]
+    val: Samples | None = None
+    name: str = ""
+    flip: bool = True  # whether a horizontal flip is a valid augmentation (the source's `flip`)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ def _digits(root: Path | None) -> RawData:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
     n_test = len(labels) // 5
     test, train = order[:n_test], order[n_test:]
-    return RawData(images[train], labels[train], images[test], labels[test], [str(i) for i in range(10)])
+    return RawData(TensorSamples(images[train], labels[train]), TensorSamples(images[test], labels[test]),
+                   [str(i) for i in range(10)])
 
 
 # An IDX header may claim any size; refuse more values than the largest real dataset file holds
@@ -171,7 +177,7 @@ def _idx_source(name: str, class_names: list[str], default_root: Path | None):
         root = _need_dir(root, name, hint)
         train_x, train_y = _idx_split(root, "train", len(class_names))
         test_x, test_y = _idx_split(root, "t10k", len(class_names))
-        return RawData(train_x, train_y, test_x, test_y, class_names)
+        return RawData(TensorSamples(train_x, train_y), TensorSamples(test_x, test_y), class_names)
     return read
 
 
@@ -244,16 +250,12 @@ def _cifar_source(name: str, folder: str, train_files: list[str], test_file: str
                 class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         parts = [_cifar_batch(root / f, label_key, num_classes) for f in train_files]
         test_x, test_y = _cifar_batch(root / test_file, label_key, num_classes)
-        return RawData(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                       test_x, test_y, class_names)
+        train = TensorSamples(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return RawData(train, TensorSamples(test_x, test_y), class_names)
     return read
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# Largest image an image folder may hold: 4096 x 4096 pixels (48 MiB decoded as RGB). Far above
-# what a ViT is fed (images are resized to the model's input), far below a decompression bomb.
-# Checked from the image header, before the pixels are decoded.
-MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def _class_folders(split: Path) -> list[str]:
@@ -261,7 +263,9 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _read_folder(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+def _read_folder(root: Path, classes: list[str]) -> FileSamples:
+    """The files of one split, listed and their headers checked (`check_image`); decoding
+    happens per sample, in the loader."""
     paths, labels = [], []
     for label, cls in enumerate(classes):
         folder = root / cls
@@ -270,60 +274,44 @@ def _read_folder(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]
         if not files:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); a class "
                             "folder needs some: remove it or add images")
+        for path in files:
+            check_image(path)
         paths += files
         labels += [label] * len(files)
-    return paths, labels
+    return FileSamples(paths, torch.tensor(labels, dtype=torch.int64))
 
 
-def _decode_images(paths: list[Path]) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    arrays, size = [], None
-    for p in paths:
-        regular_file(p, DataError)
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between its own limit and twice that; a warning is a refusal here.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(p) as im:
-                    if im.width * im.height > MAX_IMAGE_PIXELS:
-                        raise DataError(f"{p} is {im.width}x{im.height} pixels, more than the "
-                                        f"{MAX_IMAGE_PIXELS:,} vitcompact decodes; resize it first")
-                    im = im.convert("RGB")
-                    # Folders often mix sizes; bring all to the first image's size, the bundle resizes later.
-                    size = size or im.size
-                    arrays.append(np.asarray(im.resize(size) if im.size != size else im, dtype=np.uint8))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DataError(f"{p} is refused as a decompression bomb ({e})") from None
-        except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as e:
-            raise DataError(f"{p} is corrupt or not an image: {e}") from None
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+def _same_classes(split: Path, train_dir: Path, classes: list[str]) -> None:
+    found = _class_folders(split)
+    if found != classes:
+        missing = sorted(set(classes) - set(found))
+        unknown = sorted(set(found) - set(classes))
+        raise DataError(f"{split} and {train_dir} must hold the same classes: "
+                        + "; ".join(part for part in (
+                            f"not in {split.name}/: {', '.join(missing)}" if missing else "",
+                            f"not in train/: {', '.join(unknown)}" if unknown else "") if part))
 
 
 def _imagefolder(root: Path | None) -> RawData:
-    """train/<class>/ and test/ (or val/) <class>/ folders of images: the same classes in both, at
-    least two, none empty (hidden folders are not classes); each image at most
-    `MAX_IMAGE_PIXELS` (4096 x 4096) pixels."""
+    """train/<class>/ and test/<class>/ folders of images, optionally val/<class>/ beside them (the
+    validation split; without it, validation comes off train/). A folder with train/ and val/ but
+    no test/ (ImageNet's layout) reports on val/. The same classes everywhere, at least two, none
+    empty (hidden folders are not classes); each image at most `MAX_IMAGE_PIXELS` pixels. Images
+    are decoded when the loader asks for them, never all at once."""
     root = _need_dir(root, "imagefolder", "with train/<class>/*.png and test/<class>/*.png (or val/)")
     train_dir = root / "train"
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
+    splits = {d: root / d for d in ("test", "val") if (root / d).is_dir()}
+    if not train_dir.is_dir() or not splits:
         raise DataError(f"{root} must hold train/ and test/ (or val/) folders of class-per-folder images")
     classes = _class_folders(train_dir)
     if len(classes) < 2:
         raise DataError(f"{train_dir} holds {len(classes)} class folder(s); a classifier needs at least 2")
-    test_classes = _class_folders(test_dir)
-    if test_classes != classes:
-        untested = sorted(set(classes) - set(test_classes))
-        unknown = sorted(set(test_classes) - set(classes))
-        raise DataError(f"{test_dir} and {train_dir} must hold the same classes: "
-                        + "; ".join(part for part in (
-                            f"not in {test_dir.name}/: {', '.join(untested)}" if untested else "",
-                            f"not in train/: {', '.join(unknown)}" if unknown else "") if part))
-    train_paths, train_labels = _read_folder(train_dir, classes)
-    test_paths, test_labels = _read_folder(test_dir, classes)
-    return RawData(_decode_images(train_paths), torch.tensor(train_labels, dtype=torch.int64),
-                   _decode_images(test_paths), torch.tensor(test_labels, dtype=torch.int64), classes)
+    for split in splits.values():
+        _same_classes(split, train_dir, classes)
+    test_dir = splits.get("test", splits.get("val"))
+    val_dir = splits["val"] if "test" in splits and "val" in splits else None
+    return RawData(_read_folder(train_dir, classes), _read_folder(test_dir, classes), classes,
+                   _read_folder(val_dir, classes) if val_dir is not None else None)
 
 
 DATA_SOURCES.register("digits")(DataSource(_digits, False, "8x8 digits shipped with vitcompact (1797 images)"))
@@ -340,4 +328,5 @@ DATA_SOURCES.register("cifar100")(DataSource(
     _cifar_source("cifar100", "cifar-100-python", ["train"], "test", "meta", "fine_labels",
                   "fine_label_names", 100), True, "cifar-100-python python-pickle folder"))
 DATA_SOURCES.register("imagefolder")(DataSource(
-    _imagefolder, True, "train/ and test/ class-per-folder images (each at most 4096x4096 pixels)"))
+    _imagefolder, True, "train/, test/ and optional val/ class-per-folder images, read lazily (each at "
+    "most 4096x4096 pixels)"))

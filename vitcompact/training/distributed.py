@@ -74,7 +74,7 @@ def epoch_loader(loader: DataLoader, seed: int, epoch: int) -> DataLoader:
     else:
         sampler = RandomSampler(loader.dataset, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=False,
-                      collate_fn=loader.collate_fn)
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:
