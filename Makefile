@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-reference bench-pareto bench-int8 clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ bench-compact: $(STAMP)
 # Training images/s of each speed option (data path, precision, torch.compile, threads) on this machine.
 bench-train-speed: $(STAMP)
 	$(BIN)/python -m vitcompact.bench.train_speed
+
+# Data-loader images/s against training images/s on a synthetic image folder: is loading the bottleneck?
+bench-data-speed: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.data_speed
+
+# Peak memory (PSS of trainer + loader workers) of `vitcompact train` on 1,000 and 4,000 images.
+bench-data-memory: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.data_memory
 
 # The converged Fashion-MNIST reference (ViT beside scikit-learn baselines), runs/reference_fashion.
 bench-reference: $(STAMP)

@@ -184,11 +184,15 @@ def transforms(preprocessing: dict[str, Any], aug: str, flip: bool, pad: int) ->
     return T.Compose([*resize, *shift, *([T.RandomHorizontalFlip()] if flip else []), to_tensor, normalize]), eval_tf
 
 
-def _statistics(samples: Samples, preprocessing: dict[str, Any], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of up to `STATS_IMAGES` images as the model will see them."""
+def _statistics(samples: Samples, preprocessing: dict[str, Any], mode: str,
+                workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of up to `STATS_IMAGES` images as the model will see them
+    (decoded by the loader's workers)."""
     channels = preprocessing["input_size"][0]
     _, plain = transforms({**preprocessing, "mean": (0.0,) * channels, "std": (1.0,) * channels}, "none", False, 0)
-    images = torch.stack([plain(samples.image(i).convert(mode)) for i in range(min(len(samples), STATS_IMAGES))])
+    first = samples.take(torch.arange(min(len(samples), STATS_IMAGES)))
+    loader = DataLoader(TransformDataset(first, plain, plain, mode), batch_size=64, num_workers=workers)
+    images = torch.cat([x for x, _ in loader])
     return images.mean(dim=(0, 2, 3)), images.std(dim=(0, 2, 3))
 
 
@@ -286,14 +290,14 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
             raise DataError(f"{name}: images are read as grey or RGB; a model with {in_chans} input "
                             "channels needs the in-memory path (plain preprocessing, light augmentation)")
         mode = "L" if in_chans == 1 else "RGB"
+        loader_workers = default_workers() if workers is None else workers
         if cfg["mean"] is None or cfg["std"] is None:
-            mean_t, std_t = _statistics(train, cfg, mode)
+            mean_t, std_t = _statistics(train, cfg, mode, loader_workers)
             cfg["mean"], cfg["std"] = tuple(float(v) for v in mean_t), tuple(float(v) for v in std_t.clamp_min(1e-3))
         mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
         train_tf, eval_tf = transforms(cfg, aug, flip, pad)
         datasets = (TransformDataset(train, train_tf, eval_tf, mode),
                     *(TransformDataset(s, eval_tf, eval_tf, mode) for s in (val, test)))
-        loader_workers = default_workers() if workers is None else workers
 
     def loader(ds: Dataset, train_split: bool) -> DataLoader:
         # The trainer re-creates the training loader per epoch with its own seeded order.
