@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-int8: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion --no-baselines
 	$(BIN)/python -m vitcompact.bench.int8_stacked --out docs/int8
+
+# Latency table on ort-cpu (cached), its error on 10 random structures, and 1.5x / 2x budgets: requested
+# vs predicted vs measured speed-up (issue 13).
+bench-latency-model: $(STAMP)
+	$(BIN)/python -m vitcompact.bench.latency_model --model vit-cifar-tiny --batch 1 --threads 1 --target-speedups 1.5,2
+	$(BIN)/python -m vitcompact.bench.latency_model --model vit_small_patch16_224 --batch 8 --threads 1 --target-speedups 1.5,2
 
 clean:
 	rm -rf build dist *.egg-info runs

@@ -29,12 +29,13 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.export import Int8Config, to_int8
-from vitcompact.io import atomic_path, ensure_dir, scratch, write_json, write_text
+from vitcompact.io import ensure_dir, scratch, write_json, write_text
 
 from .cases import RESEARCH, compact_model, dense_model, describe
 from .environment import environment
 from .harness import BenchConfig, benchmark
 from .pareto import FASHION_ROOT, Point, export_quiet, first, prune_with_training
+from .report import save_figure
 
 SCHEMA = "vitcompact.int8/1"
 SPEED_CASES = (("vit_small_patch16_224", 8), ("vit-cifar-tiny", 1))
@@ -193,9 +194,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.set_xlabel("speed-up vs dense FP32")
         ax.invert_yaxis()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

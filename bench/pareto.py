@@ -34,12 +34,13 @@ from torch.utils.data import DataLoader, Subset
 import vitcompact as vc
 from vitcompact.errors import VitCompactError
 from vitcompact.export import ExportConfig, to_onnx
-from vitcompact.io import atomic_path, ensure_dir, read_json, scratch, write_json, write_text
+from vitcompact.io import ensure_dir, read_json, scratch, write_json, write_text
 from vitcompact.pruning.loop import apply_hard
 from vitcompact.training.seeding import seed_everything
 
 from .environment import environment
 from .harness import BenchConfig, benchmark
+from .report import save_figure
 
 SCHEMA = "vitcompact.pareto/1"
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -224,7 +225,7 @@ def warn_split_mismatch(args: argparse.Namespace) -> None:
 
 def shape_of(structure: vc.Structure) -> tuple[tuple[int, int], ...]:
     """Per block (kept heads, kept neurons): what the compact model's latency depends on."""
-    return tuple((len(b.heads), len(b.neurons)) for b in structure.blocks)
+    return tuple(structure.shape())
 
 
 def export_quiet(model: nn.Module, path: Path) -> Path:
@@ -425,9 +426,7 @@ def plot(report: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return Path(path)
 
 

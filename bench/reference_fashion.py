@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 import vitcompact as vc
-from vitcompact.io import atomic_path, ensure_dir, write_json, write_text
+from vitcompact.io import ensure_dir, write_json, write_text
 from vitcompact.training.seeding import seed_everything
+
+from .report import save_figure
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -73,9 +75,7 @@ def plot_curve(curve: list[float], flat: int, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -54,6 +54,15 @@ def _batch_ticks(ax, sizes: list[int]) -> None:
     ax.set_xticks([], minor=True)  # log-scale minor ticks would label 2x10^0 and the like
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot(result: BenchResult, path: str | os.PathLike) -> Path:
     """Latency vs batch size for both models, and measured (with interval) vs ideal speed-up."""
     import matplotlib
@@ -90,9 +99,7 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
                  f"({result.environment.get('backend')}, {result.environment.get('threads')} thread(s))",
                  fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from vitcompact.bench.latency_budget import BudgetRequest
 from vitcompact.pipeline import PipelineConfig, run
 from vitcompact.pipeline.config import with_overrides
 
@@ -79,6 +80,12 @@ def pipeline(
     mlp_ratio: float | None = typer.Option(None, help="Fraction of MLP neurons to remove, in [0, 1)."),
     criteria: str | None = typer.Option(None, help="remain, magnitude, l1, l2 or saliency."),
     train_epochs: int | None = typer.Option(None, help="Dense training epochs before pruning (0: none)."),
+    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Prune to this measured speed-up "
+                                                "instead of the ratios ([budget] in a config file)."),
+    latency_ms: float | None = typer.Option(None, "--latency-ms", help="Prune to this latency (ms per batch)."),
+    deploy_batch: int = typer.Option(1, "--deploy-batch", help="Batch size the budget is for."),
+    backend: str = typer.Option("ort-cpu", "--backend", help="Backend the budget is for."),
+    threads: int = typer.Option(1, "--threads", help="Intra-op threads the budget is for."),
     int8: str | None = typer.Option(None, help="INT8 file stacked on the compact one: static (default, "
                                                "calibrated on training images), dynamic or none."),
     out: str | None = typer.Option(None, "--out", "-o", help="Run folder."),
@@ -97,6 +104,8 @@ def pipeline(
                  "prune.method": method, "prune.head_ratio": head_ratio, "prune.mlp_ratio": mlp_ratio,
                  "prune.criteria": criteria, "train.epochs": train_epochs, "int8.mode": int8, "out": out,
                  "overwrite": overwrite or None}
+    if target_speedup is not None or latency_ms is not None:
+        overrides["budget"] = BudgetRequest(target_speedup, latency_ms, deploy_batch, backend, threads)
     base = PipelineConfig.from_toml(config) if config is not None else PipelineConfig()
     _run(with_overrides(base, **overrides), json_out)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ import typer
 
 import vitcompact as vc
 from vitcompact import output_folder
+from vitcompact.bench.latency_budget import BudgetRequest, budget_report, write_budget_report
 from vitcompact.pruning.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
 from vitcompact.pruning.penalty import PENALTIES
 from vitcompact.pruning.schedules import LAMBDA_SCHEDULES
@@ -58,6 +61,13 @@ def prune(
     rewind: str = typer.Option(_defaults.rewind, help=f"Refill rewind: {', '.join(REWINDS)}."),
     dense_epochs: int = typer.Option(_defaults.dense_epochs, help="Dense epochs inside the loop (for rewind)."),
     distill: bool = typer.Option(False, "--distill", help="Distil from the dense model while training."),
+    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Prune to this measured speed-up "
+                                                "instead of ratios (per-block structure from a latency table)."),
+    latency_ms: float | None = typer.Option(None, "--latency-ms", help="Prune to this latency (ms per batch) instead "
+                                            "of ratios."),
+    deploy_batch: int = typer.Option(1, "--deploy-batch", help="Batch size the budget is for."),
+    backend: str = typer.Option("ort-cpu", "--backend", help="Backend the budget is for (ort-cpu, torch, ...)."),
+    threads: int = typer.Option(1, "--threads", help="Intra-op threads the budget is for."),
     batch_size: int = typer.Option(64, help="Batch size."),
     seed: int = typer.Option(0, help="Seed (initial weights of a preset, data split, order, augmentation)."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
@@ -89,22 +99,39 @@ def prune(
                           label_smoothing=label_smoothing, progress=not json_out),
         out_dir=out, resume=resume, seed=seed, wandb_project=wandb_project,
         inputs=run_inputs(model, checkpoint, data, data_root, batch_size, aug, pretrained))
+    request = (BudgetRequest(target_speedup, latency_ms, deploy_batch, backend, threads)
+               if target_speedup is not None or latency_ms is not None else None)
     check_writable(out)
     if not resume and (out / "run.json").exists():
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
     m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,
                                   reset_classifier=reset_classifier, seed=seed, batch_size=batch_size, aug=aug,
                                   workers=workers, pin_memory=torch.cuda.is_available())
+    if request is not None:
+        say = (lambda line: None) if json_out else (lambda line: console.print(line, markup=False))
+        config = dataclasses.replace(config, latency_budget=request.budget(m, config.round_to, progress=say))
+    dense = copy.deepcopy(m) if request is not None else None
     with output_folder.lock(out, enabled=distributed.is_main()):
         result = prune_model(m, bundle, config)
         if not distributed.is_main():  # under torchrun every rank holds the same masks; rank 0 writes
             return
+        budget = None
+        if request is not None:
+            report = budget_report(dense, vc.compact(result.model, result.masks), result.structure,
+                                   config.latency_budget, request)
+            write_budget_report(report, out)
+            budget = {k: report[k] for k in ("requested_speedup", "predicted", "measured")}
         vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
                                                "val": result.val, "test": result.test,
                                                "structure": result.structure.summary()})
-    summary = {"out": str(out), "structure": result.structure.summary(), "val": result.val, "test": result.test}
+    summary = {"out": str(out), "structure": result.structure.summary(), "val": result.val, "test": result.test,
+               **({"latency_budget": budget} if budget is not None else {})}
     if json_out:
         print_json(summary)
         return
+    if budget is not None:
+        console.print(f"speed-up at batch {deploy_batch} ({backend}): requested {budget['requested_speedup']:.2f}x, "
+                      f"predicted {budget['predicted']['speedup']:.2f}x, measured {budget['measured']['speedup']:.2f}x "
+                      f"(see {out / 'latency_budget.md'})")
     console.print(f"{result.structure.summary()}  val top1 {result.val['top1']:.4f}  "
                   f"test top1 {result.test['top1']:.4f}  saved to {out}")

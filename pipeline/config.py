@@ -12,6 +12,7 @@ are those configs:
     [export]  opset = 18
     [int8]    mode = "static"          # or "none": no INT8 file
     [bench]   batch_sizes = [1, 32], time_budget_s = 10.0
+    [budget]  target_speedup = 2.0, deploy_batch = 8   # optional: prune to a latency budget
 
 One top-level `seed` drives the data split, the initial weights, training, pruning and the
 bench's inputs; the pipeline sets the prune stage's output folder itself.
@@ -28,6 +29,7 @@ from typing import Any
 
 from vitcompact.bench import BenchConfig
 from vitcompact.bench.backends import BACKENDS
+from vitcompact.bench.latency_budget import BudgetRequest
 from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, Int8Config
@@ -109,6 +111,7 @@ class PipelineConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     int8: Int8Config | None = field(default_factory=lambda: Int8Config(mode="static"))  # None: no INT8
     bench: BenchConfig = field(default_factory=_bench)
+    budget: BudgetRequest | None = None  # prune to a latency budget instead of the prune ratios
 
     def __post_init__(self) -> None:
         seed("seed", self.seed)
@@ -143,7 +146,6 @@ def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None
             raise ConfigError(f"{where}{key} cannot be set here: {PIPELINE_SETS[key]}")
         if not section and key in MOVED and not isinstance(values[key], dict):
             raise ConfigError(f"{key} is not a top-level key; it is now {MOVED[key]}")
-    base = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
     nested, plain = {}, {}
     for key, value in values.items():
@@ -152,15 +154,25 @@ def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None
             if kind is Int8Config and value.get("mode") == "none":
                 nested[key] = None
                 continue
-            inner = getattr(base, key, None)
-            nested[key] = build(kind, value, f"{section}.{key}" if section else key,
-                                inner if inner is not None else kind())
+            inner = getattr(base if base is not None else cls(), key, None)
+            nested[key] = build(kind, value, f"{section}.{key}" if section else key, inner)
         else:
             plain[key] = value
     try:
-        return dataclasses.replace(base, **field_types(cls, plain), **nested)
+        if base is None and not _has_defaults(cls):  # e.g. [budget]: built from its own keys alone
+            return cls(**field_types(cls, plain), **nested)
+        return dataclasses.replace(base if base is not None else cls(), **field_types(cls, plain), **nested)
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
+
+
+def _has_defaults(cls: type) -> bool:
+    """Whether `cls()` is a valid config (a section whose defaults make sense alone)."""
+    try:
+        cls()
+    except ConfigError:
+        return False
+    return True
 
 
 def _dataclass_of(kind: Any) -> type | None:

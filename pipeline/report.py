@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vitcompact.bench.latency_budget import REPORT_PNG, to_markdown
+
 
 def _int8_lines(s: dict[str, Any]) -> list[str]:
     int8 = s.get("int8")
@@ -35,6 +37,13 @@ def _latency_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _budget_lines(s: dict[str, Any]) -> list[str]:
+    report = s.get("latency_budget")
+    if not report:
+        return []
+    return [to_markdown(report), f"![structure](budget/{REPORT_PNG})", ""]
+
+
 def render_report(s: dict[str, Any], plot: Path) -> str:
     acc, config = s["accuracy"], s["config"]
     prune = config["prune"]
@@ -56,6 +65,6 @@ def render_report(s: dict[str, Any], plot: Path) -> str:
         f"dense and compact alike.", "", *_int8_lines(s),
         f"## Latency ({config['bench']['backend']}, each file interleaved with the dense FP32 one)", "",
         *_latency_lines(s),
-        "", f"![latency]({plot.as_posix()})", "", f"Total time: {s['seconds']} s.", "",
+        "", f"![latency]({plot.as_posix()})", "", *_budget_lines(s), f"Total time: {s['seconds']} s.", "",
     ]
     return "\n".join(lines)

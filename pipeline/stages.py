@@ -22,12 +22,14 @@ import torch.nn as nn
 import vitcompact as vc
 from vitcompact import output_folder
 from vitcompact.bench import BenchResult, benchmark, write_report
+from vitcompact.bench.latency_budget import budget_report, write_budget_report
 from vitcompact.bench.sources import resolve
 from vitcompact.data import DataBundle
 from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, ExportResult, to_int8, to_onnx
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
+from vitcompact.pruning.budget import LatencyBudget
 from vitcompact.pruning.loop import prune
 from vitcompact.training import evaluate, train
 
@@ -81,10 +83,12 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
         pretrained=config.pretrained, reset_classifier=config.data.reset_classifier, seed=config.seed,
         batch_size=config.data.batch_size, aug=config.data.aug, workers=config.data.workers,
         pin_memory=torch.cuda.is_available())
+    budget = _latency_budget(model, config, progress)  # before training: a budget out of reach stops here
     dense_test = _train_dense(model, bundle, config, progress)
     vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})
-    pruned, masks = _prune(model, bundle, config, out, progress)
+    pruned, masks = _prune(model, bundle, config, budget, out, progress)
     small, compact_test, compact_gap = _compact(pruned, masks, bundle, config, out, progress)
+    budget_report = _budget(model, small, masks, budget, config, out, progress)
     dense_onnx, compact_onnx, onnx_top1 = _export(model, small, bundle, config, out, progress)
     int8, int8_refused = _int8(compact_onnx, bundle, config, progress)
     bench, stacked, plot = _bench(dense_onnx, compact_onnx, int8, config, out, progress)
@@ -107,6 +111,7 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
         "latency": [{"batch": b.batch_size, "dense_p50_ms": b.dense.p50, "compact_p50_ms": b.compact.p50,
                      "speedup": b.speedup.value, "speedup_ci": [b.speedup.low, b.speedup.high],
                      "ideal": b.ideal_speedup, **_stacked_row(stacked, i)} for i, b in enumerate(bench.batches)],
+        "latency_budget": budget_report,
         "seconds": round(time.perf_counter() - started, 1),
     }
     files = {"report": str(out / "report.md"), "plot": str(plot), "onnx": str(compact_onnx.path),
@@ -125,13 +130,35 @@ def _train_dense(model: nn.Module, bundle: DataBundle, config: PipelineConfig, p
     return evaluate(model, bundle.test)
 
 
-def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Path, progress: Progress):
+def _latency_budget(model: nn.Module, config: PipelineConfig, progress: Progress) -> LatencyBudget | None:
+    """The `[budget]` request on the model's latency table (measured, or cached)."""
+    if config.budget is None:
+        return None
+    with progress.stage(f"latency table ({config.budget.backend}, batch {config.budget.deploy_batch})"):
+        return config.budget.budget(model, config.prune.round_to, progress=progress.note)
+
+
+def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, budget: LatencyBudget | None, out: Path,
+           progress: Progress):
     p = config.prune
-    prune_config = dataclasses.replace(p, seed=config.seed, out_dir=out / "prune",
+    prune_config = dataclasses.replace(p, seed=config.seed, out_dir=out / "prune", latency_budget=budget,
                                        train=dataclasses.replace(p.train, progress=progress.bars))
-    with progress.stage(f"{p.method} pruning (heads {p.head_ratio}, MLP {p.mlp_ratio})"):
+    what = (f"heads {p.head_ratio}, MLP {p.mlp_ratio}" if budget is None else
+            f"to {budget.budget_ms:.3f} ms at batch {config.budget.deploy_batch}")
+    with progress.stage(f"{p.method} pruning ({what})"):
         result = prune(copy.deepcopy(model), bundle, prune_config)
     return result.model.eval(), result.masks
+
+
+def _budget(model: nn.Module, small: nn.Module, masks, budget, config: PipelineConfig, out: Path,
+            progress: Progress) -> dict[str, Any] | None:
+    """Requested vs predicted vs measured speed-up of a budgeted run, at its deployment batch."""
+    if budget is None:
+        return None
+    with progress.stage(f"measure the budget's speed-up ({config.budget.backend}, batch {config.budget.deploy_batch})"):
+        report = budget_report(model, small, masks.structure(), budget, config.budget)
+        write_budget_report(report, out / "budget")
+    return report
 
 
 def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfig, out: Path,

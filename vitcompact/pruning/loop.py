@@ -30,6 +30,7 @@ from ..training.seeding import rng_state, seed_everything, set_rng_state
 from ..training.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
 from ..validate import flag, in_range, integer, ratio, seed
 from . import checkpoint, run_folder
+from .budget import LatencyBudget
 from .criteria import CRITERIA
 from .magnitude import magnitude_prune
 from .masks import PruneMasks
@@ -85,6 +86,7 @@ class PruneConfig:
     distill: bool = False
     lr: float = 1e-3
     train: TrainConfig = field(default_factory=TrainConfig)
+    latency_budget: LatencyBudget | None = None
     out_dir: Path | None = None
     resume: bool = False
     seed: int = 0
@@ -121,17 +123,21 @@ class PruneConfig:
                               "to come from dense training inside the loop); or use rewind='none'")
         if self.rewind == "epoch" and not 0 <= self.rewind_epoch <= self.dense_epochs:
             raise ConfigError(f"rewind_epoch must be in [0, dense_epochs={self.dense_epochs}], got {self.rewind_epoch}")
+        if self.latency_budget is not None and not isinstance(self.latency_budget, LatencyBudget):
+            raise ConfigError(f"latency_budget must be a LatencyBudget, got {type(self.latency_budget).__name__}")
         self.schedule()
         dataclasses.replace(self.train, lr=self.lr)  # the pruning lr must suit the trainer too
 
     def schedule(self) -> LambdaSchedule:
         return LambdaSchedule(self.lambda_schedule, self.lambda_max, self.lambda_base, self.lambda_exponent)
 
-    def regroup_config(self, head_ratio: float, mlp_ratio: float) -> RegroupConfig:
-        """How a state at these ratios regroups its element masks."""
+    def regroup_config(self, head_ratio: float, mlp_ratio: float, budget_ms: float | None = None) -> RegroupConfig:
+        """How a state at these ratios (or, under a latency budget, this state's budget) regroups
+        its element masks."""
         return RegroupConfig(target=self.target, head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=self.criteria,
                              mode=self.mode, min_keep=self.min_keep, round_to=self.round_to,
-                             num_batches=self.num_batches)
+                             num_batches=self.num_batches, budget=self.latency_budget,
+                             budget_ms=budget_ms if self.latency_budget is not None else None)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -160,7 +166,19 @@ def plan_states(model: nn.Module, config: PruneConfig, method: Method) -> tuple[
     head_r = config.head_ratio if config.target != "mlp" else 0.0
     mlp_r = config.mlp_ratio if config.target != "head" else 0.0
     removed = (attn * head_r + mlp * mlp_r) / max(1, attn + mlp)
-    return method.plan(head_r, mlp_r, removed)
+    budget = config.latency_budget
+    if budget is None:
+        return method.plan(head_r, mlp_r, removed)
+    # Under a latency budget the allocator sets each state's structure; the share of the blocks'
+    # latency it removes stands in for the ratios (it sets the magnitude rate of each state).
+    table = budget.table
+    blocks_full, blocks_floor = table.full_ms - table.fixed_ms, table.depth * table.base_ms
+    removed = min(0.99, max(0.0, (table.full_ms - budget.budget_ms) / max(1e-9, blocks_full - blocks_floor)))
+    plans, finetune = method.plan(removed if config.target != "mlp" else 0.0,
+                                  removed if config.target != "head" else 0.0, removed)
+    for plan in plans:
+        plan.budget_ms = budget.at_state(plan.index, len(plans))
+    return plans, finetune
 
 
 @torch.no_grad()
@@ -374,6 +392,7 @@ def _prune_state(run: _Run, plan: StatePlan) -> None:
     seed_everything(run.config.seed * 1000 + plan.index)
     structured = _regroup_state(run, plan)
     info: dict[str, Any] = {"head_ratio": plan.head_ratio, "mlp_ratio": plan.mlp_ratio, "rate": plan.rate,
+                            **({"budget_ms": plan.budget_ms} if plan.budget_ms is not None else {}),
                             **run.method.run_state(run, plan, structured, run.element)}
     run.element = _intersect(run.element, run.hard)
     _end_state(run, plan, info)
@@ -383,7 +402,7 @@ def _regroup_state(run: _Run, plan: StatePlan) -> PruneMasks:
     """Magnitude-prune the survivors at the state's rate and regroup them at its ratios."""
     # Scores come from the current trained, masked weights (never stale or rewound ones).
     element = magnitude_prune(run.model, plan.rate, masks=run.element)
-    structured = regroup(run.model, element, run.config.regroup_config(plan.head_ratio, plan.mlp_ratio),
+    structured = regroup(run.model, element, run.config.regroup_config(plan.head_ratio, plan.mlp_ratio, plan.budget_ms),
                          data=run.calibration, device=run.device)
     structured = distributed.broadcast_masks(_intersect(structured, run.hard))
     run.element = distributed.broadcast_masks(element)

@@ -29,6 +29,7 @@ class StatePlan:
     mlp_ratio: float
     rate: float
     epochs: int
+    budget_ms: float | None = None  # under a latency budget: this state's (the ratios are then estimates)
 
 
 def state_ratio(final: float, state: int, states: int) -> float:

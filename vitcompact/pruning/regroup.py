@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..validate import integer, one_of, ratio
+from .budget import LatencyBudget, allocate
 from .criteria import CRITERIA, Criterion, ScoreContext, score_units
 from .masks import PruneMasks, head_view
 from .selection import MODES, select_units
@@ -26,6 +27,9 @@ class RegroupConfig:
     callable of the criterion signature (data-driven ones score `num_batches` calibration batches),
     and selected per `mode` keeping at least `min_keep` per block (see `selection`). `round_to`
     rounds kept MLP widths up to a multiple.
+    With a `budget` (`LatencyBudget`), the ratios, `mode` and `min_keep` give way to the latency
+    allocator (`budget.allocate`): per-block head counts and widths that keep the most importance
+    within `budget_ms` (default: the budget's own; the pruning loop sets each state's).
     """
 
     target: str = "both"
@@ -36,6 +40,8 @@ class RegroupConfig:
     min_keep: int = 1
     round_to: int = 1
     num_batches: int = 8
+    budget: LatencyBudget | None = None
+    budget_ms: float | None = None
 
     def __post_init__(self) -> None:
         one_of("target", self.target, TARGETS)
@@ -50,6 +56,10 @@ class RegroupConfig:
         integer("min_keep", self.min_keep, 0)
         integer("round_to", self.round_to, 1)
         integer("num_batches", self.num_batches, 1)
+        if self.budget is not None and not isinstance(self.budget, LatencyBudget):
+            raise ConfigError(f"budget must be a LatencyBudget, got {type(self.budget).__name__}")
+        if self.budget_ms is not None and self.budget is None:
+            raise ConfigError("budget_ms needs a budget (its latency table)")
 
 
 def regroup(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = None, *,
@@ -61,11 +71,19 @@ def regroup(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = 
     masks.check_model(model)
     scores = score_units(model, masks, config.criteria, ScoreContext(data, config.num_batches, device))
     heads = neurons = None
-    if config.target != "mlp":
-        heads = select_units([s[0] for s in scores], config.head_ratio, config.mode, config.min_keep)
-    if config.target != "head":
-        neurons = select_units([s[1] for s in scores], config.mlp_ratio, config.mode, config.min_keep,
-                               config.round_to)
+    if config.budget is not None:
+        budget_ms = config.budget_ms if config.budget_ms is not None else config.budget.budget_ms
+        allocation = allocate([s[0] if config.target != "mlp" else None for s in scores],
+                              [s[1] if config.target != "head" else None for s in scores],
+                              config.budget.table, budget_ms, config.round_to)
+        heads = allocation.heads if config.target != "mlp" else None
+        neurons = allocation.neurons if config.target != "head" else None
+    else:
+        if config.target != "mlp":
+            heads = select_units([s[0] for s in scores], config.head_ratio, config.mode, config.min_keep)
+        if config.target != "head":
+            neurons = select_units([s[1] for s in scores], config.mlp_ratio, config.mode, config.min_keep,
+                                   config.round_to)
     out = {}
     for i, block in enumerate(masks.layout.blocks):
         for name, m in masks.block_masks(block).items():

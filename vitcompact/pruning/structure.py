@@ -36,6 +36,10 @@ class Structure:
     blocks: list[BlockStructure] = field(default_factory=list)
     layout: ViTLayout | None = None  # the dense model's layout, for accounting
 
+    def shape(self) -> list[tuple[int, int]]:
+        """Per block (kept heads, kept neurons): what the compact model's latency depends on."""
+        return [(len(b.heads), len(b.neurons)) for b in self.blocks]
+
     @property
     def kept_heads(self) -> int:
         return sum(len(b.heads) for b in self.blocks)

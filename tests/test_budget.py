@@ -1,0 +1,130 @@
+"""Issue 13's core: the latency table's prediction, the budget allocator, whole-block removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import input_for, randomize_
+from test_compact import assert_same_function, remove_heads, remove_neurons
+
+import vitcompact as vc
+from vitcompact.export import to_onnx, verify_onnx
+from vitcompact.models.layers import ConstantBranch
+from vitcompact.pruning.budget import LatencyBudget, LatencyTable, allocate
+
+
+def table(depth: int = 2, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed: float = 1.0,
+          base: float = 0.0) -> LatencyTable:
+    t = LatencyTable({"model": "synthetic"}, depth, fixed, base, tuple(heads), tuple(widths), tuple(mlp), 0.0)
+    return LatencyTable(t.key, depth, fixed, base, tuple(heads), tuple(widths), tuple(mlp), t.full_ms)
+
+
+def test_prediction_adds_the_parts_and_interpolates_widths():
+    t = table(depth=2, heads=(0.0, 1.5, 2.5), widths=(0, 4, 8), mlp=(0.0, 1.0, 3.0), fixed=0.5, base=0.25)
+    assert t.block(2, 8) == 0.25 + 2.5 + 3.0
+    assert t.block(1, 6) == 0.25 + 1.5 + 2.0  # halfway between 4 (1.0) and 8 (3.0)
+    assert t.predict([(2, 8), (0, 0)]) == 0.5 + 5.75 + 0.25
+    assert t.full_ms == 0.5 + 2 * 5.75 and t.floor_ms == 0.5 + 2 * 0.25
+    assert LatencyTable.from_dict(t.to_dict()) == t
+    with pytest.raises(vc.ConfigError, match="the latency table is for 2 blocks, the structure has 1"):
+        t.predict([(2, 8)])
+
+
+def test_allocator_meets_the_budget_and_keeps_the_most_important_units():
+    t = table(depth=2, heads=(0.0, 1.0, 2.0, 3.0), widths=(0, 2, 4), mlp=(0.0, 1.0, 2.0), fixed=1.0)
+    head_scores = [torch.tensor([5.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 1.0])]
+    neuron_scores = [torch.tensor([4.0, 4.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])]
+    budget = 7.0  # full: 1 + 2 * (3 + 2) = 11
+    a = allocate(head_scores, neuron_scores, t, budget, round_to=2)
+    assert a.predicted_ms <= budget
+    kept = [(len(h), len(n)) for h, n in zip(a.heads, a.neurons)]
+    assert t.predict(kept) == a.predicted_ms
+    # Per block, the units kept are the best ones of that block.
+    assert a.heads[0].tolist() == sorted(torch.argsort(head_scores[0], descending=True)[:len(a.heads[0])].tolist())
+    assert a.neurons[0].tolist() in ([0, 1], [0, 1, 2, 3])
+    # Removing more than needed is not done: one step less would be over the budget.
+    assert a.predicted_ms + min(step[3] for step in a.steps) > budget
+
+
+def test_allocator_prefers_the_cheaper_of_two_equally_important_units():
+    # One block; each of its 2 heads and each group of 4 of its 8 neurons holds half the branch's
+    # importance. A head costs 2 ms, a group of neurons 1 ms: removing one unit must remove a head.
+    t = table(depth=1, heads=(0.0, 2.0, 4.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed=0.0)
+    a = allocate([torch.ones(2)], [torch.ones(8)], t, budget_ms=t.full_ms - 1.5, round_to=4)
+    assert (len(a.heads[0]), len(a.neurons[0])) == (1, 8)
+    # The same with the costs swapped: the neurons go.
+    t = table(depth=1, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 2.0, 4.0), fixed=0.0)
+    a = allocate([torch.ones(2)], [torch.ones(8)], t, budget_ms=t.full_ms - 1.5, round_to=4)
+    assert (len(a.heads[0]), len(a.neurons[0])) == (2, 4)
+
+
+def test_allocator_may_remove_whole_blocks_and_refuses_a_budget_below_the_fixed_cost():
+    t = table(depth=3, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed=1.0, base=0.1)
+    # Every block and unit alike (ties go to the earlier block): saving one block's worth (4 ms of
+    # its branches) removes block 0 whole and leaves the others.
+    a = allocate([torch.ones(2)] * 3, [torch.ones(8)] * 3, t, budget_ms=t.full_ms - 4.0, round_to=4)
+    assert [(len(h), len(n)) for h, n in zip(a.heads, a.neurons)] == [(0, 0), (2, 8), (2, 8)]
+    assert a.predicted_ms == pytest.approx(t.full_ms - 4.0)
+    every = allocate([torch.ones(2)] * 3, [torch.ones(8)] * 3, t, budget_ms=t.floor_ms, round_to=4)
+    assert all(len(h) == 0 and len(n) == 0 for h, n in zip(every.heads, every.neurons))
+    with pytest.raises(vc.ConfigError, match=r"below the 1.300 ms the model takes with every block removed"):
+        allocate([torch.ones(2)] * 3, [torch.ones(8)] * 3, t, budget_ms=1.2)
+    with pytest.raises(vc.ConfigError, match=r"a 100x speed-up asks for 0.133 ms, below the 1.300 ms"):
+        LatencyBudget(t, 100.0)
+    assert LatencyBudget(t, 13.0, kind="ms").budget_ms == 13.0 and LatencyBudget(t, 2.0).budget_ms == t.full_ms / 2
+
+
+def test_a_speedup_counts_from_the_measured_dense_model():
+    t = table(depth=1, heads=(0.0, 1.0, 2.0), widths=(0, 4), mlp=(0.0, 2.0), fixed=1.0)  # predicts 5 ms whole
+    measured = LatencyTable(t.key, 1, 1.0, 0.0, t.head_ms, t.mlp_widths, t.mlp_ms, dense_ms=4.8)
+    assert LatencyBudget(measured, 2.0).budget_ms == 2.4 and LatencyBudget(t, 2.0).budget_ms == 2.5
+
+
+def test_state_budgets_fall_geometrically_to_the_target():
+    t = table(fixed=0.0)
+    b = LatencyBudget(t, 4.0)
+    assert [round(b.at_state(s, 2), 9) for s in (1, 2)] == [round(t.full_ms / 2, 9), round(t.full_ms / 4, 9)]
+
+
+def test_regroup_under_a_budget_gives_masks_that_compact_to_the_predicted_structure():
+    torch.manual_seed(0)
+    model = randomize_(vc.create_model("vit-digits"))
+    layout = vc.vit_layout(model)
+    t = table(depth=len(layout.blocks), heads=(0.0, 1.0, 2.0, 3.0, 4.0), widths=(0, 32, 64, 96, 128),
+              mlp=(0.0, 1.0, 2.0, 3.0, 4.0), fixed=2.0, base=0.05)
+    config = vc.RegroupConfig(budget=LatencyBudget(t, 2.0), round_to=32)
+    masks = vc.regroup(model, vc.PruneMasks.ones(model), config)
+    structure = masks.structure()
+    blocks = [(len(b.heads), len(b.neurons)) for b in structure.blocks]
+    assert t.predict(blocks) <= t.full_ms / 2
+    assert all(w % 32 == 0 for _, w in blocks)
+    small = vc.compact(model, masks)
+    masks.apply_(model)
+    assert_same_function(model, small, model)
+
+
+def test_a_whole_block_removed_is_a_constant_add_exact_and_exported(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_(vc.create_model("vit-digits"))
+    masks = vc.PruneMasks.ones(model)
+    remove_heads(masks, 1, list(range(4)))
+    remove_neurons(masks, 1, list(range(128)))
+    small = vc.compact(model, masks)
+    block = small.blocks[1]
+    assert isinstance(block.attn, ConstantBranch) and isinstance(block.mlp, ConstantBranch)
+    assert isinstance(block.norm1, nn.Identity) and isinstance(block.norm2, nn.Identity)
+    assert not any(isinstance(m, nn.Linear) for m in block.modules())  # no matmul left in the block
+    assert vc.count(small).blocks[1].macs == 0
+    masks.apply_(model)
+    assert_same_function(model, small, model)
+    result = to_onnx(small, tmp_path / "m.onnx")
+    assert verify_onnx(result.path, small).worst <= 1e-5
+
+
+def test_units_removed_in_an_earlier_state_are_removed_first():
+    # Block 0 lost every head in an earlier state (its scores are all 0): reaching the budget must
+    # count that, not cut a live block's heads as well.
+    t = table(depth=2, heads=(0.0, 1.0, 2.0), widths=(0, 4), mlp=(0.0, 1.0), fixed=0.0)
+    a = allocate([torch.zeros(2), torch.ones(2)], [None, None], t, budget_ms=t.full_ms - 2.0)
+    assert [len(h) for h in a.heads] == [0, 2]

@@ -1,0 +1,242 @@
+"""Pruning to a latency budget: a measured latency table of one ViT on one deployment target, its
+prediction of any structure's latency, and the allocator that picks per-block head counts and MLP
+widths under a budget.
+
+The table (measured by `vitcompact.bench.latency_model`) holds, for a model whose blocks all have
+the same shape: the fixed cost outside the blocks, one block's cost with both branches removed
+(its constant adds), and one block's attention branch with 0..H heads and MLP branch at a grid of
+widths. A block's latency is their sum (the branches run one after the other), a structure's is
+the fixed cost plus its blocks'.
+
+The allocator starts from the whole model and removes, one step at a time, the unit whose loss of
+importance per millisecond saved is smallest, until the predicted latency is within the budget:
+a step is a block's least important head, or its least important `round_to` neurons (the next
+width down the grid). Importance is the criterion's score normalised per block and branch (each
+block's heads sum to 1, and so do its neurons), so blocks and branches compete on equal terms.
+A block may lose every head and every neuron: it is then a constant add (whole-block removal).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..validate import in_range
+
+TARGET_KINDS = ("speedup", "ms")
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured latency (ms) of one model's parts at one backend, batch size and thread count."""
+
+    key: dict[str, Any]              # what the numbers depend on (model, backend, batch, threads, versions)
+    depth: int
+    fixed_ms: float                  # everything outside the blocks
+    base_ms: float                   # one block with both branches removed (its constant adds)
+    head_ms: tuple[float, ...]       # one block's attention branch with h heads, h = 0..H; 0 at h = 0
+    mlp_widths: tuple[int, ...]      # MLP widths measured, ascending, 0 first, the full width last
+    mlp_ms: tuple[float, ...]        # one block's MLP branch at those widths; 0 at width 0
+    dense_ms: float                  # the whole dense model, measured in the same run
+
+    def __post_init__(self) -> None:
+        if len(self.mlp_widths) != len(self.mlp_ms) or len(self.mlp_widths) < 2 or self.mlp_widths[0] != 0:
+            raise ConfigError("a latency table needs MLP widths from 0 to the full width, one latency each")
+        if list(self.mlp_widths) != sorted(set(self.mlp_widths)):
+            raise ConfigError("latency table MLP widths must be strictly ascending")
+        if len(self.head_ms) < 2:
+            raise ConfigError("a latency table needs head counts from 0 to the full count")
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.head_ms) - 1
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_widths[-1]
+
+    def mlp(self, width: int) -> float:
+        """One block's MLP branch at `width` neurons, linear between the measured widths."""
+        if not 0 <= width <= self.hidden:
+            raise ConfigError(f"MLP width {width} is outside 0..{self.hidden}")
+        i = bisect.bisect_left(self.mlp_widths, width)
+        if self.mlp_widths[i] == width:
+            return self.mlp_ms[i]
+        w0, w1 = self.mlp_widths[i - 1], self.mlp_widths[i]
+        return self.mlp_ms[i - 1] + (self.mlp_ms[i] - self.mlp_ms[i - 1]) * (width - w0) / (w1 - w0)
+
+    def block(self, heads: int, width: int) -> float:
+        if not 0 <= heads <= self.num_heads:
+            raise ConfigError(f"head count {heads} is outside 0..{self.num_heads}")
+        return self.base_ms + self.head_ms[heads] + self.mlp(width)
+
+    def predict(self, blocks: Sequence[tuple[int, int]]) -> float:
+        """Latency of a structure given as (heads, MLP width) per block."""
+        if len(blocks) != self.depth:
+            raise ConfigError(f"the latency table is for {self.depth} blocks, the structure has {len(blocks)}")
+        return self.fixed_ms + sum(self.block(h, w) for h, w in blocks)
+
+    @property
+    def floor_ms(self) -> float:
+        """The least any structure can take: every block removed."""
+        return self.fixed_ms + self.depth * self.base_ms
+
+    @property
+    def full_ms(self) -> float:
+        """The whole model, as the table predicts it."""
+        return self.predict([(self.num_heads, self.hidden)] * self.depth)
+
+    @property
+    def reference_ms(self) -> float:
+        """The whole model as speed-ups are counted against it: measured (`dense_ms`, timed in the
+        same run as the table), else predicted. The additive model over-predicts the whole model by
+        a percent or two (its branches overlap a little), which a speed-up over the prediction
+        would carry into every budget."""
+        return self.dense_ms if self.dense_ms > 0 else self.full_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "head_ms": list(self.head_ms), "mlp_widths": list(self.mlp_widths),
+                "mlp_ms": list(self.mlp_ms)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LatencyTable":
+        try:
+            return cls(dict(d["key"]), int(d["depth"]), float(d["fixed_ms"]), float(d["base_ms"]),
+                       tuple(float(v) for v in d["head_ms"]), tuple(int(v) for v in d["mlp_widths"]),
+                       tuple(float(v) for v in d["mlp_ms"]), float(d["dense_ms"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"not a latency table: {e}") from None
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """A latency budget on a measured table: `target` is a speed-up over the dense model
+    (`kind="speedup"`) or milliseconds (`kind="ms"`). `budget_ms` is what the allocator meets."""
+
+    table: LatencyTable
+    target: float
+    kind: str = "speedup"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ConfigError(f"unknown budget kind {self.kind!r}; choose one of: {', '.join(TARGET_KINDS)}")
+        in_range("target speed-up" if self.kind == "speedup" else "latency budget (ms)", self.target, 0.0,
+                 low_open=True)
+        if self.budget_ms < self.table.floor_ms:
+            what = f"a {self.target:g}x speed-up" if self.kind == "speedup" else f"{self.target:g} ms"
+            raise ConfigError(f"{what} asks for {self.budget_ms:.3f} ms, below the {self.table.floor_ms:.3f} ms "
+                              "the model takes with every block removed (its fixed cost); ask for less")
+
+    @property
+    def budget_ms(self) -> float:
+        """The budget in ms; a speed-up is taken over the whole dense model (`reference_ms`)."""
+        return self.table.reference_ms / self.target if self.kind == "speedup" else self.target
+
+    def at_state(self, state: int, states: int) -> float:
+        """The budget of state s of S: the latency falls geometrically from the whole model's to
+        the budget, which the last state meets exactly."""
+        if state >= states:
+            return self.budget_ms
+        start = self.table.reference_ms
+        return start * (self.budget_ms / start) ** (state / states)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "kind": self.kind, "budget_ms": self.budget_ms, "table": self.table.to_dict()}
+
+
+@dataclass
+class Allocation:
+    """Kept units per block (sorted indices, None where the branch is not pruned) and the latency
+    the table predicts for them."""
+
+    heads: list[torch.Tensor | None]
+    neurons: list[torch.Tensor | None]
+    predicted_ms: float
+    steps: list[tuple[str, int, float, float]] = field(default_factory=list)  # (kind, block, importance, saved ms)
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as shares of their block's total. A block whose units all score 0 (removed in an
+    earlier state) has nothing to lose: its units cost nothing to remove, so they go first."""
+    s = scores.double().clamp_min(0)
+    total = s.sum()
+    return s / total if total > 0 else torch.zeros_like(s)
+
+
+def allocate(head_scores: Sequence[torch.Tensor | None], neuron_scores: Sequence[torch.Tensor | None],
+             table: LatencyTable, budget_ms: float, round_to: int = 1) -> Allocation:
+    """The kept heads and neurons of every block that keep the most importance within `budget_ms`
+    (see the module's docstring). A branch whose scores are None is left whole. Neurons go
+    `round_to` at a time, so widths stay multiples of it (or the full width)."""
+    depth = table.depth
+    if len(head_scores) != depth or len(neuron_scores) != depth:
+        raise ConfigError(f"scores for {len(head_scores)} blocks, the latency table has {depth}")
+    if budget_ms < table.floor_ms - 1e-9:
+        raise ConfigError(f"the budget {budget_ms:.3f} ms is below the {table.floor_ms:.3f} ms the model takes "
+                          "with every block removed (its fixed cost); ask for less")
+    head_order = [None if s is None else torch.argsort(_normalised(s), stable=True) for s in head_scores]
+    neuron_order = [None if s is None else torch.argsort(_normalised(s), stable=True) for s in neuron_scores]
+    head_imp = [None if s is None else _normalised(s) for s in head_scores]
+    neuron_imp = [None if s is None else _normalised(s) for s in neuron_scores]
+    heads = [table.num_heads if s is None else s.numel() for s in head_scores]
+    widths = [table.hidden if s is None else s.numel() for s in neuron_scores]
+    for b in range(depth):
+        if heads[b] != table.num_heads or widths[b] != table.hidden:
+            raise ConfigError(f"block {b} has {heads[b]} heads and {widths[b]} neurons, the latency table "
+                              f"{table.num_heads} and {table.hidden}")
+    removed_heads, removed_neurons = [0] * depth, [0] * depth
+
+    def next_width(w: int) -> int:
+        return w - (w % round_to or round_to) if w > 0 else 0
+
+    steps: list[tuple[str, int, float, float]] = []
+    current = table.predict(list(zip(heads, widths)))
+    while current > budget_ms + 1e-9:
+        best = None
+        for b in range(depth):
+            if head_order[b] is not None and heads[b] > 0:
+                lost = float(head_imp[b][head_order[b][removed_heads[b]]])
+                saved = table.block(heads[b], widths[b]) - table.block(heads[b] - 1, widths[b])
+                best = _better(best, ("head", b, lost, saved))
+            if neuron_order[b] is not None and widths[b] > 0:
+                narrower = next_width(widths[b])
+                drop = neuron_order[b][removed_neurons[b]:removed_neurons[b] + widths[b] - narrower]
+                lost = float(neuron_imp[b][drop].sum())
+                saved = table.block(heads[b], widths[b]) - table.block(heads[b], narrower)
+                best = _better(best, ("mlp", b, lost, saved))
+        if best is None:
+            raise ConfigError(f"the budget {budget_ms:.3f} ms cannot be met by removing the prunable units "
+                              f"(the least is {current:.3f} ms); prune both heads and MLP, or ask for less")
+        kind, b, lost, saved = best
+        if kind == "head":
+            heads[b] -= 1
+            removed_heads[b] += 1
+        else:
+            narrower = next_width(widths[b])
+            removed_neurons[b] += widths[b] - narrower
+            widths[b] = narrower
+        steps.append(best)
+        current = table.predict(list(zip(heads, widths)))
+    kept_heads = [None if o is None else torch.sort(o[removed_heads[b]:]).values for b, o in enumerate(head_order)]
+    kept_neurons = [None if o is None else torch.sort(o[removed_neurons[b]:]).values
+                    for b, o in enumerate(neuron_order)]
+    return Allocation(kept_heads, kept_neurons, current, steps)
+
+
+def _better(best: tuple | None, candidate: tuple) -> tuple:
+    """The step that loses the least importance per ms saved; a step that saves nothing (within the
+    table's noise) only when nothing else is left. Ties keep the earlier block, heads first."""
+    def cost(step: tuple) -> float:
+        _, _, lost, saved = step
+        return lost / saved if saved > 1e-12 else math.inf
+    if best is None:
+        return candidate
+    c_new, c_old = cost(candidate), cost(best)
+    if c_new < c_old or (math.isinf(c_new) and math.isinf(c_old) and candidate[3] > best[3]):
+        return candidate
+    return best
