@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model bench-budget-accuracy clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-int8: $(STAMP)
 bench-latency-model: $(STAMP)
 	$(BIN)/python -m vitcompact.bench.latency_model --model vit-cifar-tiny --batch 1 --threads 1 --target-speedups 1.5,2
 	$(BIN)/python -m vitcompact.bench.latency_model --model vit_small_patch16_224 --batch 8 --threads 1 --target-speedups 1.5,2
+
+# Budgeted vs uniform structure at equal measured latency, 3 seeds, Fashion-MNIST (docs/budget).
+bench-budget-accuracy: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(BIN)/python -m vitcompact.bench.budget_accuracy --out docs/budget
 
 clean:
 	rm -rf build dist *.egg-info runs

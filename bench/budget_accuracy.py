@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--method", default=vc.PruneConfig.method)
     p.add_argument("--ratio", type=float, default=0.5, help="uniform head and MLP ratio")
     p.add_argument("--round-to", type=int, default=1)
+    p.add_argument("--states", type=int, default=vc.PruneConfig.states)
+    p.add_argument("--epochs-per-state", type=int, default=vc.PruneConfig.epochs_per_state)
+    p.add_argument("--finetune-epochs", type=int, default=vc.PruneConfig.finetune_epochs)
     p.add_argument("--bench-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bench-seconds", type=float, default=8.0)
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dense, bundle = dense_and_data(args)
     base = dataclasses.replace(vc.PruneConfig(), method=args.method, head_ratio=args.ratio, mlp_ratio=args.ratio,
-                               round_to=args.round_to,
+                               round_to=args.round_to, states=args.states, epochs_per_state=args.epochs_per_state,
+                               finetune_epochs=args.finetune_epochs,
                                train=dataclasses.replace(vc.PruneConfig().train, progress=False))
     bench = BenchConfig(batch_sizes=(args.bench_batch,), threads=args.threads, time_budget_s=args.bench_seconds)
     rows, target = [], None

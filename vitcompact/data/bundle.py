@@ -234,13 +234,13 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
     Validation: the source's own `val` split if it has one, else `val_fraction` of the training
     images (a permutation fixed by `seed`). `limit` caps the training pool and the validation and
     test sets (quick runs and tests). `preprocessing` is a timm data config (`interpolation`,
-    `crop_pct`, `crop_mode`, `mean`, `std`; `vitcompact.models.data_config(model)`); missing
+    `crop_pct`, `crop_mode`, `mean`, `std`; `vitcompact.models.preprocess.data_config(model)`); missing
     keys take the plain defaults (bilinear, no crop) and a missing mean/std the training split's
     own per-channel statistics. `aug`: `none`, `light` (random shifts of up to `shift` pixels,
     default an eighth of the side from 16 px up, and horizontal flips where the source allows
     them) or `randaugment` (timm's RandAugment and random erasing).
 
-    Two paths give the same result: the small in-memory sources with plain preprocessing and
+    Two paths behind the same loaders: the small in-memory sources with plain preprocessing and
     light augmentation are resized once and served a whole batch at a time (`ImageDataset`);
     image folders, RandAugment, timm crops, and resizes too large to hold in memory go through
     per-sample timm transforms in `workers` DataLoader processes (`TransformDataset`; default
