@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in args.seeds:
             uniform = run(dense, bundle, dataclasses.replace(base, seed=seed), speedups, "uniform", seed)
             rows.append(uniform)
-            print(f"seed {seed} uniform: test {uniform['test_top1']:.4f}, {uniform['measured_speedup']:.3f}x", flush=True)
+            print(f"seed {seed} uniform: test {uniform['test_top1']:.4f}, {uniform['measured_speedup']:.3f}x, heads "
+                  f"{uniform['heads_per_block']}, widths {uniform['neurons_per_block']}", flush=True)
             if target is None:  # the uniform structure (and so its latency) is the same for every seed
                 target = uniform["measured_speedup"]
                 request = BudgetRequest(target_speedup=target, deploy_batch=args.bench_batch, threads=args.threads)
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
             budgeted = run(dense, bundle, dataclasses.replace(base, seed=seed, latency_budget=budget), speedups,
                            "budgeted", seed)
             rows.append(budgeted)
-            print(f"seed {seed} budgeted: test {budgeted['test_top1']:.4f}, {budgeted['measured_speedup']:.3f}x",
-                  flush=True)
+            print(f"seed {seed} budgeted: test {budgeted['test_top1']:.4f}, {budgeted['measured_speedup']:.3f}x, heads "
+                  f"{budgeted['heads_per_block']}, widths {budgeted['neurons_per_block']}", flush=True)
     report = {"schema": SCHEMA, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "target_speedup": target, "dense_test_top1": vc.evaluate(dense, bundle.test)["top1"],
               "test_images": len(bundle.test.dataset), "rows": rows, "summary": summarise(rows),

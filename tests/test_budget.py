@@ -48,15 +48,26 @@ def test_allocator_meets_the_budget_and_keeps_the_most_important_units():
 
 
 def test_allocator_prefers_the_cheaper_of_two_equally_important_units():
-    # One block; each of its 2 heads and each group of 4 of its 8 neurons holds half the branch's
-    # importance. A head costs 2 ms, a group of neurons 1 ms: removing one unit must remove a head.
-    t = table(depth=1, heads=(0.0, 2.0, 4.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed=0.0)
-    a = allocate([torch.ones(2)], [torch.ones(8)], t, budget_ms=t.full_ms - 1.5, round_to=4)
-    assert (len(a.heads[0]), len(a.neurons[0])) == (1, 8)
-    # The same with the costs swapped: the neurons go.
-    t = table(depth=1, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 2.0, 4.0), fixed=0.0)
-    a = allocate([torch.ones(2)], [torch.ones(8)], t, budget_ms=t.full_ms - 1.5, round_to=4)
+    # One block whose branches cost 4 ms each (so weigh alike); a head and a group of 4 neurons
+    # each hold half their branch's importance: equally important. The last head saves 2 ms, the
+    # top group of neurons 3 ms: removing one unit must remove the costlier, the neurons.
+    t = table(depth=1, heads=(0.0, 2.0, 4.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 4.0), fixed=0.0)
+    a = allocate([torch.ones(2)], [torch.ones(8)], t, budget_ms=t.full_ms - 3.0, round_to=4)
     assert (len(a.heads[0]), len(a.neurons[0])) == (2, 4)
+    # The same with the costs swapped: a head goes.
+    t = table(depth=1, heads=(0.0, 1.0, 4.0), widths=(0, 4, 8), mlp=(0.0, 2.0, 4.0), fixed=0.0)
+    a = allocate([torch.ones(2)], [torch.ones(8)], t, budget_ms=t.full_ms - 3.0, round_to=4)
+    assert (len(a.heads[0]), len(a.neurons[0])) == (1, 8)
+
+
+def test_branches_weigh_what_they_cost_so_an_expensive_branch_is_not_stripped():
+    # Attention costs 3x the MLP per block. Weighting the branches alike, every head would go
+    # before any neuron; weighted by cost, the units below their branch's average go first.
+    t = table(depth=2, heads=(0.0, 3.0, 6.0), widths=(0, 1, 2), mlp=(0.0, 1.0, 2.0), fixed=0.0)
+    heads = [torch.tensor([1.0, 1.0])] * 2
+    neurons = [torch.tensor([3.0, 1.0])] * 2  # one neuron per block matters little
+    a = allocate(heads, neurons, t, budget_ms=t.full_ms - 2.0)
+    assert [len(h) for h in a.heads] == [2, 2] and [n.tolist() for n in a.neurons] == [[0], [0]]
 
 
 def test_allocator_may_remove_whole_blocks_and_refuses_a_budget_below_the_fixed_cost():
@@ -128,3 +139,17 @@ def test_units_removed_in_an_earlier_state_are_removed_first():
     t = table(depth=2, heads=(0.0, 1.0, 2.0), widths=(0, 4), mlp=(0.0, 1.0), fixed=0.0)
     a = allocate([torch.zeros(2), torch.ones(2)], [None, None], t, budget_ms=t.full_ms - 2.0)
     assert [len(h) for h in a.heads] == [0, 2]
+
+
+def test_a_branch_is_never_emptied_alone_only_a_whole_block_goes():
+    # The last head costs most (the branch's fixed work goes with it): removing it alone would be
+    # cheap per unit of importance, and would leave a block with no token mixing.
+    t = table(depth=3, heads=(0.0, 3.0, 4.0, 5.0), widths=(0, 4, 8, 12), mlp=(0.0, 2.0, 3.0, 4.0), fixed=1.0,
+              base=0.1)
+    g = torch.Generator().manual_seed(0)
+    for fraction in (0.9, 0.7, 0.5, 0.3):
+        heads = [torch.rand(3, generator=g) for _ in range(3)]
+        neurons = [torch.rand(12, generator=g) for _ in range(3)]
+        a = allocate(heads, neurons, t, budget_ms=t.floor_ms + fraction * (t.full_ms - t.floor_ms), round_to=4)
+        for h, n in zip(a.heads, a.neurons):
+            assert (len(h) == 0) == (len(n) == 0), (fraction, len(h), len(n))
