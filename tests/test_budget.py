@@ -107,7 +107,7 @@ def test_regroup_under_a_budget_gives_masks_that_compact_to_the_predicted_struct
     config = vc.RegroupConfig(budget=LatencyBudget(t, 2.0), round_to=32)
     masks = vc.regroup(model, vc.PruneMasks.ones(model), config)
     structure = masks.structure()
-    blocks = [(len(b.heads), len(b.neurons)) for b in structure.blocks]
+    blocks = structure.shape()
     assert t.predict(blocks) <= t.full_ms / 2
     assert all(w % 32 == 0 for _, w in blocks)
     small = vc.compact(model, masks)

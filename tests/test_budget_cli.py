@@ -45,11 +45,11 @@ def test_prune_to_a_speedup_writes_the_budget_report(tmp_path, synthetic_table):
     assert result.exit_code == 0, result.output
     assert synthetic_table == [("ort-cpu", 4, 1, 32)]
     report = json.loads((tmp_path / "run" / "latency_budget.json").read_text())
-    assert report["request"] == {"kind": "speedup", "target": 2.0, "budget_ms": TABLE.full_ms / 2, "deploy_batch": 4,
+    assert report["request"] == {"kind": "speedup", "target": 2.0, "budget_ms": TABLE.reference_ms / 2, "deploy_batch": 4,
                                  "backend": "ort-cpu", "threads": 1}
     structure = vc.Structure.load(tmp_path / "run" / "structure.json")
-    blocks = [(len(b.heads), len(b.neurons)) for b in structure.blocks]
-    assert report["predicted"]["ms"] == pytest.approx(TABLE.predict(blocks)) and report["predicted"]["ms"] <= TABLE.full_ms / 2
+    blocks = structure.shape()
+    assert report["predicted"]["ms"] == pytest.approx(TABLE.predict(blocks)) and report["predicted"]["ms"] <= TABLE.reference_ms / 2
     assert report["measured"]["speedup"] > 0 and [b["heads"] for b in report["blocks"]] == [h for h, _ in blocks]
     assert (tmp_path / "run" / "latency_budget.png").stat().st_size > 0
     assert "| requested (2x) | 2.000x |" in (tmp_path / "run" / "latency_budget.md").read_text()
