@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import input_for, randomize_
+from conftest import randomize_
 from test_compact import assert_same_function, remove_heads, remove_neurons
 
 import vitcompact as vc
