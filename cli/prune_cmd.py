@@ -6,7 +6,6 @@ import copy
 import dataclasses
 from pathlib import Path
 
-import torch
 import typer
 
 import vitcompact as vc
@@ -106,7 +105,7 @@ def prune(
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
     m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,
                                   reset_classifier=reset_classifier, seed=seed, batch_size=batch_size, aug=aug,
-                                  workers=workers, pin_memory=torch.cuda.is_available())
+                                  workers=workers)
     if request is not None:
         say = (lambda line: None) if json_out else (lambda line: console.print(line, markup=False))
         config = dataclasses.replace(config, latency_budget=request.budget(m, config.round_to, progress=say))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
 import vitcompact as vc
@@ -52,7 +51,7 @@ def train(
     output_folder.claim(out, overwrite, inputs=(model, checkpoint, data_root))
     m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,
                                   reset_classifier=reset_classifier, seed=seed, batch_size=batch_size, aug=aug,
-                                  workers=workers, pin_memory=torch.cuda.is_available())
+                                  workers=workers)
     with output_folder.lock(out, enabled=distributed.is_main()):
         log = MetricsLog()
         result = train_model(m, bundle, config, on_epoch=log.write, description="train")

@@ -81,8 +81,7 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
     model, bundle = vc.model_and_data(
         config.model, config.data.source, config.data.root, checkpoint=config.checkpoint,
         pretrained=config.pretrained, reset_classifier=config.data.reset_classifier, seed=config.seed,
-        batch_size=config.data.batch_size, aug=config.data.aug, workers=config.data.workers,
-        pin_memory=torch.cuda.is_available())
+        batch_size=config.data.batch_size, aug=config.data.aug, workers=config.data.workers)
     budget = _latency_budget(model, config, progress)  # before training: a budget out of reach stops here
     dense_test = _train_dense(model, bundle, config, progress)
     vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})

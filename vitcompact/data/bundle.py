@@ -227,7 +227,7 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
               img_size: int | tuple[int, int] = 8, in_chans: int = 1, batch_size: int = 64,
               val_fraction: float = 0.1, seed: int = 0, aug: str = "light", limit: int | None = None,
               shift: int | None = None, *, preprocessing: dict[str, Any] | None = None,
-              workers: int | None = None, pin_memory: bool = False) -> DataBundle:
+              workers: int | None = None, pin_memory: bool | None = None) -> DataBundle:
     """Load a built-in source (`DATA_SOURCES`, or what `open_source` returned) at `img_size` with
     `in_chans` channels.
 
@@ -244,7 +244,8 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
     light augmentation are resized once and served a whole batch at a time (`ImageDataset`);
     image folders, RandAugment, timm crops, and resizes too large to hold in memory go through
     per-sample timm transforms in `workers` DataLoader processes (`TransformDataset`; default
-    `default_workers()`), so memory stays flat as the data grows.
+    `default_workers()`), so memory stays flat as the data grows. `pin_memory` (default: when CUDA
+    is available) pins the loaders' batches for fast copies to the GPU.
     """
     one_of("aug", aug, AUGMENTATIONS)
     in_range("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
@@ -261,6 +262,7 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
     if workers is not None:
         integer("workers", workers, 0, 64)
     cfg = _resolve_preprocessing(preprocessing, in_chans, size)
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     raw = open_source(source, root) if isinstance(source, str) else source
     name, flip = raw.name, raw.flip
     order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed))
