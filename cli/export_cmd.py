@@ -13,6 +13,7 @@ from vitcompact.errors import ConfigError
 from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, export_all,
                                to_tensorrt)
 from vitcompact.export.int8 import CALIBRATIONS, MODES
+from vitcompact.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 from .common import JsonOption, console, load_any, print_json, user_errors
 
@@ -32,7 +33,7 @@ def _parity_text(parity: ParityReport | None) -> str:
 def onnx_cmd(
     model: str = typer.Argument(..., help="Artifact directory, preset name or timm ViT name."),
     out: Path = typer.Argument(..., help="The .onnx file to write."),
-    opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
+    opset: int = typer.Option(DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 variant (<out>.fp16.onnx)."),
     int8: str | None = typer.Option(None, "--int8", help=f"Also write an INT8 variant (<out>.int8.onnx): "
                                                           f"{' or '.join(MODES)}."),

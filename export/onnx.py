@@ -26,6 +26,9 @@ from .optimize import MODES, OptimizeReport, optimize
 from .verify import DEFAULT_ATOL, DEFAULT_BATCHES, ParityReport, verify_onnx
 
 MIN_OPSET = 17
+# Opset 20 has GELU as one op, which onnxruntime fuses with its bias (BiasGelu); measured 4 % faster
+# than opset 18 on ViTs at batch 1 and 8 (onnxruntime 1.32 CPU, README "Export").
+DEFAULT_OPSET = 20
 # The highest opset checked with this torch exporter and onnxruntime (export, load, parity).
 MAX_OPSET = 25
 EXPORT_BATCH = 2  # deliberately not a verification batch size, so a fixed batch cannot pass
@@ -35,7 +38,7 @@ EXPORT_BATCH = 2  # deliberately not a verification batch size, so a fixed batch
 class ExportConfig:
     """How `to_onnx` exports. `external_data=None` moves weights to `<file>.data` only past 1 GiB."""
 
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     input_name: str = "images"
     output_name: str = "logits"
     max_batch: int = 4096
@@ -48,7 +51,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not MIN_OPSET <= integer("opset", self.opset) <= MAX_OPSET:
             raise ConfigError(f"opset {self.opset} is not supported; use an opset from {MIN_OPSET} "
-                              f"to {MAX_OPSET} (default 18)")
+                              f"to {MAX_OPSET} (default {DEFAULT_OPSET})")
         if self.optimize not in MODES:
             raise ConfigError(f"optimize must be one of {', '.join(MODES)}, not {self.optimize!r}")
         integer("max_batch", self.max_batch, 1)

@@ -9,7 +9,7 @@ are those configs:
     [train]   epochs = 30
     [prune]   method = "rsst", lambda_schedule = "x^2", round_to = 16, ...
     [prune.train]  label_smoothing = 0.0
-    [export]  opset = 18
+    [export]  opset = 20
     [int8]    mode = "static"          # or "none": no INT8 file
     [bench]   batch_sizes = [1, 32], time_budget_s = 10.0
     [budget]  target_speedup = 2.0, deploy_batch = 8   # optional: prune to a latency budget

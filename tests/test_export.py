@@ -68,7 +68,7 @@ def test_export_verifies_at_batch_1_and_3(exported):
     assert result.parity is not None and result.parity.passed
     assert sorted(result.parity.max_abs_diff) == [1, 3]
     assert result.parity.worst <= 1e-4
-    assert result.opset == 18 and result.precision == "fp32" and not result.external_data
+    assert result.opset == 20 and result.precision == "fp32" and not result.external_data
     # The staging folder is gone: only the shipped file is left.
     assert [p.name for p in result.path.parent.iterdir()] == ["model.onnx"]
 
@@ -263,7 +263,7 @@ def test_cli_exports_an_artifact(tmp_path):
 def test_cli_rejects_a_bad_opset(tmp_path):
     result = CliRunner().invoke(app, ["export", "onnx", "vit-digits", str(tmp_path / "m.onnx"), "--opset", "12"])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: opset 12 is not supported; use an opset from 17 to 25 (default 18)"
+    assert result.output.strip() == "error: opset 12 is not supported; use an opset from 17 to 25 (default 20)"
 
 
 def test_export_spells_attention_out_and_leaves_the_model_as_it_was(tmp_path):
