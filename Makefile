@@ -69,7 +69,7 @@ bench-latency-model: $(STAMP)
 # Budgeted vs uniform structure at equal measured latency, 3 seeds, Fashion-MNIST (docs/budget).
 bench-budget-accuracy: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	$(BIN)/python -m vitcompact.bench.budget_accuracy --out docs/budget
+	$(BIN)/python -m vitcompact.bench.budget_accuracy --out docs/budget-4000
 
 clean:
 	rm -rf build dist *.egg-info runs

@@ -1,7 +1,7 @@
 """Budgeted vs uniform structures at equal measured latency: does the latency allocator keep more
 accuracy than the same cut in every block?
 
-Run: python -m vitcompact.bench.budget_accuracy [--dense DIR] --out docs/budget (or
+Run: python -m vitcompact.bench.budget_accuracy [--dense DIR] --out docs/budget-4000 (or
 `make bench-budget-accuracy`). On the accuracy study's data (Fashion-MNIST, the first `--limit`
 training images of the dense model's split), per pruning seed: the uniform layer-wise structure
 at `--ratio` (every block loses the same share) is pruned, compacted and its onnxruntime CPU
@@ -53,10 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--states", type=int, default=vc.PruneConfig.states)
     p.add_argument("--epochs-per-state", type=int, default=vc.PruneConfig.epochs_per_state)
     p.add_argument("--finetune-epochs", type=int, default=vc.PruneConfig.finetune_epochs)
+    p.add_argument("--block-removal", default="last-resort", help="when the allocator may remove whole blocks")
     p.add_argument("--bench-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bench-seconds", type=float, default=8.0)
-    p.add_argument("--out", type=Path, default=Path("docs/budget"))
+    p.add_argument("--out", type=Path, default=Path("docs/budget-4000"))
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.root is None and args.data == "fashion-mnist":
@@ -105,18 +106,21 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Budgeted vs uniform at equal measured latency ({a['method']}, {a['data']})", "",
              f"Uniform: layer-wise heads {a['ratio']} / MLP {a['ratio']}. Budgeted: the same method and epochs, "
              f"pruned to the uniform structure's measured speed-up ({report['target_speedup']:.3f}x, onnxruntime "
-             f"CPU, batch {a['bench_batch']}, {a['threads']} thread(s)). {a['limit']:,} training images; test "
+             f"CPU, batch {a['bench_batch']}, {a['threads']} thread(s); block removal "
+             f"{a.get('block_removal', 'free')}). {a['limit']:,} training images; test "
              f"{report['test_images']:,} images.", "",
-             "| seed | kind | test top-1 | measured speed-up | heads per block | MLP width per block |",
-             "|---|---|---:|---:|---|---|"]
+             "| seed | kind | val top-1 | test top-1 | measured speed-up | heads per block | MLP width per block |",
+             "|---|---|---:|---:|---:|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['seed']} | {r['kind']} | {r['test_top1']:.4f} | {r['measured_speedup']:.3f}x | "
+        lines.append(f"| {r['seed']} | {r['kind']} | {r['val_top1']:.4f} | {r['test_top1']:.4f} | "
+                     f"{r['measured_speedup']:.3f}x | "
                      f"{r['heads_per_block']} | {r['neurons_per_block']} |")
     s = report["summary"]
-    lines += ["", "| | mean test top-1 | min | max | mean speed-up |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| | mean val top-1 | mean test top-1 | min | max | mean speed-up |", "|---|---:|---:|---:|---:|---:|"]
     for kind in ("uniform", "budgeted"):
         k = s[kind]
-        lines.append(f"| {kind} | {k['test_top1_mean']:.4f} | {k['test_top1_min']:.4f} | {k['test_top1_max']:.4f} | "
+        val = statistics.mean(r["val_top1"] for r in report["rows"] if r["kind"] == kind)
+        lines.append(f"| {kind} | {val:.4f} | {k['test_top1_mean']:.4f} | {k['test_top1_min']:.4f} | {k['test_top1_max']:.4f} | "
                      f"{k['speedup_mean']:.3f}x |")
     lines += ["", f"Target (budgeted mean ≥ uniform mean): {'met' if s['budgeted_at_least_uniform'] else 'missed'}.",
               "", "![budget](budget_accuracy.png)", ""]
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{uniform['heads_per_block']}, widths {uniform['neurons_per_block']}", flush=True)
             if target is None:  # the uniform structure (and so its latency) is the same for every seed
                 target = uniform["measured_speedup"]
-                request = BudgetRequest(target_speedup=target, deploy_batch=args.bench_batch, threads=args.threads)
+                request = BudgetRequest(target_speedup=target, deploy_batch=args.bench_batch, threads=args.threads,
+                                        block_removal=args.block_removal)
                 budget = request.budget(dense, args.round_to)
             budgeted = run(dense, bundle, dataclasses.replace(base, seed=seed, latency_budget=budget), speedups,
                            "budgeted", seed)

@@ -15,9 +15,9 @@ import torch.nn as nn
 
 from vitcompact.errors import ConfigError
 from vitcompact.io import ensure_dir, write_json, write_text
-from vitcompact.pruning.budget import LatencyBudget
+from vitcompact.pruning.budget import BLOCK_REMOVAL, LatencyBudget
 from vitcompact.pruning.structure import Structure
-from vitcompact.validate import in_range, integer
+from vitcompact.validate import in_range, integer, one_of
 
 from .harness import BenchConfig, benchmark
 from .latency_model import latency_table
@@ -36,8 +36,10 @@ class BudgetRequest:
     deploy_batch: int = 1
     backend: str = "ort-cpu"
     threads: int = 1
+    block_removal: str = "last-resort"  # when whole blocks may go: last-resort, free, never
 
     def __post_init__(self) -> None:
+        one_of("block removal", self.block_removal, BLOCK_REMOVAL)
         if (self.target_speedup is None) == (self.latency_ms is None):
             raise ConfigError("a latency budget takes exactly one of a target speed-up or a latency in ms")
         if self.target_speedup is not None:
@@ -53,8 +55,8 @@ class BudgetRequest:
         table = latency_table(model, self.backend, self.deploy_batch, self.threads, round_to=round_to,
                               cache_dir=cache_dir, progress=progress)
         if self.target_speedup is not None:
-            return LatencyBudget(table, self.target_speedup, "speedup")
-        return LatencyBudget(table, self.latency_ms, "ms")
+            return LatencyBudget(table, self.target_speedup, "speedup", self.block_removal)
+        return LatencyBudget(table, self.latency_ms, "ms", self.block_removal)
 
 
 def budget_report(dense: nn.Module, compact: nn.Module, structure: Structure, budget: LatencyBudget,
@@ -68,6 +70,7 @@ def budget_report(dense: nn.Module, compact: nn.Module, structure: Structure, bu
     measured = result.batches[0]
     return {
         "request": {"kind": budget.kind, "target": budget.target, "budget_ms": budget.budget_ms,
+                    "block_removal": budget.block_removal,
                     "deploy_batch": request.deploy_batch, "backend": request.backend, "threads": request.threads},
         "requested_speedup": table.reference_ms / budget.budget_ms,
         "predicted": {"ms": predicted_ms, "dense_ms": table.reference_ms, "speedup": table.reference_ms / predicted_ms},
@@ -91,6 +94,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              "| block | heads | MLP width |", "|---|---|---|"]
     lines += [f"| {i} | {b['heads']}/{b['of_heads']} | {b['width']}/{b['of_width']} |"
               for i, b in enumerate(report["blocks"])]
+    whole = sum(1 for b in report["blocks"] if b["heads"] == 0 and b["width"] == 0)
+    lines += ["", f"Whole blocks removed: {whole} (block removal: {r.get('block_removal', 'free')})."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -11,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vitcompact.bench.latency_budget import BudgetRequest
+from vitcompact.errors import ConfigError
 from vitcompact.pipeline import PipelineConfig, run
 from vitcompact.pipeline.config import with_overrides
 
@@ -83,9 +85,12 @@ def pipeline(
     target_speedup: float | None = typer.Option(None, "--target-speedup", help="Prune to this measured speed-up "
                                                 "instead of the ratios ([budget] in a config file)."),
     latency_ms: float | None = typer.Option(None, "--latency-ms", help="Prune to this latency (ms per batch)."),
-    deploy_batch: int = typer.Option(1, "--deploy-batch", help="Batch size the budget is for."),
-    backend: str = typer.Option("ort-cpu", "--backend", help="Backend the budget is for."),
-    threads: int = typer.Option(1, "--threads", help="Intra-op threads the budget is for."),
+    deploy_batch: int | None = typer.Option(None, "--deploy-batch", help="Batch size the budget is for [default: 1]."),
+    backend: str | None = typer.Option(None, "--backend", help="Backend the budget is for [default: ort-cpu]."),
+    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads the budget is for [default: 1]."),
+    block_removal: str | None = typer.Option(None, "--block-removal", help="When the budget may remove whole blocks: "
+                                             "last-resort (only when widths cannot meet it), free, never "
+                                             "[default: last-resort]."),
     int8: str | None = typer.Option(None, help="INT8 file stacked on the compact one: static (default, "
                                                "calibrated on training images), dynamic or none."),
     out: str | None = typer.Option(None, "--out", "-o", help="Run folder."),
@@ -104,10 +109,26 @@ def pipeline(
                  "prune.method": method, "prune.head_ratio": head_ratio, "prune.mlp_ratio": mlp_ratio,
                  "prune.criteria": criteria, "train.epochs": train_epochs, "int8.mode": int8, "out": out,
                  "overwrite": overwrite or None}
-    if target_speedup is not None or latency_ms is not None:
-        overrides["budget"] = BudgetRequest(target_speedup, latency_ms, deploy_batch, backend, threads)
     base = PipelineConfig.from_toml(config) if config is not None else PipelineConfig()
+    overrides["budget"] = budget_with_flags(base.budget, target_speedup=target_speedup, latency_ms=latency_ms,
+                                            deploy_batch=deploy_batch, backend=backend, threads=threads,
+                                            block_removal=block_removal)
     _run(with_overrides(base, **overrides), json_out)
+
+
+def budget_with_flags(budget: BudgetRequest | None, **flags) -> BudgetRequest | None:
+    """The config file's `[budget]` with the budget flags given (not None) put over it: a target
+    flag replaces the file's target, the other flags only what they name."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return budget
+    if given.keys() & {"target_speedup", "latency_ms"}:
+        given.setdefault("target_speedup", None)
+        given.setdefault("latency_ms", None)
+    elif budget is None:
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')} sets up a latency budget; give --target-speedup "
+                          "or --latency-ms (or a [budget] section in the config file)")
+    return dataclasses.replace(budget, **given) if budget is not None else BudgetRequest(**given)
 
 
 @user_errors

@@ -67,6 +67,8 @@ def prune(
     deploy_batch: int = typer.Option(1, "--deploy-batch", help="Batch size the budget is for."),
     backend: str = typer.Option("ort-cpu", "--backend", help="Backend the budget is for (ort-cpu, torch, ...)."),
     threads: int = typer.Option(1, "--threads", help="Intra-op threads the budget is for."),
+    block_removal: str = typer.Option("last-resort", "--block-removal", help="When the budget may remove whole "
+                                      "blocks: last-resort (only when widths cannot meet it), free, never."),
     batch_size: int = typer.Option(64, help="Batch size."),
     seed: int = typer.Option(0, help="Seed (initial weights of a preset, data split, order, augmentation)."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
@@ -98,7 +100,7 @@ def prune(
                           label_smoothing=label_smoothing, progress=not json_out),
         out_dir=out, resume=resume, seed=seed, wandb_project=wandb_project,
         inputs=run_inputs(model, checkpoint, data, data_root, batch_size, aug, pretrained))
-    request = (BudgetRequest(target_speedup, latency_ms, deploy_batch, backend, threads)
+    request = (BudgetRequest(target_speedup, latency_ms, deploy_batch, backend, threads, block_removal)
                if target_speedup is not None or latency_ms is not None else None)
     check_writable(out)
     if not resume and (out / "run.json").exists():

@@ -13,6 +13,7 @@ are those configs:
     [int8]    mode = "static"          # or "none": no INT8 file
     [bench]   batch_sizes = [1, 32], time_budget_s = 10.0
     [budget]  target_speedup = 2.0, deploy_batch = 8   # optional: prune to a latency budget
+              block_removal = "last-resort"           # or "free", "never": when whole blocks may go
 
 One top-level `seed` drives the data split, the initial weights, training, pruning and the
 bench's inputs; the pipeline sets the prune stage's output folder itself.

@@ -70,15 +70,41 @@ def test_branches_weigh_what_they_cost_so_an_expensive_branch_is_not_stripped():
     assert [len(h) for h in a.heads] == [2, 2] and [n.tolist() for n in a.neurons] == [[0], [0]]
 
 
-def test_allocator_may_remove_whole_blocks_and_refuses_a_budget_below_the_fixed_cost():
+def kept(a) -> list[tuple[int, int]]:
+    return [(len(h), len(n)) for h, n in zip(a.heads, a.neurons)]
+
+
+def test_whole_blocks_go_freely_last_or_never_as_block_removal_says():
     t = table(depth=3, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed=1.0, base=0.1)
-    # Every block and unit alike (ties go to the earlier block): saving one block's worth (4 ms of
-    # its branches) removes block 0 whole and leaves the others.
-    a = allocate([torch.ones(2)] * 3, [torch.ones(8)] * 3, t, budget_ms=t.full_ms - 4.0, round_to=4)
-    assert [(len(h), len(n)) for h, n in zip(a.heads, a.neurons)] == [(0, 0), (2, 8), (2, 8)]
-    assert a.predicted_ms == pytest.approx(t.full_ms - 4.0)
-    every = allocate([torch.ones(2)] * 3, [torch.ones(8)] * 3, t, budget_ms=t.floor_ms, round_to=4)
-    assert all(len(h) == 0 and len(n) == 0 for h, n in zip(every.heads, every.neurons))
+    units = [torch.ones(2)] * 3, [torch.ones(8)] * 3
+    # Every block and unit alike (ties go to the earlier block). Saving one block's worth (4 ms of
+    # its branches): "free" removes block 0 whole; "last-resort" (the default) and "never" halve
+    # two blocks' heads and widths instead.
+    free = allocate(*units, t, budget_ms=t.full_ms - 4.0, round_to=4, block_removal="free")
+    assert kept(free) == [(0, 0), (2, 8), (2, 8)] and free.predicted_ms == pytest.approx(t.full_ms - 4.0)
+    assert kept(allocate(*units, t, budget_ms=t.full_ms - 4.0, round_to=4)) == [(1, 4), (1, 4), (2, 8)]
+    assert kept(allocate(*units, t, budget_ms=t.full_ms - 4.0, round_to=4, block_removal="never")) == \
+        [(1, 4), (1, 4), (2, 8)]
+    # Past what widths can save (every block at 1 head, 4 neurons: 1 + 3 * 2.1 = 7.3 ms), the
+    # last resort removes whole blocks, one at a time, and "never" refuses.
+    assert kept(allocate(*units, t, budget_ms=7.3, round_to=4)) == [(1, 4)] * 3
+    assert kept(allocate(*units, t, budget_ms=7.0, round_to=4)) == [(0, 0), (1, 4), (1, 4)]
+    with pytest.raises(vc.ConfigError, match=r"^the budget 7.000 ms cannot be met by removing the prunable units "
+                                             r"\(the least is 7.300 ms\); remove whole blocks \(block removal "
+                                             r"last-resort\), or ask for less$"):
+        allocate(*units, t, budget_ms=7.0, round_to=4, block_removal="never")
+    with pytest.raises(vc.ConfigError, match=r"^unknown block removal 'sometimes'; choose one of: last-resort, "
+                                             r"free, never$"):
+        allocate(*units, t, budget_ms=7.0, block_removal="sometimes")
+    with pytest.raises(vc.ConfigError, match=r"^unknown block removal 'x'"):
+        LatencyBudget(t, 2.0, block_removal="x")
+    for mode in ("last-resort", "free"):
+        every = allocate(*units, t, budget_ms=t.floor_ms, round_to=4, block_removal=mode)
+        assert kept(every) == [(0, 0)] * 3
+
+
+def test_a_budget_below_the_fixed_cost_is_refused():
+    t = table(depth=3, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed=1.0, base=0.1)
     with pytest.raises(vc.ConfigError, match=r"below the 1.300 ms the model takes with every block removed"):
         allocate([torch.ones(2)] * 3, [torch.ones(8)] * 3, t, budget_ms=1.2)
     with pytest.raises(vc.ConfigError, match=r"a 100x speed-up asks for 0.133 ms, below the 1.300 ms"):

@@ -4,6 +4,7 @@ and budgets that cannot be met. The latency table is synthetic here (measuring o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,7 @@ import vitcompact as vc
 from vitcompact.bench import latency_budget
 from vitcompact.bench.latency_budget import BudgetRequest
 from vitcompact.cli.app import app
+from vitcompact.cli.pipeline_cmd import budget_with_flags
 from vitcompact.pipeline import PipelineConfig, run
 from vitcompact.pruning.budget import LatencyTable
 
@@ -46,13 +48,16 @@ def test_prune_to_a_speedup_writes_the_budget_report(tmp_path, synthetic_table):
     assert synthetic_table == [("ort-cpu", 4, 1, 32)]
     report = json.loads((tmp_path / "run" / "latency_budget.json").read_text())
     assert report["request"] == {"kind": "speedup", "target": 2.0, "budget_ms": TABLE.reference_ms / 2, "deploy_batch": 4,
-                                 "backend": "ort-cpu", "threads": 1}
+                                 "backend": "ort-cpu", "threads": 1, "block_removal": "last-resort"}
     structure = vc.Structure.load(tmp_path / "run" / "structure.json")
     blocks = structure.shape()
     assert report["predicted"]["ms"] == pytest.approx(TABLE.predict(blocks)) and report["predicted"]["ms"] <= TABLE.reference_ms / 2
     assert report["measured"]["speedup"] > 0 and [b["heads"] for b in report["blocks"]] == [h for h, _ in blocks]
     assert (tmp_path / "run" / "latency_budget.png").stat().st_size > 0
-    assert "| requested (2x) | 2.000x |" in (tmp_path / "run" / "latency_budget.md").read_text()
+    markdown = (tmp_path / "run" / "latency_budget.md").read_text()
+    assert "| requested (2x) | 2.000x |" in markdown
+    whole = sum(1 for h, w in blocks if h == 0 and w == 0)
+    assert f"Whole blocks removed: {whole} (block removal: last-resort)." in markdown
     summary = json.loads(result.output)
     assert summary["latency_budget"]["requested_speedup"] == pytest.approx(2.0)
 
@@ -66,6 +71,9 @@ def test_a_budget_below_the_fixed_cost_is_refused_and_nothing_is_written(tmp_pat
                    "a latency budget takes exactly one of a target speed-up or a latency in ms")
     one_line_error(runner.invoke(app, [*PRUNE, "--target-speedup", "0.5", "--out", str(out)]),
                    "target speed-up must be > 1, got 0.5")
+    one_line_error(runner.invoke(app, [*PRUNE, "--target-speedup", "2", "--block-removal", "sometimes", "--out",
+                                       str(out)]),
+                   "unknown block removal 'sometimes'; choose one of: last-resort, free, never")
     assert not out.exists()
 
 
@@ -81,6 +89,22 @@ def test_pipeline_prunes_to_a_budget_and_reports_it(tmp_path, synthetic_table):
     path = tmp_path / "p.toml"
     path.write_text(TINY_TOML + "[budget]\ntarget_speedup = 1.5\ndeploy_batch = 2\n")
     assert PipelineConfig.from_toml(path).budget == BudgetRequest(target_speedup=1.5, deploy_batch=2)
+    path.write_text(TINY_TOML + "[budget]\ntarget_speedup = 1.5\nblock_removal = \"free\"\n")
+    assert PipelineConfig.from_toml(path).budget == BudgetRequest(target_speedup=1.5, block_removal="free")
     flagged = runner.invoke(app, ["pipeline", "--config", str(path), "--latency-ms", "0.1", "--out",
                                   str(tmp_path / "flags"), "--json"])
     one_line_error(flagged, "below the 0.240 ms the model takes with every block removed")
+
+
+def test_pipeline_budget_flags_go_over_the_config_files_budget():
+    file = BudgetRequest(target_speedup=1.5, deploy_batch=8, threads=4, block_removal="free")
+    assert budget_with_flags(file) == file
+    assert budget_with_flags(file, latency_ms=12.0) == BudgetRequest(latency_ms=12.0, deploy_batch=8, threads=4,
+                                                                     block_removal="free")
+    assert budget_with_flags(file, block_removal="never", threads=None) == dataclasses.replace(file, block_removal="never")
+    assert budget_with_flags(None, target_speedup=2.0, backend="torch") == BudgetRequest(target_speedup=2.0, backend="torch")
+    assert budget_with_flags(None) is None
+    with pytest.raises(vc.ConfigError, match=r"^--deploy-batch sets up a latency budget; give --target-speedup or "
+                                             r"--latency-ms \(or a \[budget\] section in the config file\)$"):
+        budget_with_flags(None, deploy_batch=8)
+    one_line_error(runner.invoke(app, ["pipeline", "--deploy-batch", "8"]), "--deploy-batch sets up a latency budget")

@@ -75,7 +75,7 @@ def regroup(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = 
         budget_ms = config.budget_ms if config.budget_ms is not None else config.budget.budget_ms
         allocation = allocate([s[0] if config.target != "mlp" else None for s in scores],
                               [s[1] if config.target != "head" else None for s in scores],
-                              config.budget.table, budget_ms, config.round_to)
+                              config.budget.table, budget_ms, config.round_to, config.budget.block_removal)
         heads = allocation.heads if config.target != "mlp" else None
         neurons = allocation.neurons if config.target != "head" else None
     else:
