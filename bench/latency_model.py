@@ -36,6 +36,7 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.errors import ArtifactError, ConfigError, VitCompactError
+from vitcompact.export import ExportConfig
 from vitcompact.io import ensure_dir, read_json, write_json
 from vitcompact.models.presets import SOURCE_ATTR
 from vitcompact.pruning.budget import LatencyBudget, LatencyTable
@@ -207,8 +208,9 @@ def versions(backend_on_gpu: bool = False) -> dict[str, Any]:
 
 def cache_key(model: nn.Module, backend: str, batch: int, threads: int, round_to: int = 1,
               mlp_points: int | None = None) -> dict[str, Any]:
-    """What a latency table depends on: the model's configuration, backend and its graph settings,
-    batch, threads, the measured widths, and library versions and hardware."""
+    """What a latency table depends on: the model's configuration, backend and its graph settings
+    (the ONNX opset the bench exports at), batch, threads, the measured widths, and library
+    versions and hardware."""
     depth, heads, head_dim, hidden = block_shape(model)
     integer("batch", batch, 1)
     integer("threads", threads, 1)
@@ -219,6 +221,7 @@ def cache_key(model: nn.Module, backend: str, batch: int, threads: int, round_to
               "hidden": hidden, "input_size": list(vc.input_size(model)), "num_classes": model.num_classes}
     return {"schema": SCHEMA, "model": json.loads(json.dumps(config, default=str)),
             "backend": backend, "graph_optimization": GRAPH_OPTIMIZATION, "onnx_optimize": ONNX_OPTIMIZE,
+            "opset": ExportConfig().opset,
             "batch": batch, "threads": threads, "round_to": round_to,
             "mlp_widths": measured_widths(hidden, round_to, mlp_points), "versions": versions(on_gpu)}
 
