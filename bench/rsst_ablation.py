@@ -25,6 +25,9 @@ from vitcompact.training.seeding import seed_everything
 
 BUDGET_SPLIT_3 = {"states": 3, "epochs_per_state": 2, "finetune_epochs": 2}
 BUDGET_SPLIT_2 = {"states": 2, "epochs_per_state": 2, "finetune_epochs": 4}
+BUDGET_SPLIT_1x2 = {"states": 1, "epochs_per_state": 2, "finetune_epochs": 6}
+BUDGET_SPLIT_2x1 = {"states": 2, "epochs_per_state": 1, "finetune_epochs": 6}
+BUDGET_SPLIT_1x1 = {"states": 1, "epochs_per_state": 1, "finetune_epochs": 7}
 VARIANTS: dict[str, dict] = {
     "one-shot": {"method": "oneshot"},
     "RSST gradient 3x2+2": {"method": "rsst", "penalty": "gradient", **BUDGET_SPLIT_3},
@@ -35,6 +38,9 @@ VARIANTS: dict[str, dict] = {
     "Refill 2x2+4": {"method": "refill", **BUDGET_SPLIT_2},
     "one-shot distilled": {"method": "oneshot", "distill": True},
     "RSST fade 2x2+4 distilled": {"method": "rsst", "penalty": "fade", "distill": True, **BUDGET_SPLIT_2},
+    "RSST fade 1x2+6": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_1x2},
+    "RSST fade 2x1+6": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_2x1},
+    "RSST fade 1x1+7": {"method": "rsst", "penalty": "fade", **BUDGET_SPLIT_1x1},
 }
 
 

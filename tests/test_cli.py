@@ -184,3 +184,16 @@ def test_every_command_refuses_bad_input_in_one_line(bad_files, name, args, mess
     result = runner.invoke(app, [a.format(root=bad_files) for a in args])
     one_line_error(result, message)
     assert sorted(p.name for p in bad_files.iterdir()) == before  # nothing (half-)written
+
+
+def test_prune_defaults_to_one_shot(tmp_path):
+    """The default method is one-shot (the accuracy study's winner): one cut, no RSST fade."""
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5", "--mlp-ratio", "0.5",
+                                 "--states", "2", "--epochs-per-state", "1", "--finetune-epochs", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["method"] == "oneshot"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in records if r["phase"] == "state_end"] == [1]
+    assert [r["epoch"] for r in records if r["phase"] == "finetune"] == [1, 2]
+    assert not any("lambda" in r for r in records)

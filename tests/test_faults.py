@@ -281,7 +281,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resul
     """What a SIGKILL during checkpoint writing leaves: a state folder without its `state.json`
     (written last) and a half-written temporary of a dead writer. Resume redoes that state."""
     def config(out, resume=False):
-        return PruneConfig(head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=1, finetune_epochs=1,
+        return PruneConfig(method="rsst", head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=1, finetune_epochs=1,
                            train=TrainConfig(progress=False), out_dir=out, resume=resume)
 
     whole = prune(tiny(), bundle, config(tmp_path / "whole"))

@@ -30,7 +30,8 @@ QUIET = TrainConfig(progress=False)
 
 
 def quick(**kw) -> PruneConfig:
-    base = dict(head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1, finetune_epochs=0, train=QUIET)
+    base = dict(method="rsst", head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1, finetune_epochs=0,
+                train=QUIET)
     return PruneConfig(**{**base, **kw})
 
 
@@ -228,7 +229,7 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(sys.argv[1], f"init{rank}.safetensors"))
     bundle = vc.load_data("digits", batch_size=16, limit=96)
-    result = prune(model, bundle, PruneConfig(head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1,
+    result = prune(model, bundle, PruneConfig(method="rsst", head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1,
                    finetune_epochs=0, train=vc.TrainConfig(progress=False), out_dir=sys.argv[2]))
     save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
               os.path.join(sys.argv[1], f"final{rank}.safetensors"))

@@ -67,7 +67,7 @@ class Recorder:
 def test_library_run_reaches_every_nested_setting(tmp_path):
     """Settings the old flat config could not express reach their stage, and the run reports progress."""
     config = tiny(tmp_path / "run", seed=3)
-    config.prune = dataclasses.replace(config.prune, lambda_schedule="x^2", round_to=8, min_keep=2)
+    config.prune = dataclasses.replace(config.prune, method="rsst", lambda_schedule="x^2", round_to=8, min_keep=2)
     progress = Recorder()
     result = run(config, progress=progress)
     assert isinstance(result, PipelineResult) and result.out == tmp_path / "run"

@@ -131,9 +131,9 @@ def test_refill_rewinds_the_survivors_to_the_weights_after_rewind_epoch(bundle, 
 
 # ---------------------------------------------------------------- prune --resume through the CLI
 
-PRUNE = ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5", "--mlp-ratio", "0.5",
-         "--states", "2", "--epochs-per-state", "1", "--finetune-epochs", "1", "--batch-size", "128",
-         "--precision", "fp32", "--json"]
+PRUNE = ["prune", "vit-digits", "--data", "digits", "--method", "rsst", "--head-ratio", "0.5",
+         "--mlp-ratio", "0.5", "--states", "2", "--epochs-per-state", "1", "--finetune-epochs", "1",
+         "--batch-size", "128", "--precision", "fp32", "--json"]
 
 
 def different_tensors(a, b) -> list[str]:

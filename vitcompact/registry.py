@@ -13,7 +13,7 @@ class Registry(Generic[T]):
     """A dict from name to thing, filled where the thing is defined (`@registry.register("name")`)."""
 
     def __init__(self, kind: str, ordered: bool = False):
-        # `ordered` lists names as registered (e.g. methods, the recommended one first), else sorted.
+        # `ordered` lists names as registered (e.g. methods, in the order the README presents them), else sorted.
         self.kind = kind
         self.ordered = ordered
         self._items: dict[str, T] = {}
