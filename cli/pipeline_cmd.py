@@ -140,8 +140,9 @@ def demo(
 
     The run folder is replaced when the new run has finished (a failed run leaves it as it was).
 
-    Trains a small ViT, prunes heads and MLP neurons (one-shot, the default method), compacts, exports ONNX, verifies parity,
-    benchmarks dense vs compact and writes report.md, a PNG plot, the ONNX file and the artifact.
+    Trains a small ViT, prunes heads and MLP neurons (one-shot, the default method), compacts,
+    exports ONNX, verifies parity, benchmarks dense vs compact and writes report.md, a PNG plot,
+    the ONNX file and the artifact.
 
     Example: vitcompact demo --out runs/demo
     """
