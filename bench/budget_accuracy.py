@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--states", type=int, default=vc.PruneConfig.states)
     p.add_argument("--epochs-per-state", type=int, default=vc.PruneConfig.epochs_per_state)
     p.add_argument("--finetune-epochs", type=int, default=vc.PruneConfig.finetune_epochs)
-    p.add_argument("--block-removal", default="last-resort", help="when the allocator may remove whole blocks")
+    p.add_argument("--block-removal", default=BudgetRequest.block_removal, help="when the allocator may remove whole blocks")
     p.add_argument("--bench-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bench-seconds", type=float, default=8.0)
@@ -116,12 +116,13 @@ def to_markdown(report: dict) -> str:
                      f"{r['measured_speedup']:.3f}x | "
                      f"{r['heads_per_block']} | {r['neurons_per_block']} |")
     s = report["summary"]
-    lines += ["", "| | mean val top-1 | mean test top-1 | min | max | mean speed-up |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| | mean val top-1 | mean test top-1 | min | max | mean speed-up |",
+              "|---|---:|---:|---:|---:|---:|"]
     for kind in ("uniform", "budgeted"):
         k = s[kind]
         val = statistics.mean(r["val_top1"] for r in report["rows"] if r["kind"] == kind)
-        lines.append(f"| {kind} | {val:.4f} | {k['test_top1_mean']:.4f} | {k['test_top1_min']:.4f} | {k['test_top1_max']:.4f} | "
-                     f"{k['speedup_mean']:.3f}x |")
+        lines.append(f"| {kind} | {val:.4f} | {k['test_top1_mean']:.4f} | {k['test_top1_min']:.4f} | "
+                     f"{k['test_top1_max']:.4f} | {k['speedup_mean']:.3f}x |")
     lines += ["", f"Target (budgeted mean ≥ uniform mean): {'met' if s['budgeted_at_least_uniform'] else 'missed'}.",
               "", "![budget](budget_accuracy.png)", ""]
     return "\n".join(lines)
