@@ -12,6 +12,7 @@ from vitcompact.data import DATA_SOURCES
 from vitcompact.errors import ConfigError
 from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, export_all,
                                to_tensorrt)
+from vitcompact.export.graph import GRAPHS
 from vitcompact.export.int8 import CALIBRATIONS, MODES
 from vitcompact.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
@@ -51,6 +52,7 @@ def onnx_cmd(
     seed: int = typer.Option(0, help="Seed of the validation split (the one the model was trained with)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file against PyTorch."),
     optimize: str = typer.Option("auto", help="Graph optimisation: auto (keep if faster), on, off."),
+    graph: str = typer.Option(ExportConfig.graph, help=f"Graph traced: {' or '.join(GRAPHS)} (README \"ONNX\")."),
     json_out: bool = JsonOption,
 ) -> None:
     """Export to ONNX with a dynamic batch axis and metadata, verified against PyTorch.
@@ -58,7 +60,7 @@ def onnx_cmd(
     Example: vitcompact export onnx runs/demo/compact runs/demo/model.onnx --fp16
     --int8 static --calib-data digits
     """
-    config = ExportConfig(opset=opset, verify=verify, optimize=optimize)
+    config = ExportConfig(opset=opset, verify=verify, optimize=optimize, graph=graph)
     int8_config = None
     if int8 is not None:
         int8_config = Int8Config(mode=int8, calibration=calib_method, calib_batches=calib_batches,

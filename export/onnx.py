@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import onnx
 import torch
@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from vitcompact.errors import ConfigError, UnsupportedModelError
 from vitcompact.models import input_size, vit_layout
-from vitcompact.validate import in_range, integer
+from vitcompact.validate import in_range, integer, one_of
 
 from .files import data_file, publish, staging
+from .graph import GRAPHS, traced_as
 from .metadata import model_metadata, raw_metadata, stamp
 from .optimize import MODES, OptimizeReport, optimize
 from .verify import DEFAULT_ATOL, DEFAULT_BATCHES, ParityReport, verify_onnx
@@ -47,11 +48,13 @@ class ExportConfig:
     atol: float = DEFAULT_ATOL
     optimize: str = "auto"
     external_data: bool | None = None
+    graph: str = "token-matrix"  # or "timm": the model's own (batch, tokens, width) forward
 
     def __post_init__(self) -> None:
         if not MIN_OPSET <= integer("opset", self.opset) <= MAX_OPSET:
             raise ConfigError(f"opset {self.opset} is not supported; use an opset from {MIN_OPSET} "
                               f"to {MAX_OPSET} (default {DEFAULT_OPSET})")
+        one_of("graph", self.graph, GRAPHS)
         if self.optimize not in MODES:
             raise ConfigError(f"optimize must be one of {', '.join(MODES)}, not {self.optimize!r}")
         integer("max_batch", self.max_batch, 1)
@@ -106,7 +109,7 @@ def export_program(model: nn.Module, path: Path, config: ExportConfig) -> None:
     example = torch.randn(EXPORT_BATCH, *input_size(model))
     batch = torch.export.Dim("batch", min=1, max=config.max_batch)
     # The exporter reports progress on stdout and warns about its own internals; keep both quiet.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _explicit_attention(model):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), traced_as(model, config.graph):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -117,22 +120,6 @@ def export_program(model: nn.Module, path: Path, config: ExportConfig) -> None:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UnsupportedModelError(f"torch.onnx could not export this model: {first}") from None
         program.save(str(path), external_data=config.external_data)
-
-
-@contextlib.contextmanager
-def _explicit_attention(model: nn.Module) -> Iterator[None]:
-    """timm attention as its explicit softmax(q·kᵀ)·v while exporting. The exporter spells the fused
-    kernel (scaled_dot_product_attention) out with shape arithmetic for the dynamic batch: 380
-    operators against 299 for vit-cifar-tiny, 2 % slower at batch 1 on onnxruntime CPU in FP32 and
-    9 % slower in static INT8 (one interleaved run)."""
-    fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
-    for m, _ in fused:
-        m.fused_attn = False
-    try:
-        yield
-    finally:
-        for m, value in fused:
-            m.fused_attn = value
 
 
 def restamp(path: Path, metadata: dict[str, str]) -> onnx.ModelProto:
@@ -153,7 +140,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, config: ExportConfig | No
     path = Path(path)
     model = model.eval()
     vit_layout(model)
-    metadata = model_metadata(model, "fp32")
+    metadata = {**model_metadata(model, "fp32"), "graph": config.graph}
     with staging(path) as stage:
         plain, fused = stage / "plain" / path.name, stage / "optimized" / path.name
         plain.parent.mkdir()

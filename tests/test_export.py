@@ -57,10 +57,11 @@ def exported(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def headless(tmp_path_factory):
-    """The head-less compact model exported with the graph optimiser forced on."""
+    """The head-less compact model exported as timm's graph with the graph optimiser forced on (its
+    SkipLayerNormalization fusion needs timm's 3-D tensors)."""
     model = headless_model()
     path = tmp_path_factory.mktemp("headless") / "model.onnx"
-    return model, to_onnx(model, path, ExportConfig(optimize="on"))
+    return model, to_onnx(model, path, ExportConfig(optimize="on", graph="timm"))
 
 
 def test_export_verifies_at_batch_1_and_3(exported):
@@ -136,7 +137,7 @@ def test_metadata_round_trip(headless):
         "precision": "fp32",
     }
     assert {k: meta[k] for k in expected} == expected
-    assert set(meta) == set(expected) | {"optimization"}
+    assert set(meta) == set(expected) | {"optimization", "graph"} and meta["graph"] == "timm"
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
@@ -266,12 +267,39 @@ def test_cli_rejects_a_bad_opset(tmp_path):
     assert result.output.strip() == "error: opset 12 is not supported; use an opset from 17 to 25 (default 20)"
 
 
-def test_export_spells_attention_out_and_leaves_the_model_as_it_was(tmp_path):
+def test_export_writes_the_token_matrix_graph_and_leaves_the_model_as_it_was(tmp_path):
     model = tiny().eval()
-    flags = [b.attn.fused_attn for b in model.blocks]
+    randomize_(model)
+    forward = model.forward
     path = to_onnx(model, tmp_path / "m.onnx", ExportConfig(optimize="off")).path
-    assert [b.attn.fused_attn for b in model.blocks] == flags
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    # Explicit softmax(q·kᵀ)·v per block, without the shape arithmetic of the fused kernel's
-    # spelling: the one Shape left expands the class token to the batch.
-    assert ops.count("Softmax") == len(model.blocks) and ops.count("Shape") == 1
+    assert "forward" not in vars(model) and model.forward == forward
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    blocks = len(model.blocks)
+    # Every linear layer is one Gemm holding its bias (qkv, proj, fc1, fc2 per block, and the head);
+    # the two MatMuls per block are attention's q·kᵀ and weights·v, spelt out with its softmax.
+    assert ops.count("Gemm") == 4 * blocks + 1 and ops.count("MatMul") == 2 * blocks
+    # No bias Add: the Adds are the two residuals per block and the position embedding.
+    assert ops.count("Softmax") == blocks and ops.count("Add") == 2 * blocks + 1
+    # q, k, v by one split, no Squeeze; the one Shape expands the class token to the batch.
+    assert ops.count("Split") == blocks and "Squeeze" not in ops and ops.count("Shape") == 1
+    # The weights keep the model's parameter names.
+    params = dict(model.named_parameters())
+    gemm_weights = [n.input[1] for n in graph.node if n.op_type == "Gemm"]
+    assert set(gemm_weights) <= set(params) and len(set(gemm_weights)) == 4 * blocks + 1
+    assert read_metadata(path)["graph"] == "token-matrix"
+
+
+def test_token_matrix_graph_of_a_headless_block(tmp_path):
+    model = headless_model()
+    result = to_onnx(model, tmp_path / "m.onnx", ExportConfig(optimize="off"))
+    assert result.parity.passed and result.parity.worst <= 1e-4
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    # Block 0 has no attention left (a constant branch): qkv, proj and one softmax are gone.
+    assert (ops.count("Gemm"), ops.count("Softmax")) == (2 + 4 + 1, 1)
+
+
+def test_export_rejects_an_unknown_graph(tmp_path):
+    result = CliRunner().invoke(app, ["export", "onnx", "vit-digits", str(tmp_path / "m.onnx"), "--graph", "nhwc"])
+    assert result.exit_code == 2 and not (tmp_path / "m.onnx").exists()
+    assert result.output.strip() == "error: unknown graph 'nhwc'; choose one of: token-matrix, timm"
