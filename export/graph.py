@@ -1,13 +1,13 @@
 """Which graph of a timm ViT the exporter traces: the token matrix (default) or timm's own.
 
-"token-matrix" computes timm's function with the blocks on a (batch·tokens, width) matrix. timm's
+"token-matrix" computes timm's function with the blocks on a (tokens·batch, width) matrix. timm's
 blocks work on (batch, tokens, width) tensors, which torch's exporter writes as MatMul plus Add for
-every linear layer, with q, k, v split by a 5-D permute, a Split and three Squeezes. On the matrix
-each linear layer is one Gemm that holds its bias, so onnxruntime runs a static INT8 layer as
-QuantizeLinear + QGemm instead of QuantizeLinear + MatMulIntegerToFloat + Add, and q, k, v come
-from one reshape, one transpose and one split. On vit-cifar-tiny at batch 1 (onnxruntime 1.32 CPU,
-one thread, one interleaved run) the compact static INT8 model went from 2.19x to 2.35x the dense
-FP32 model exported the same way, and the FP32 graph itself ran 9 % faster (README "ONNX").
+every linear layer, with q, k, v split by a 5-D permute, a Split, three Squeezes and three
+Transposes. On the matrix each linear layer is one Gemm that holds its bias, so onnxruntime runs a
+static INT8 layer as QuantizeLinear + QGemm instead of QuantizeLinear + MatMulIntegerToFloat + Add,
+and q, k, v come from one reshape and one split (see `_attention`). vit-cifar-tiny's compact graph
+has 195 operators against 263 (160 against 235 once onnxruntime has fused what it can; 197 against
+272 in static INT8); README "ONNX" has the measured speed-ups.
 
 "timm" traces the model's own forward. onnxruntime's transformer optimiser fuses residual adds into
 SkipLayerNormalization only on 3-D tensors, so `--optimize on` has something to fuse only there;
@@ -33,27 +33,31 @@ GRAPHS = ("token-matrix", "timm")
 
 
 def _attention(attn: nn.Module, x: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-    """timm `Attention` (no mask, eval) on token-matrix rows; returns token-matrix rows."""
+    """timm `Attention` (no mask, eval) on token-matrix rows; returns token-matrix rows.
+
+    The rows are token-major, so q, k and v come out of one split as (tokens, batch, heads, dim)
+    and reach the two products through permutes onnxruntime folds into its FusedMatMul (as
+    transposed batch dimensions); batch-major rows needed a Transpose each for q, k and v.
+    """
     if isinstance(attn, ConstantBranch):
         return attn(x)
     heads, head_dim = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(batch, tokens, 3 * heads, head_dim).transpose(1, 2)
-    q, k, v = qkv.split(heads, dim=1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = attn.qkv(x).reshape(tokens, batch, 3 * heads, head_dim).split(heads, dim=2)
+    q, k = attn.q_norm(q.permute(1, 2, 0, 3)), attn.k_norm(k.permute(1, 2, 0, 3))
     weights = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
-    out = (weights @ v).transpose(1, 2).reshape(batch * tokens, heads * head_dim)
+    out = (weights @ v.permute(1, 2, 0, 3)).permute(2, 0, 1, 3).reshape(tokens * batch, heads * head_dim)
     return attn.proj_drop(attn.proj(attn.norm(out)))
 
 
 def _token_matrix_forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """`VisionTransformer.forward` (no mask), its blocks on the (batch·tokens, width) matrix."""
+    """`VisionTransformer.forward` (no mask), its blocks on the (tokens·batch, width) matrix."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     batch, tokens, width = x.shape
-    x = x.reshape(batch * tokens, width)
+    x = x.transpose(0, 1).reshape(tokens * batch, width)
     for block in model.blocks:
         x = x + block.drop_path1(block.ls1(_attention(block.attn, block.norm1(x), batch, tokens)))
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return model.forward_head(model.norm(x.reshape(batch, tokens, width)))
+    return model.forward_head(model.norm(x.reshape(tokens, batch, width).transpose(0, 1)))
 
 
 @contextlib.contextmanager

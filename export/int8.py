@@ -5,10 +5,10 @@ scale per output channel) and activation scales fixed beforehand from calibratio
 *training* split, in onnxruntime's QDQ format. The test split is only ever used to report accuracy.
 
 What stays FP32 was chosen by measurement (`bench/int8_stacked.py`, README "Stacked INT8"): scope
-"linear" quantises the layers that hold weights (patch embedding, qkv, proj, fc1, fc2, head) and
-keeps their outputs in float, so LayerNorm, GELU, softmax and the attention's two activation
-products stay FP32. Scope "all" also quantises what onnxruntime can between them; it measured
-slower and less accurate on both bench models.
+"linear" quantises the linear layers (qkv, proj, fc1, fc2, head) and keeps their outputs in float,
+so LayerNorm, GELU, softmax, attention's two activation products and the patch embedding stay FP32.
+Scope "all" also quantises the patch embedding and what onnxruntime can between the layers; it
+measured slower on both bench models.
 
 Given data, the file's validation and test top-1 are measured beside the fp32 file's and written
 into its metadata; a validation drop beyond `max_accuracy_drop` points refuses the file.
@@ -38,8 +38,11 @@ from .verify import loader_top1, onnx_runner, ort_session
 MODES = ("dynamic", "static")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 SCOPES = ("linear", "all")
-# The ops that carry the model's weights; "linear" quantises only these.
+# The ops that carry the model's weights.
 WEIGHT_OPS = ["MatMul", "Gemm", "Conv"]
+# What "linear" quantises. onnxruntime runs a QDQ Conv whose output stays float as dequantise +
+# FP32 Conv, so quantising the patch embedding there would only add work (README "Stacked INT8").
+LINEAR_OPS = ["MatMul", "Gemm"]
 
 
 class AccuracyDropError(VitCompactError):
@@ -55,7 +58,7 @@ class Int8Config:
     calib_batches: int = 16        # training batches fed to the calibrator
     per_channel: bool = True       # one weight scale per output channel
     scope: str = "linear"          # linear: weight layers only; all: every op onnxruntime can
-    fp32_ends: bool = False        # keep the patch embedding and the classifier head in FP32
+    fp32_ends: bool = False        # keep the head in FP32 (and, in scope "all", the patch embedding)
     max_accuracy_drop: float | None = 1.0  # validation top-1 points; None: measure, never refuse
 
     def __post_init__(self) -> None:
@@ -182,12 +185,12 @@ def _quantise_static(src: Path, staged: Path, config: Int8Config, data: DataBund
     quant_pre_process(str(src), str(prepared), save_as_external_data=external,
                       external_data_location=data_file(prepared).name)
     linear = config.scope == "linear"
-    op_types = WEIGHT_OPS if linear else None
+    op_types = LINEAR_OPS if linear else None
     reader = _calibration_reader(src, data, config.calib_batches)
     extra = {"ActivationSymmetric": True,
              "TensorQuantOverrides": _activation_ranges(prepared, op_types, config, reader, external)}
     if linear:
-        extra.update(OpTypesToExcludeOutputQuantization=WEIGHT_OPS)
+        extra.update(OpTypesToExcludeOutputQuantization=LINEAR_OPS)
     quantize_static(str(prepared), str(staged), _calibration_reader(src, data, 1), quant_format=QuantFormat.QDQ,
                     per_channel=config.per_channel, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, op_types_to_quantize=op_types,

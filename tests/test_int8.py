@@ -125,9 +125,13 @@ def test_fp32_ends_keeps_patch_embedding_and_head_in_float(trained, digits, tmp_
 
     def int8_weights(path):
         return sorted(tuple(a.shape) for a in initializers(path).values() if a.dtype == np.int8 and a.ndim >= 2)
-    # Per block: qkv, proj, fc1, fc2; plus the patch embedding and the head when those are quantised.
-    assert len(int8_weights(full.path)) == 4 * len(model.blocks) + 2
+    # Per block: qkv, proj, fc1, fc2; plus the head unless the ends stay FP32. Scope "linear" never
+    # quantises the patch embedding (onnxruntime would run it as dequantise + FP32 Conv); "all" does.
+    assert len(int8_weights(full.path)) == 4 * len(model.blocks) + 1
     assert len(int8_weights(ends.path)) == 4 * len(model.blocks)
+    assert (64, 1, 2, 2) not in int8_weights(full.path)
+    everything = to_int8(src, tmp_path / "all.onnx", dataclasses.replace(config, scope="all"), data=digits)
+    assert (64, 1, 2, 2) in int8_weights(everything.path)
     assert (10, 64) not in int8_weights(ends.path) and (64, 10) not in int8_weights(ends.path)
 
 
