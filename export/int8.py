@@ -57,7 +57,7 @@ class Int8Config:
     calibration: str = "minmax"    # how activation ranges are set: minmax, entropy, percentile
     calib_batches: int = 16        # training batches fed to the calibrator
     per_channel: bool = True       # one weight scale per output channel
-    scope: str = "linear"          # linear: weight layers only; all: every op onnxruntime can
+    scope: str = "linear"          # linear: linear layers only; all: every op onnxruntime can
     fp32_ends: bool = False        # keep the head in FP32 (and, in scope "all", the patch embedding)
     max_accuracy_drop: float | None = 1.0  # validation top-1 points; None: measure, never refuse
 
