@@ -60,7 +60,7 @@ bench-pareto: $(STAMP)
 bench-int8: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion --no-baselines
-	$(BIN)/python -m vitcompact.bench.int8_stacked --out docs/int8
+	$(BIN)/python -m vitcompact.bench.int8_stacked --seconds 10 --out docs/int8
 
 # Latency table on ort-cpu (cached), its error on 10 random structures, and 1.5x / 2x budgets: requested
 # vs predicted vs measured speed-up (issue 13).
