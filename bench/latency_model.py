@@ -209,7 +209,7 @@ def versions(backend_on_gpu: bool = False) -> dict[str, Any]:
 def cache_key(model: nn.Module, backend: str, batch: int, threads: int, round_to: int = 1,
               mlp_points: int | None = None) -> dict[str, Any]:
     """What a latency table depends on: the model's configuration, backend and its graph settings
-    (the ONNX opset the bench exports at), batch, threads, the measured widths, and library
+    (the ONNX opset and graph the bench exports), batch, threads, the measured widths, and library
     versions and hardware."""
     depth, heads, head_dim, hidden = block_shape(model)
     integer("batch", batch, 1)
@@ -221,7 +221,7 @@ def cache_key(model: nn.Module, backend: str, batch: int, threads: int, round_to
               "hidden": hidden, "input_size": list(vc.input_size(model)), "num_classes": model.num_classes}
     return {"schema": SCHEMA, "model": json.loads(json.dumps(config, default=str)),
             "backend": backend, "graph_optimization": GRAPH_OPTIMIZATION, "onnx_optimize": ONNX_OPTIMIZE,
-            "opset": ExportConfig().opset,
+            "opset": ExportConfig().opset, "graph": ExportConfig().graph,
             "batch": batch, "threads": threads, "round_to": round_to,
             "mlp_widths": measured_widths(hidden, round_to, mlp_points), "versions": versions(on_gpu)}
 

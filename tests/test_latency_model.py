@@ -66,7 +66,8 @@ def test_cache_key_names_the_model_config(model):
     assert {k: key["model"][k] for k in ("depth", "num_heads", "head_dim", "hidden", "input_size")} == {
         "depth": 2, "num_heads": 2, "head_dim": 32, "hidden": 128, "input_size": [1, 8, 8]}
     assert {"timm", "torch", "onnxruntime", "onnx", "vitcompact", "cpu", "cpu_capability"} <= set(key["versions"])
-    assert key["opset"] == 20  # the bench's exports: a table measured at another opset is not reused
+    # The bench's exports: a table measured at another opset or graph is not reused.
+    assert (key["opset"], key["graph"]) == (20, "token-matrix")
 
 
 def test_cached_table_is_reused_and_a_stale_one_measured_again(model, monkeypatch, tmp_path):
