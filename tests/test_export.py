@@ -290,6 +290,19 @@ def test_export_writes_the_token_matrix_graph_and_leaves_the_model_as_it_was(tmp
     assert read_metadata(path)["graph"] == "token-matrix"
 
 
+def test_timm_graph_spells_attention_out_and_leaves_the_model_as_it_was(tmp_path):
+    model = tiny().eval()
+    flags = [b.attn.fused_attn for b in model.blocks]
+    path = to_onnx(model, tmp_path / "m.onnx", ExportConfig(optimize="off", graph="timm")).path
+    assert [b.attn.fused_attn for b in model.blocks] == flags and "forward" not in vars(model)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # Explicit softmax(q·kᵀ)·v per block, without the shape arithmetic of the fused kernel's
+    # spelling: the one Shape left expands the class token to the batch. Linear layers are
+    # MatMul + Add on timm's 3-D tensors; only the head (2-D) is a Gemm.
+    assert ops.count("Softmax") == len(model.blocks) and ops.count("Shape") == 1
+    assert ops.count("Gemm") == 1 and ops.count("MatMul") == 6 * len(model.blocks)
+
+
 def test_token_matrix_graph_of_a_headless_block(tmp_path):
     model = headless_model()
     result = to_onnx(model, tmp_path / "m.onnx", ExportConfig(optimize="off"))

@@ -108,7 +108,7 @@ def test_static_int8_keeps_top1_and_records_what_it_measured(trained, digits, tm
     assert (len(dequantised), len(plain)) == (4 * 2 + 1, 2 * 2)
 
 
-def test_fp32_ends_keeps_patch_embedding_and_head_in_float(trained, digits, tmp_path):
+def test_fp32_ends_keeps_the_head_in_float_and_only_scope_all_quantises_the_patch_embedding(trained, digits, tmp_path):
     _, model, src = trained
     names = end_layers(src)
     graph = onnx.load(str(src)).graph
