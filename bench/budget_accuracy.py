@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--states", type=int, default=vc.PruneConfig.states)
     p.add_argument("--epochs-per-state", type=int, default=vc.PruneConfig.epochs_per_state)
     p.add_argument("--finetune-epochs", type=int, default=vc.PruneConfig.finetune_epochs)
-    p.add_argument("--block-removal", default=BudgetRequest.block_removal, help="when the allocator may remove whole blocks")
+    p.add_argument("--block-removal", default=BudgetRequest.block_removal,
+                   help="when the allocator may remove whole blocks")
     p.add_argument("--bench-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bench-seconds", type=float, default=8.0)

@@ -38,6 +38,13 @@ def compact_model(dense: nn.Module, case: PruneCase, round_to: int = 1) -> nn.Mo
     return vc.compact(dense, masks).eval()
 
 
+def calibration_data(model: nn.Module, source: str, root: str | None, images: int) -> vc.DataBundle:
+    """`images` unaugmented images of `source` at the model's input, in batches of 8: what the speed
+    cases calibrate static INT8 on (its timing does not depend on what they show)."""
+    c, h, _ = vc.input_size(model)
+    return vc.load_data(source, root=root, img_size=h, in_chans=c, batch_size=8, aug="none", limit=images)
+
+
 def describe(model: nn.Module) -> str:
     """Heads and MLP width of the first block, e.g. '4 heads, MLP 1075'."""
     block = model.blocks[0]

@@ -19,10 +19,9 @@ import io
 import tempfile
 from pathlib import Path
 
-import vitcompact as vc
 from vitcompact.export import ExportConfig, Int8Config, to_int8, to_onnx
 
-from .cases import RESEARCH, compact_model, dense_model
+from .cases import RESEARCH, calibration_data, compact_model, dense_model
 from .harness import BenchConfig, benchmark
 from .pareto import FASHION_ROOT
 
@@ -46,11 +45,7 @@ def export_pair(name: str, args: argparse.Namespace, folder: Path) -> list[Path]
     model = dense_model(name)
     model = compact_model(model, RESEARCH, 16) if args.compact else model
     kind = type(getattr(ExportConfig(), args.setting))
-    data = None
-    if args.int8 == "static":
-        c, h, _ = vc.input_size(model)
-        data = vc.load_data("fashion-mnist", root=FASHION_ROOT, img_size=h, in_chans=c, batch_size=8,
-                            aug="none", limit=512)
+    data = calibration_data(model, "fashion-mnist", FASHION_ROOT, 512) if args.int8 == "static" else None
     paths = []
     for value in args.values.split(","):
         config = ExportConfig(optimize="off", **{args.setting: kind(value)})

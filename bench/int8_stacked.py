@@ -31,7 +31,7 @@ import vitcompact as vc
 from vitcompact.export import Int8Config, to_int8
 from vitcompact.io import ensure_dir, scratch, write_json, write_text
 
-from .cases import RESEARCH, compact_model, dense_model, describe
+from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe
 from .environment import environment
 from .harness import BenchConfig, benchmark
 from .pareto import FASHION_ROOT, Point, export_quiet, first, prune_with_training
@@ -86,9 +86,7 @@ def time_pair(dense_onnx: Path, other: Path, batch: int, args: argparse.Namespac
 def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict:
     dense = dense_model(name)
     compact = compact_model(dense, RESEARCH, args.round_to)
-    c, h, _ = vc.input_size(dense)
-    data = vc.load_data(args.data, root=args.root, img_size=h, in_chans=c, batch_size=8,
-                        aug="none", limit=args.calib_images)
+    data = calibration_data(dense, args.data, args.root, args.calib_images)
     dense_onnx = export_quiet(dense, folder / f"{name}-dense.onnx")
     compact_onnx = export_quiet(compact, folder / f"{name}-compact.onnx")
     files = {"compact fp32": compact_onnx}

@@ -216,12 +216,13 @@ def cache_key(model: nn.Module, backend: str, batch: int, threads: int, round_to
     integer("threads", threads, 1)
     on_gpu = make_backend(backend, BackendOptions(threads)).on_gpu  # also refuses an unknown name
     source = getattr(model, SOURCE_ATTR, None) or {}
+    exported = ExportConfig()  # the bench exports with the defaults
     config = {"architecture": source.get("architecture"), "model_args": source.get("model_args"),
               "embed_dim": model.embed_dim, "depth": depth, "num_heads": heads, "head_dim": head_dim,
               "hidden": hidden, "input_size": list(vc.input_size(model)), "num_classes": model.num_classes}
     return {"schema": SCHEMA, "model": json.loads(json.dumps(config, default=str)),
             "backend": backend, "graph_optimization": GRAPH_OPTIMIZATION, "onnx_optimize": ONNX_OPTIMIZE,
-            "opset": ExportConfig().opset, "graph": ExportConfig().graph,
+            "opset": exported.opset, "graph": exported.graph,
             "batch": batch, "threads": threads, "round_to": round_to,
             "mlp_widths": measured_widths(hidden, round_to, mlp_points), "versions": versions(on_gpu)}
 

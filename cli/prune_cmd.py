@@ -67,8 +67,9 @@ def prune(
     deploy_batch: int = typer.Option(1, "--deploy-batch", help="Batch size the budget is for."),
     backend: str = typer.Option("ort-cpu", "--backend", help="Backend the budget is for (ort-cpu, torch, ...)."),
     threads: int = typer.Option(1, "--threads", help="Intra-op threads the budget is for."),
-    block_removal: str = typer.Option(BudgetRequest.block_removal, "--block-removal", help="When the budget may remove whole "
-                                      "blocks: last-resort (only when widths cannot meet it), free, never."),
+    block_removal: str = typer.Option(BudgetRequest.block_removal, "--block-removal",
+                                      help="When the budget may remove whole blocks: last-resort (only when "
+                                           "widths cannot meet it), free, never."),
     batch_size: int = typer.Option(64, help="Batch size."),
     seed: int = typer.Option(0, help="Seed (initial weights of a preset, data split, order, augmentation)."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),

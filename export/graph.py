@@ -64,8 +64,8 @@ def _token_matrix_forward(model: nn.Module, images: torch.Tensor) -> torch.Tenso
 def traced_as(model: nn.Module, graph: str) -> Iterator[nn.Module]:
     """`model` computing through the `graph` forward while the exporter traces it; as it was after.
 
-    Only the instance's `forward` (token-matrix) or its attention's `fused_attn` flags (timm) change,
-    so the ONNX weights keep the model's parameter names. Callers check the model with `vit_layout`
+    Only the attention modules' `fused_attn` flags (off, for timm's own forward) and, for the token
+    matrix, the instance's `forward` change, so the ONNX weights keep the model's parameter names. Callers check the model with `vit_layout`
     first: a timm VisionTransformer of pre-norm Blocks, fused-qkv Attention and a two-layer Mlp.
     """
     fused = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
