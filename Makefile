@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vitcompact-installed
 OUT ?= runs/demo
+# The research studies live in bench/studies/, outside the installed package.
+STUDY := PYTHONPATH=bench $(BIN)/python -m
 
 .PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model bench-budget-accuracy clean
 
@@ -26,53 +28,53 @@ test: $(STAMP)
 
 # Benchmarks (not tests): they print measured figures; see README "Results".
 bench-latency: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.suite_latency
+	$(STUDY) studies.suite_latency
 
 bench-compact: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.compact_latency
+	$(STUDY) studies.compact_latency
 
 # Training images/s of each speed option (data path, precision, torch.compile, threads) on this machine.
 bench-train-speed: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.train_speed
+	$(STUDY) studies.train_speed
 
 # Data-loader images/s against training images/s on a synthetic image folder: is loading the bottleneck?
 bench-data-speed: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.data_speed
+	$(STUDY) studies.data_speed
 
 # Peak memory (PSS of trainer + loader workers) of `vitcompact train` on 1,000 and 4,000 images.
 bench-data-memory: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.data_memory
+	$(STUDY) studies.data_memory
 
 # The converged Fashion-MNIST reference (ViT beside scikit-learn baselines), runs/reference_fashion.
 bench-reference: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	$(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion
+	$(STUDY) studies.reference_fashion --out runs/reference_fashion
 
 # Accuracy vs measured speed-up of every method (docs/pareto), from the converged reference model; the
 # budget split is pinned to what docs/pareto was made with.
 bench-pareto: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion
-	$(BIN)/python -m vitcompact.bench.pareto --dense runs/reference_fashion/dense --shift 0 --limit 4000 \
+	test -d runs/reference_fashion/dense || $(STUDY) studies.reference_fashion --out runs/reference_fashion
+	$(STUDY) studies.pareto --dense runs/reference_fashion/dense --shift 0 --limit 4000 \
 		--states 2 --epochs-per-state 2 --finetune-epochs 4 --out docs/pareto
 
 # Compaction plus INT8 (dynamic, static) against dense FP32 (docs/int8); accuracy on the reference model.
 bench-int8: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	test -d runs/reference_fashion/dense || $(BIN)/python -m vitcompact.bench.reference_fashion --out runs/reference_fashion --no-baselines
-	$(BIN)/python -m vitcompact.bench.int8_stacked --seconds 10 --out docs/int8
+	test -d runs/reference_fashion/dense || $(STUDY) studies.reference_fashion --out runs/reference_fashion --no-baselines
+	$(STUDY) studies.int8_stacked --seconds 10 --out docs/int8
 
 # Latency table on ort-cpu (cached), its error on 10 random structures, and 1.5x / 2x budgets: requested
 # vs predicted vs measured speed-up (issue 13).
 bench-latency-model: $(STAMP)
-	$(BIN)/python -m vitcompact.bench.latency_model --model vit-cifar-tiny --batch 1 --threads 1 --target-speedups 1.5,2
-	$(BIN)/python -m vitcompact.bench.latency_model --model vit_small_patch16_224 --batch 8 --threads 1 --target-speedups 1.5,2
+	$(STUDY) studies.latency_model --model vit-cifar-tiny --batch 1 --threads 1 --target-speedups 1.5,2
+	$(STUDY) studies.latency_model --model vit_small_patch16_224 --batch 8 --threads 1 --target-speedups 1.5,2
 
 # Budgeted vs uniform structure at equal measured latency, 3 seeds, Fashion-MNIST (docs/budget-4000), with the
 # method and budget split docs/budget-4000 was made with.
 bench-budget-accuracy: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
-	$(BIN)/python -m vitcompact.bench.budget_accuracy --method rsst --states 2 --epochs-per-state 2 --finetune-epochs 4 \
+	$(STUDY) studies.budget_accuracy --method rsst --states 2 --epochs-per-state 2 --finetune-epochs 4 \
 		--out docs/budget-4000
 
 clean:

@@ -2,13 +2,18 @@
 
     result = benchmark(dense, compact, BenchConfig(backend="ort-cpu", batch_sizes=(1, 8)))
     paths = write_report(result, "runs/bench")   # bench.json, bench.md, bench.png
+
+The backends, the timing loop and the statistics live in the core (`vitcompact.latency`); this
+package compares models from files and names and writes the reports. The research studies that
+regenerate `docs/` are scripts under `bench/studies/`, outside the installed package.
 """
 
-from .backends import BACKENDS, BackendOptions
+from vitcompact.latency import (BACKENDS, BackendOptions, BenchModel, LatencyStats, SpeedUp, latency_stats,
+                                speedup_interval)
+
 from .harness import SCHEMA, BatchResult, BenchConfig, BenchResult, benchmark
 from .report import plot, to_markdown, write_report
-from .sources import BenchModel, resolve
-from .stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
+from .sources import resolve
 
 __all__ = [
     "BACKENDS", "BackendOptions", "SCHEMA", "BatchResult", "BenchConfig", "BenchResult", "benchmark",

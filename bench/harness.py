@@ -1,27 +1,27 @@
 """`benchmark(dense, compact, BenchConfig)`: dense vs compact latency, interleaved, in one process.
 
-Per batch size: both models are warmed up, then timed in rounds A B A B ... (each round runs the
-dense model `runs_per_round` times, then the compact model as often), so drift of a shared machine
-hits both sides alike. The number of rounds is capped by `time_budget_s` (estimated from the last
-warm-up run) but never below `min_rounds`. The order actually run is recorded in the result.
+Per batch size: both models are timed by the core's one timing loop (`vitcompact.latency.timing`:
+warm-up, then rounds A B A B ..., each round running the dense model `runs_per_round` times, then
+the compact model as often), so drift of a shared machine hits both sides alike. The order
+actually run is recorded in the result.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
 from vitcompact.errors import ConfigError
+from vitcompact.latency.backends import BackendOptions, make_backend
+from vitcompact.latency.environment import environment, physical_cores
+from vitcompact.latency.sources import BenchModel, check_pair, ideal_speedup
+from vitcompact.latency.stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
+from vitcompact.latency.timing import measure_pair, plan_rounds  # noqa: F401  (plan_rounds: re-exported)
 from vitcompact.validate import in_range, integer, seed
 
-from .backends import BackendOptions, Runner, make_backend
-from .environment import environment, physical_cores
-from .sources import BenchModel, ModelSource, check_pair, ideal_speedup, resolve
-from .stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
+from .sources import ModelSource, resolve
 
 SCHEMA = "vitcompact.bench/1"
 CPU_BATCH_SIZES = (1, 8, 32)
@@ -108,38 +108,6 @@ class BenchResult:
                 "ideal_speedup": ideal_speedup(self.dense, self.compact),
                 "batches": [b.to_dict() for b in self.batches],
                 "environment": self.environment, "order": [list(o) for o in self.order]}
-
-
-def _time_ms(run: Runner) -> float:
-    start = time.perf_counter_ns()
-    run()
-    return (time.perf_counter_ns() - start) / 1e6
-
-
-def plan_rounds(config: BenchConfig, seconds_per_round: float | None) -> int:
-    """Rounds to time: `config.rounds`, fewer if the time budget says so, never under min_rounds."""
-    if config.time_budget_s is None or not seconds_per_round:
-        return config.rounds
-    fit = math.floor(config.time_budget_s / seconds_per_round)
-    return max(min(config.min_rounds, config.rounds), min(config.rounds, fit))
-
-
-def measure_pair(dense: Runner, compact: Runner, batch: int, config: BenchConfig,
-                 order: list[tuple[str, int]]) -> tuple[list[list[float]], list[list[float]]]:
-    """Warm up both, then time them in alternating rounds; appends the run order to `order`."""
-    last = {"dense": 0.0, "compact": 0.0}
-    for _ in range(config.warmup):
-        last["dense"] = _time_ms(dense)
-        last["compact"] = _time_ms(compact)
-    per_round_s = (last["dense"] + last["compact"]) * config.runs_per_round / 1000.0
-    rounds = plan_rounds(config, per_round_s if config.warmup else None)
-    dense_ms, compact_ms = [], []
-    for _ in range(rounds):
-        dense_ms.append([_time_ms(dense) for _ in range(config.runs_per_round)])
-        order.append(("dense", batch))
-        compact_ms.append([_time_ms(compact) for _ in range(config.runs_per_round)])
-        order.append(("compact", batch))
-    return dense_ms, compact_ms
 
 
 def _flat(rounds: list[list[float]]) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vitcompact.io import atomic_path, ensure_dir, write_json, write_text
+from vitcompact.io import ensure_dir, save_figure, write_json, write_text
 
 from .harness import BenchResult
 
@@ -52,15 +52,6 @@ def to_markdown(result: BenchResult) -> str:
 def _batch_ticks(ax, sizes: list[int]) -> None:
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xticks([], minor=True)  # log-scale minor ticks would label 2x10^0 and the like
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write a matplotlib figure as PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    plt.close(fig)
-    return Path(path)
 
 
 def plot(result: BenchResult, path: str | os.PathLike) -> Path:

@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitcompact.bench import BACKENDS, BenchConfig, benchmark, write_report
+from vitcompact.bench import BenchConfig, benchmark, write_report
+from vitcompact.latency import backend_names
 from vitcompact.errors import ConfigError
 
 from .common import JsonOption, console, err_console, print_json, user_errors
@@ -32,7 +33,7 @@ def bench(
                                           "file or TensorRT .engine/.plan file."),
     compact: str = typer.Argument(..., help="Compact model: artifact directory, .onnx file or TensorRT "
                                             ".engine/.plan file (or a name)."),
-    backend: str = typer.Option("ort-cpu", help=f"One of: {', '.join(BACKENDS.names())}. tensorrt is "
+    backend: str = typer.Option("ort-cpu", help=f"One of: {', '.join(backend_names())}. tensorrt is "
                                 "onnxruntime's TensorRT provider (models, .onnx files); tensorrt-engine "
                                 "runs .engine/.plan files from `vitcompact export tensorrt` natively."),
     batch_sizes: str | None = typer.Option(None, help="Comma-separated, e.g. 1,8,32 "

@@ -9,16 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import torch.nn as nn
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
 import vitcompact as vc
-from vitcompact.artifact import resolve_model
 from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import VitCompactError, one_line
-from vitcompact.training import TrainConfig
 from vitcompact.validate import finite
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,9 +91,6 @@ AugOption = typer.Option("light", "--aug", help=f"Training augmentation: {', '.j
                          "(light: small shifts and flips; randaugment: timm's RandAugment and random erasing).")
 WorkersOption = typer.Option(None, "--workers", help="DataLoader worker processes for image folders and per-image "
                              "transforms (default: one per core but one).")
-MixupOption = typer.Option(0.0, "--mixup", help="Mixup alpha (0: off).")
-CutmixOption = typer.Option(0.0, "--cutmix", help="CutMix alpha (0: off).")
-LabelSmoothingOption = typer.Option(TrainConfig.label_smoothing, "--label-smoothing", help="Label smoothing.")
 PretrainedOption = typer.Option(False, "--pretrained", help="Start a timm model from its hub weights (needs the "
                                 "internet; offline, pass --checkpoint FILE).")
 ResetClassifierOption = typer.Option(False, "--reset-classifier", help="Give an artifact a new classifier when the "
@@ -113,10 +107,3 @@ def check_writable(out: Path) -> None:
     if not os.access(probe, os.W_OK):
         raise vc.ArtifactError(f"cannot write to {out}: {probe} is not writable")
 
-
-def load_any(model: str, num_classes: int | None = None, in_chans: int | None = None,
-             img_size: int | None = None) -> nn.Module:
-    """A model from an artifact directory, a preset or a timm name (with optional overrides)."""
-    args = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans),
-                                ("img_size", img_size)) if v is not None}
-    return resolve_model(model, **args)

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 import vitcompact as vc
-from vitcompact.artifact import resolve_model
 from vitcompact import output_folder
 
 from .common import JsonOption, console, print_json, user_errors
@@ -30,7 +29,7 @@ def compact(
     Example: vitcompact compact runs/rsst --masks runs/rsst/masks.safetensors --out runs/compact
     """
     output_folder.claim(out, overwrite, inputs=(model, masks, checkpoint))
-    dense = resolve_model(model, checkpoint)
+    dense = vc.create_model(model, checkpoint)
     prune_masks = vc.PruneMasks.load(masks) if masks else None
     small = vc.compact(dense, prune_masks)
     with output_folder.lock(out):

@@ -16,7 +16,7 @@ from vitcompact.export.graph import GRAPHS
 from vitcompact.export.int8 import CALIBRATIONS, MODES
 from vitcompact.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-from .common import JsonOption, console, load_any, print_json, user_errors
+from .common import JsonOption, console, print_json, user_errors
 
 export_app = typer.Typer(help="Export a model to ONNX (and ONNX to a TensorRT engine), verified.",
                          no_args_is_help=True)
@@ -70,7 +70,7 @@ def onnx_cmd(
             raise ConfigError("--int8 static needs --calib-data SOURCE (training images to calibrate on)")
     elif calib_data is not None:
         raise ConfigError("--calib-data is for INT8; add --int8 static (or dynamic)")
-    loaded = load_any(model)
+    loaded = vc.create_model(model)
     # Unaugmented at the model's input: training split to calibrate, validation and test to measure.
     data = (vc.load_data_for(loaded, calib_data, data_root, batch_size=64, seed=seed, aug="none")
             if calib_data is not None else None)

@@ -7,7 +7,7 @@ from rich.table import Table
 
 import vitcompact as vc
 
-from .common import JsonOption, console, load_any, print_json, user_errors
+from .common import JsonOption, console, print_json, user_errors
 
 
 @user_errors
@@ -21,10 +21,11 @@ def inspect(
 
     Example: vitcompact inspect vit-cifar-tiny
     """
-    m = load_any(model, num_classes=num_classes, img_size=img_size)
+    overrides = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+    m = vc.create_model(model, **overrides)
     now = vc.count(m)
-    info = vc.compact_info(m)
-    dense = info.dense if info else None
+    record = vc.get_record(m)
+    dense = record.dense if record.is_compact else None
     if json_out:
         print_json({"model": model, "count": now.to_dict(), "dense": dense})
         return

@@ -6,17 +6,20 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from vitcompact.bench.latency_budget import BudgetRequest
 from vitcompact.errors import ConfigError
+from vitcompact.latency import BudgetRequest
 from vitcompact.pipeline import PipelineConfig, run
-from vitcompact.pipeline.config import with_overrides
+from vitcompact.pipeline.config import DataConfig, with_overrides
+from vitcompact.pruning.configs import CONFIGS, PruneConfig
+from vitcompact.training import TrainConfig
 
 from .common import JsonOption, console, print_json, user_errors
+from .options import Fields, config_options, split
 
 
 class RichProgress:
@@ -67,52 +70,40 @@ def _run(config: PipelineConfig, json_out: bool) -> None:
     console.print(f"report: {result.files['report']}  plot: {result.files['plot']}  onnx: {result.files['onnx']}")
 
 
+PIPELINE_OPTIONS = (
+    Fields(PipelineConfig, "", names=("model", "checkpoint", "pretrained")),
+    Fields(DataConfig, "data.", names=("source", "root", "aug"), flags={"source": "--data", "root": "--data-root"}),
+    Fields(PruneConfig, "prune.", names=("head_ratio", "mlp_ratio", "criteria")),
+    Fields(TrainConfig, "train.", names=("epochs",), flags={"epochs": "--train-epochs"},
+           help={"epochs": "Dense training epochs before pruning (0: none)."}),
+    Fields(BudgetRequest, "budget.",
+           help={"target_speedup": "Prune to this measured speed-up instead of the ratios ([budget] in a config file)."}),
+    Fields(PipelineConfig, "", names=("out", "overwrite"), flags={"out": "--out -o"}),
+)
+
+
 @user_errors
+@config_options(*PIPELINE_OPTIONS)
 def pipeline(
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML file of a PipelineConfig."),
-    model: str | None = typer.Option(None, help="Preset, timm name or artifact directory."),
-    checkpoint: str | None = typer.Option(None, help="Dense weights for MODEL (.safetensors/.pth)."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start a timm model from its hub weights "
-                                    "(needs the internet; offline, pass --checkpoint FILE)."),
-    data: str | None = typer.Option(None, help="Data source (digits, fashion-mnist, mnist, cifar10, ...)."),
-    data_root: str | None = typer.Option(None, help="Folder of the data source's files."),
-    aug: str | None = typer.Option(None, help="Training augmentation: none, light or randaugment."),
-    method: str | None = typer.Option(None, help="rsst, refill or oneshot."),
-    head_ratio: float | None = typer.Option(None, help="Fraction of heads to remove, in [0, 1)."),
-    mlp_ratio: float | None = typer.Option(None, help="Fraction of MLP neurons to remove, in [0, 1)."),
-    criteria: str | None = typer.Option(None, help="remain, magnitude, l1, l2 or saliency."),
-    train_epochs: int | None = typer.Option(None, help="Dense training epochs before pruning (0: none)."),
-    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Prune to this measured speed-up "
-                                                "instead of the ratios ([budget] in a config file)."),
-    latency_ms: float | None = typer.Option(None, "--latency-ms", help="Prune to this latency (ms per batch)."),
-    deploy_batch: int | None = typer.Option(None, "--deploy-batch", help="Batch size the budget is for [default: 1]."),
-    backend: str | None = typer.Option(None, "--backend", help="Backend the budget is for [default: ort-cpu]."),
-    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads the budget is for [default: 1]."),
-    block_removal: str | None = typer.Option(None, "--block-removal", help="When the budget may remove whole blocks: "
-                                             "last-resort (only when widths cannot meet it), free, never "
-                                             "[default: last-resort]."),
+    method: str | None = typer.Option(None, help=f"Pruning method: {', '.join(CONFIGS)}."),
     int8: str | None = typer.Option(None, help="INT8 file stacked on the compact one: static (default, "
                                                "calibrated on training images), dynamic or none."),
-    out: str | None = typer.Option(None, "--out", "-o", help="Run folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     json_out: bool = JsonOption,
+    given: dict[str, Any] | None = None,
 ) -> None:
     """Prune -> compact -> export -> INT8 -> verify -> bench, from flags or a TOML config file.
 
-    The file's sections (data, train, prune, export, int8, bench) are the stages' configs, with
-    their field names; flags override the file.
+    The file's sections (data, train, prune, export, int8, bench, budget) are the stages' configs,
+    with their field names; flags override the file.
 
     Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
     """
-    overrides = {"model": model, "checkpoint": checkpoint, "pretrained": pretrained or None,
-                 "data.source": data, "data.root": data_root, "data.aug": aug,
-                 "prune.method": method, "prune.head_ratio": head_ratio, "prune.mlp_ratio": mlp_ratio,
-                 "prune.criteria": criteria, "train.epochs": train_epochs, "int8.mode": int8, "out": out,
-                 "overwrite": overwrite or None}
+    given = dict(given or {})
+    budget = {k: given.pop(k) for k in list(given) if k.startswith("budget.")}
     base = PipelineConfig.from_toml(config) if config is not None else PipelineConfig()
-    overrides["budget"] = budget_with_flags(base.budget, target_speedup=target_speedup, latency_ms=latency_ms,
-                                            deploy_batch=deploy_batch, backend=backend, threads=threads,
-                                            block_removal=block_removal)
+    overrides = {"prune.method": method, **given, "int8.mode": int8,
+                 "budget": budget_with_flags(base.budget, **split(budget, "budget."))}
     _run(with_overrides(base, **overrides), json_out)
 
 

@@ -1,26 +1,53 @@
-"""`vitcompact prune`: RSST / Refill / one-shot pruning to a head and neuron structure."""
+"""`vitcompact prune`: one-shot / RSST / Refill pruning to a head and neuron structure; its options
+are made from the method configs (`vitcompact.pruning.configs`)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import typer
 
 import vitcompact as vc
 from vitcompact import output_folder
-from vitcompact.bench.latency_budget import BudgetRequest, budget_report, write_budget_report
-from vitcompact.pruning.loop import METHODS, REWINDS, PruneConfig, prune as prune_model
-from vitcompact.pruning.penalty import PENALTIES
-from vitcompact.pruning.schedules import LAMBDA_SCHEDULES
+from vitcompact.latency import BudgetRequest
+from vitcompact.pruning.configs import CONFIGS, PruneConfig, RunFolder, foreign_setting, prune_config
+from vitcompact.pruning.loop import prune as prune_model
 from vitcompact.training import TrainConfig, distributed
 
-from .common import (AugOption, CutmixOption, DataOption, DataRootOption, JsonOption, LabelSmoothingOption,
-                     MixupOption, PretrainedOption, ResetClassifierOption, WorkersOption, check_writable, console,
-                     print_json, user_errors)
+from .common import (AugOption, DataOption, DataRootOption, JsonOption, PretrainedOption, ResetClassifierOption,
+                     WorkersOption, check_writable, console, print_json, user_errors)
+from .options import Fields, config_options, split
 
-_defaults = PruneConfig()
+
+def method_fields(prefix: str, exclude: tuple[str, ...] = ()) -> list[Fields]:
+    """Every method config's fields, each once (under the first config that has it)."""
+    seen: set[str] = set(exclude)
+    groups = []
+    for name in CONFIGS:
+        config = CONFIGS.get(name)
+        own = tuple(f.name for f in dataclasses.fields(config) if f.name not in seen)
+        seen.update(own)
+        groups.append(Fields(config, prefix, names=own))
+    return groups
+
+
+def config_from_options(method: str, given: dict[str, Any], progress: bool = True) -> PruneConfig:
+    """`method`'s config from the options given (`prune.`, `train.` and `budget.` names); an option
+    of another method, or the ratios beside a latency budget, are refused."""
+    budget_fields = split(given, "budget.")
+    budget = BudgetRequest(**budget_fields) if budget_fields else None
+    fields = split(given, "prune.")
+    if budget is not None and {"head_ratio", "mlp_ratio"} & fields.keys():
+        raise vc.ConfigError("--head-ratio and --mlp-ratio do not apply with a latency budget (--target-speedup "
+                             "or --latency-ms sets the structure); give one or the other")
+    foreign = foreign_setting(method, fields)
+    if foreign is not None:
+        name, owners = foreign
+        raise vc.ConfigError(f"--{name.replace('_', '-')} is a setting of {' and '.join(owners)}, not of {method}")
+    return prune_config(method, **fields, train=TrainConfig(progress=progress, **split(given, "train.")),
+                        budget=budget)
 
 
 def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path | None, batch_size: int,
@@ -33,51 +60,21 @@ def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path |
             "data_root": named(data_root), "batch_size": batch_size, "aug": aug}
 
 
+PRUNE_OPTIONS = (*method_fields(prefix="prune.", exclude=("train", "budget")),
+                 Fields(TrainConfig, "train.", exclude=("epochs", "lr", "seed", "progress")),
+                 Fields(BudgetRequest, "budget."))
+
+
 @user_errors
+@config_options(*PRUNE_OPTIONS)
 def prune(
     model: str = typer.Argument(..., help="Trained artifact directory, preset or timm ViT name."),
+    method: str = typer.Option("oneshot", help=f"One of: {', '.join(CONFIGS)}; each takes its own options "
+                               "(one-shot: --finetune-epochs; rsst and refill: --states, --epochs-per-state, ...)."),
     data: str = DataOption,
     data_root: Path | None = DataRootOption,
-    method: str = typer.Option(_defaults.method, help=f"One of: {', '.join(METHODS)}."),
-    head_ratio: float = typer.Option(_defaults.head_ratio, help="Fraction of heads to remove, [0, 1)."),
-    mlp_ratio: float = typer.Option(_defaults.mlp_ratio, help="Fraction of MLP neurons to remove, [0, 1)."),
-    target: str = typer.Option(_defaults.target, help="head, mlp or both."),
-    criteria: str = typer.Option(_defaults.criteria, help=f"Unit importance: {', '.join(vc.CRITERIA.names())}."),
-    mode: str = typer.Option(_defaults.mode, help="layer-wise or global selection."),
-    round_to: int = typer.Option(_defaults.round_to, help="Round kept MLP widths up to a multiple."),
-    states: int = typer.Option(_defaults.states, help="Pruning states (one-shot spends them fine-tuning)."),
-    epochs_per_state: int = typer.Option(_defaults.epochs_per_state, help="Training epochs per state."),
-    finetune_epochs: int = typer.Option(_defaults.finetune_epochs, help="Fine-tuning epochs at the end."),
-    lr: float = typer.Option(_defaults.lr, help="Peak learning rate: all passes share one warm-up + cosine schedule."),
-    lambda_schedule: str = typer.Option(_defaults.lambda_schedule,
-                                        help=f"RSST λ growth: {', '.join(LAMBDA_SCHEDULES.names())}."),
-    lambda_max: float = typer.Option(_defaults.lambda_max, help="RSST λ cap."),
-    lambda_base: float | None = typer.Option(None, help="RSST λ scale (default: λ reaches the cap half-way through each state)."),
-    lambda_exponent: float = typer.Option(_defaults.lambda_exponent, help="k of exp_custom_exponents."),
-    penalty: str = typer.Option(_defaults.penalty, help=f"RSST penalty: {', '.join(PENALTIES.names())} "
-                                "(fade: decoupled, to --fade-to of the weights' size by each state's end)."),
-    fade_to: float = typer.Option(_defaults.fade_to, help="What the fade penalty leaves of the faded weights, (0, 1)."),
-    rewind: str = typer.Option(_defaults.rewind, help=f"Refill rewind: {', '.join(REWINDS)}."),
-    dense_epochs: int = typer.Option(_defaults.dense_epochs, help="Dense epochs inside the loop (for rewind)."),
-    distill: bool = typer.Option(False, "--distill", help="Distil from the dense model while training."),
-    target_speedup: float | None = typer.Option(None, "--target-speedup", help="Prune to this measured speed-up "
-                                                "instead of ratios (per-block structure from a latency table)."),
-    latency_ms: float | None = typer.Option(None, "--latency-ms", help="Prune to this latency (ms per batch) instead "
-                                            "of ratios."),
-    deploy_batch: int = typer.Option(1, "--deploy-batch", help="Batch size the budget is for."),
-    backend: str = typer.Option("ort-cpu", "--backend", help="Backend the budget is for (ort-cpu, torch, ...)."),
-    threads: int = typer.Option(1, "--threads", help="Intra-op threads the budget is for."),
-    block_removal: str = typer.Option(BudgetRequest.block_removal, "--block-removal",
-                                      help="When the budget may remove whole blocks: last-resort (only when "
-                                           "widths cannot meet it), free, never."),
     batch_size: int = typer.Option(64, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed (initial weights of a preset, data split, order, augmentation)."),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
-    compile_model: bool = typer.Option(False, "--compile", help="Train through torch.compile."),
     aug: str = AugOption,
-    mixup: float = MixupOption,
-    cutmix: float = CutmixOption,
-    label_smoothing: float = LabelSmoothingOption,
     workers: int | None = WorkersOption,
     checkpoint: Path | None = typer.Option(None, help="Dense weights (.safetensors/.pth) for MODEL."),
     pretrained: bool = PretrainedOption,
@@ -86,43 +83,28 @@ def prune(
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last state."),
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="Also log to wandb."),
     json_out: bool = JsonOption,
+    given: dict[str, Any] | None = None,
 ) -> None:
     """Prune heads and MLP neurons; writes masks, structure, metrics and the masked model.
 
     Example: vitcompact prune runs/dense --data digits --method rsst --head-ratio 0.3 --mlp-ratio 0.3 --out runs/rsst
     """
-    config = PruneConfig(
-        method=method, head_ratio=head_ratio, mlp_ratio=mlp_ratio, target=target, criteria=criteria,
-        mode=mode, round_to=round_to, states=states, epochs_per_state=epochs_per_state,
-        finetune_epochs=finetune_epochs, lr=lr, lambda_schedule=lambda_schedule, lambda_max=lambda_max,
-        lambda_base=lambda_base, lambda_exponent=lambda_exponent,
-        penalty=penalty, fade_to=fade_to, rewind=rewind, dense_epochs=dense_epochs, distill=distill,
-        train=TrainConfig(precision=precision, compile=compile_model, mixup=mixup, cutmix=cutmix,
-                          label_smoothing=label_smoothing, progress=not json_out),
-        out_dir=out, resume=resume, seed=seed, wandb_project=wandb_project,
-        inputs=run_inputs(model, checkpoint, data, data_root, batch_size, aug, pretrained))
-    request = (BudgetRequest(target_speedup, latency_ms, deploy_batch, backend, threads, block_removal)
-               if target_speedup is not None or latency_ms is not None else None)
+    config = config_from_options(method, given or {}, progress=not json_out)
+    folder = RunFolder(out, resume, wandb_project,
+                       run_inputs(model, checkpoint, data, data_root, batch_size, aug, pretrained))
     check_writable(out)
     if not resume and (out / "run.json").exists():
         raise vc.ConfigError(f"{out} already holds a pruning run; pass --resume or choose a new --out")
     m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,
-                                  reset_classifier=reset_classifier, seed=seed, batch_size=batch_size, aug=aug,
-                                  workers=workers)
-    if request is not None:
-        say = (lambda line: None) if json_out else (lambda line: console.print(line, markup=False))
-        config = dataclasses.replace(config, latency_budget=request.budget(m, config.round_to, progress=say))
-    dense = copy.deepcopy(m) if request is not None else None
+                                  reset_classifier=reset_classifier, seed=config.seed, batch_size=batch_size,
+                                  aug=aug, workers=workers)
+    say = (lambda line: None) if json_out else (lambda line: console.print(line, markup=False))
     with output_folder.lock(out, enabled=distributed.is_main()):
-        result = prune_model(m, bundle, config)
+        result = prune_model(m, bundle, config, folder, notes=say)
         if not distributed.is_main():  # under torchrun every rank holds the same masks; rank 0 writes
             return
-        budget = None
-        if request is not None:
-            report = budget_report(dense, vc.compact(result.model, result.masks), result.structure,
-                                   config.latency_budget, request)
-            write_budget_report(report, out)
-            budget = {k: report[k] for k in ("requested_speedup", "predicted", "measured")}
+        budget = ({k: result.budget[k] for k in ("requested_speedup", "predicted", "measured")}
+                  if result.budget is not None else None)
         vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
                                                "val": result.val, "test": result.test,
                                                "structure": result.structure.summary()})
@@ -132,8 +114,9 @@ def prune(
         print_json(summary)
         return
     if budget is not None:
-        console.print(f"speed-up at batch {deploy_batch} ({backend}): requested {budget['requested_speedup']:.2f}x, "
-                      f"predicted {budget['predicted']['speedup']:.2f}x, measured {budget['measured']['speedup']:.2f}x "
+        request = config.budget
+        console.print(f"speed-up at batch {request.deploy_batch} ({request.backend}): requested "
+                      f"{budget['requested_speedup']:.2f}x, predicted {budget['predicted']['speedup']:.2f}x, measured {budget['measured']['speedup']:.2f}x "
                       f"(see {out / 'latency_budget.md'})")
     console.print(f"{result.structure.summary()}  val top1 {result.val['top1']:.4f}  "
                   f"test top1 {result.test['top1']:.4f}  saved to {out}")

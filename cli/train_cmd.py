@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -10,27 +11,19 @@ import vitcompact as vc
 from vitcompact import output_folder
 from vitcompact.training import MetricsLog, TrainConfig, distributed, evaluate, train as train_model
 
-from .common import (AugOption, CutmixOption, DataOption, DataRootOption, JsonOption, LabelSmoothingOption,
-                     MixupOption, PretrainedOption, ResetClassifierOption, WorkersOption, check_writable, console,
-                     print_json, user_errors)
+from .common import (AugOption, DataOption, DataRootOption, JsonOption, PretrainedOption, ResetClassifierOption,
+                     WorkersOption, check_writable, console, print_json, user_errors)
+from .options import Fields, config_options, split
 
 
 @user_errors
+@config_options(Fields(TrainConfig, "train.", exclude=("progress",)))
 def train(
     model: str = typer.Argument(..., help="Preset, timm ViT name or artifact directory."),
     data: str = DataOption,
     data_root: Path | None = DataRootOption,
-    epochs: int = typer.Option(10, help="Training epochs."),
-    lr: float = typer.Option(TrainConfig.lr, help="Peak learning rate (AdamW, cosine with warm-up)."),
-    optimizer: str = typer.Option("adamw", help="adamw or sgd."),
     batch_size: int = typer.Option(64, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed (initial weights, data split, order, augmentation)."),
-    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively)."),
-    compile_model: bool = typer.Option(False, "--compile", help="Train through torch.compile (worth it for long runs)."),
     aug: str = AugOption,
-    mixup: float = MixupOption,
-    cutmix: float = CutmixOption,
-    label_smoothing: float = LabelSmoothingOption,
     workers: int | None = WorkersOption,
     checkpoint: Path | None = typer.Option(None, help="Start from these weights (.safetensors/.pth; a timm "
                                            "checkpoint's classifier is reset when the data has another class count)."),
@@ -39,14 +32,14 @@ def train(
     out: Path = typer.Option(..., "--out", help="Output artifact directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the artifact in a non-empty --out."),
     json_out: bool = JsonOption,
+    given: dict[str, Any] | None = None,
 ) -> None:
     """Train a dense model and save it (the starting point of pruning).
 
     Example: vitcompact train vit-digits --data digits --epochs 10 --out runs/dense
     """
-    config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, seed=seed, precision=precision,
-                         compile=compile_model, mixup=mixup, cutmix=cutmix, label_smoothing=label_smoothing,
-                         progress=not json_out)
+    config = TrainConfig(progress=not json_out, **split(given or {}, "train."))
+    seed, epochs = config.seed, config.epochs
     check_writable(out)
     output_folder.claim(out, overwrite, inputs=(model, checkpoint, data_root))
     m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,

@@ -8,6 +8,10 @@ from .release import export_all
 from .tensorrt import EngineResult, EngineRunner, TensorRTConfig, to_tensorrt, verify_tensorrt
 from .variants import to_fp16
 from .verify import ParityError, ParityReport, verify_onnx
+from . import engine_backend  # noqa: F401,E402  (registers the tensorrt-engine latency backend)
+from .timing_export import register as _register_timing_export
+
+_register_timing_export()
 
 __all__ = [
     "ExportConfig", "ExportResult", "to_onnx", "verify_onnx", "read_metadata", "to_fp16", "to_int8", "export_all",

@@ -13,6 +13,10 @@ has 195 operators against 263 (160 against 235 once onnxruntime has fused what i
 SkipLayerNormalization only on 3-D tensors, so `--optimize on` has something to fuse only there;
 on onnxruntime CPU its fused graph measured slower than either plain graph.
 
+A model that merges tokens (`vitcompact.models.token_merge`) merges in both graphs: "timm" traces
+its merging `forward_features`, "token-matrix" merges on the token-major view of its rows. The token
+counts are fixed by the input size, so every shape but the batch stays static.
+
 Both spell attention out as softmax(q·kᵀ)·v: the exporter writes the fused kernel
 (scaled_dot_product_attention) with shape arithmetic for the dynamic batch, 380 operators against
 299 for vit-cifar-tiny's timm graph, 2 % slower in FP32 and 9 % slower in static INT8.
@@ -28,34 +32,51 @@ import torch
 import torch.nn as nn
 
 from vitcompact.models import ConstantBranch
+from vitcompact.models.token_merge import log_size_bias, merge_plan, merge_step
 
 GRAPHS = ("token-matrix", "timm")
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-    """timm `Attention` (no mask, eval) on token-matrix rows; returns token-matrix rows.
+def _attention(attn: nn.Module, x: torch.Tensor, batch: int, tokens: int,
+               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm `Attention` (no mask, eval) on token-matrix rows; returns token-matrix rows and the keys
+    (batch, heads, tokens, dim), which token merging matches on (None for a removed branch).
 
     The rows are token-major, so q, k and v come out of one split as (tokens, batch, heads, dim)
     and reach the two products through permutes onnxruntime folds into its FusedMatMul (as
     transposed batch dimensions); batch-major rows needed a Transpose each for q, k and v.
+    `bias` (batch, 1, 1, tokens) is added to the logits: proportional attention of merged tokens.
     """
     if isinstance(attn, ConstantBranch):
-        return attn(x)
+        return attn(x), None
     heads, head_dim = attn.num_heads, attn.head_dim
     q, k, v = attn.qkv(x).reshape(tokens, batch, 3 * heads, head_dim).split(heads, dim=2)
     q, k = attn.q_norm(q.permute(1, 2, 0, 3)), attn.k_norm(k.permute(1, 2, 0, 3))
-    weights = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    weights = attn.attn_drop(logits.softmax(dim=-1))
     out = (weights @ v.permute(1, 2, 0, 3)).permute(2, 0, 1, 3).reshape(tokens * batch, heads * head_dim)
-    return attn.proj_drop(attn.proj(attn.norm(out)))
+    return attn.proj_drop(attn.proj(attn.norm(out))), k
 
 
 def _token_matrix_forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """`VisionTransformer.forward` (no mask), its blocks on the (tokens·batch, width) matrix."""
+    """`VisionTransformer.forward` (no mask), its blocks on the (tokens·batch, width) matrix.
+
+    With token merging on, each block merges after its attention on the (tokens, batch, width) view
+    of the rows, so the matrix stays token-major and only its row count shrinks."""
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     batch, tokens, width = x.shape
     x = x.transpose(0, 1).reshape(tokens * batch, width)
-    for block in model.blocks:
-        x = x + block.drop_path1(block.ls1(_attention(block.attn, block.norm1(x), batch, tokens)))
+    plan, size = merge_plan(model, tokens), None
+    for block, r in zip(model.blocks, plan.merges):
+        bias = log_size_bias(size, token_dim=0) if plan.proportional else None
+        out, keys = _attention(block.attn, block.norm1(x), batch, tokens, bias)
+        x = x + block.drop_path1(block.ls1(out))
+        if r:
+            rows, size = merge_step(x.reshape(tokens, batch, width), size, keys, r, plan, token_dim=0)
+            tokens -= r
+            x = rows.reshape(tokens * batch, width)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return model.forward_head(model.norm(x.reshape(tokens, batch, width).transpose(0, 1)))
 

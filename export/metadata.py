@@ -16,9 +16,8 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.artifact import _data_config
-from vitcompact.compaction import compact_info
 from vitcompact.errors import ArtifactError
-from vitcompact.models.presets import SOURCE_ATTR
+from vitcompact.models.record import get_record
 
 PRECISIONS = ("fp32", "fp16", "int8")
 JSON_KEYS = ("structure", "input_size", "mean", "std", "source", "optimization", "int8")
@@ -29,19 +28,18 @@ def model_metadata(model: nn.Module, precision: str = "fp32") -> dict[str, str]:
     """The metadata of an export of `model`: version, structure, size, input and source."""
     data = _data_config(model)
     counted = vc.count(model)
-    info = compact_info(model)
-    # A model built outside vitcompact has no recorded source; export it anyway, saying so.
-    source = getattr(model, SOURCE_ATTR, None)
+    record = get_record(model)
     return {
         "vitcompact_version": vc.__version__,
-        "structure": json.dumps(info.structure if info else None),
+        "structure": json.dumps(record.structure if record.is_compact else None),
         "params": str(counted.params),
         "macs": str(counted.macs),
         "input_size": json.dumps([data["in_chans"], *data["img_size"]]),
         "mean": json.dumps(data["mean"]),
         "std": json.dumps(data["std"]),
         "num_classes": str(data["num_classes"]),
-        "source": json.dumps(source),
+        # A model built outside vitcompact has no recorded source (null); it is exported anyway.
+        "source": json.dumps(record.source()),
         "precision": precision,
     }
 

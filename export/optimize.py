@@ -10,14 +10,13 @@ faster on this machine, or the plain graph ships.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 
 from vitcompact.errors import ArtifactError
+from vitcompact.latency.timing import Timing, median_pair
 
 from .files import save_onnx
 from .verify import ParityReport, input_shape, ort_session, sample_inputs, verify_against_onnx
@@ -77,26 +76,15 @@ def run_optimizer(src: Path, dst: Path, external_data: bool | None) -> dict[str,
 
 def time_interleaved(paths: tuple[Path, Path], batch: int, rounds: int = 15, warmup: int = 3,
                      budget_s: float = 10.0) -> tuple[float, float]:
-    """Median ms per run of two ONNX files, alternating runs so drift hits both alike.
-
-    Stops early (after at least 5 rounds) once `budget_s` is spent, so large models export in time.
-    """
+    """Median ms per run of two ONNX files, timed by the core's timing loop (alternating rounds, so
+    drift hits both alike), stopping early (after at least 5 rounds) once `budget_s` is spent, so
+    large models export in time."""
     sessions = [ort_session(p) for p in paths]
     name, chw = input_shape(sessions[0])
     x = sample_inputs(chw, batch)
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, {name: x})
-    times: list[list[float]] = [[], []]
-    start = time.perf_counter()
-    for done in range(rounds):
-        if done >= 5 and time.perf_counter() - start > budget_s:
-            break
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, {name: x})
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    plain, optimized = (lambda s=s: s.run(None, {name: x}) for s in sessions)
+    return median_pair(plain, optimized, Timing(warmup=warmup, rounds=rounds, runs_per_round=1, min_rounds=5,
+                                                time_budget_s=budget_s))
 
 
 def optimize(plain: Path, dst: Path, mode: str, external_data: bool | None, atol: float,

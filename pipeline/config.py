@@ -7,7 +7,7 @@ are those configs:
     model = "vit-digits"
     [data]    source = "digits"
     [train]   epochs = 30
-    [prune]   method = "rsst", lambda_schedule = "x^2", round_to = 16, ...
+    [prune]   method = "rsst", states = 1, lambda_schedule = "x^2", round_to = 16, ...
     [prune.train]  label_smoothing = 0.0
     [export]  opset = 20
     [int8]    mode = "static"          # or "none": no INT8 file
@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from vitcompact.bench import BenchConfig
-from vitcompact.bench.backends import BACKENDS
-from vitcompact.bench.latency_budget import BudgetRequest
+from vitcompact.latency import BudgetRequest, check_backend
 from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, Int8Config
-from vitcompact.pruning.loop import PruneConfig
+from vitcompact.knobs import knob
+from vitcompact.pruning.configs import OneShotConfig, PruneConfig, foreign_setting, with_method
 from vitcompact.training import TrainConfig
 from vitcompact.validate import field_types, flag, integer, one_of, seed
 
@@ -50,12 +50,12 @@ class DataConfig:
     preprocessing), its training augmentation (`AUGMENTATIONS`) and loader workers (None: as
     `load_data` chooses). `reset_classifier` lets an artifact trained on other classes start here."""
 
-    source: str = "digits"
-    root: str | None = None
-    batch_size: int = 64
-    aug: str = "light"
-    workers: int | None = None
-    reset_classifier: bool = False
+    source: str = knob("digits", f"Data source: {', '.join(DATA_SOURCES.names())}.")
+    root: str | None = knob(None, "Folder of the data source's files.")
+    batch_size: int = knob(64, "Batch size.")
+    aug: str = knob("light", f"Training augmentation: {', '.join(AUGMENTATIONS)}.")
+    workers: int | None = knob(None, "DataLoader worker processes (default: one per core but one).")
+    reset_classifier: bool = knob(False, "Give an artifact a new classifier when the data has another class count.")
 
     def __post_init__(self) -> None:
         DATA_SOURCES.get(self.source)
@@ -71,8 +71,8 @@ def _train() -> TrainConfig:
 
 
 def _prune() -> PruneConfig:
-    # The demo's budget: 18 epochs (2 states of 4, then 10 at the final structure; one-shot fine-tunes all 18).
-    return PruneConfig(head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=4, finetune_epochs=10, lr=3e-3)
+    # The demo's budget: one-shot at half the heads and neurons, then 18 epochs of fine-tuning.
+    return OneShotConfig(head_ratio=0.5, mlp_ratio=0.5, finetune_epochs=18, lr=3e-3)
 
 
 def _bench() -> BenchConfig:
@@ -85,6 +85,7 @@ PIPELINE_SETS = {"seed": "set `seed` at the top level: one seed drives every sta
                  "out_dir": "the pipeline prunes into <out>/prune",
                  "resume": "a pipeline run starts afresh (use `vitcompact prune --resume`)",
                  "inputs": "the pipeline records its inputs itself",
+                 "budget": "set a latency budget in the [budget] section",
                  "progress": "progress display follows the command (off under --json)"}
 # Flat keys of the pipeline's first TOML format, and where they live now.
 MOVED = {"train_epochs": "[train] epochs", "lr": "[train] lr and [prune] lr", "data": "[data] source",
@@ -100,12 +101,13 @@ MOVED = {"train_epochs": "[train] epochs", "lr": "[train] lr and [prune] lr", "d
 class PipelineConfig:
     """Every setting of a pipeline run; `from_toml` reads the same from a file."""
 
-    model: str = "vit-digits"
-    checkpoint: str | None = None
-    pretrained: bool = False
-    out: str = "runs/pipeline"
-    overwrite: bool = False
-    seed: int = 0
+    model: str = knob("vit-digits", "Preset, timm name or artifact directory.")
+    checkpoint: str | None = knob(None, "Dense weights for MODEL (.safetensors/.pth).")
+    pretrained: bool = knob(False, "Start a timm model from its hub weights (needs the internet; offline, "
+                                   "pass --checkpoint FILE).")
+    out: str = knob("runs/pipeline", "Run folder.")
+    overwrite: bool = knob(False, "Replace an existing run folder.")
+    seed: int = knob(0, "One seed for every stage (data split, weights, training, pruning, bench inputs).")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=_train)          # the dense model's training
     prune: PruneConfig = field(default_factory=_prune)
@@ -118,7 +120,7 @@ class PipelineConfig:
         seed("seed", self.seed)
         flag("overwrite", self.overwrite)
         flag("pretrained", self.pretrained)
-        BACKENDS.get(self.bench.backend)
+        check_backend(self.bench.backend)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
@@ -156,6 +158,11 @@ def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None
                 nested[key] = None
                 continue
             inner = getattr(base if base is not None else cls(), key, None)
+            if isinstance(inner, PruneConfig):  # [prune] method = "..." chooses the method's config
+                value = dict(value)
+                inner = with_method(inner, value.pop("method", inner.method))
+                _refuse_foreign(inner.method, value, f"{section}.{key}" if section else key)
+                kind = type(inner)
             nested[key] = build(kind, value, f"{section}.{key}" if section else key, inner)
         else:
             plain[key] = value
@@ -165,6 +172,14 @@ def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None
         return dataclasses.replace(base if base is not None else cls(), **field_types(cls, plain), **nested)
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
+
+
+def _refuse_foreign(method: str, values: dict[str, Any], section: str) -> None:
+    foreign = foreign_setting(method, [k for k in values if k not in PIPELINE_SETS])
+    if foreign is not None and foreign[1]:
+        name, owners = foreign
+        raise ConfigError(f"[{section}] {name} is a setting of {' and '.join(owners)}, not of {method} "
+                          "(set method first)")
 
 
 def _has_defaults(cls: type) -> bool:
@@ -187,7 +202,11 @@ def _dataclass_of(kind: Any) -> type | None:
 def with_overrides(config: PipelineConfig, **overrides: Any) -> PipelineConfig:
     """`config` with dotted-name overrides applied (None values skipped); `int8="none"` drops INT8."""
     config = dataclasses.replace(config)
+    if overrides.get("prune.method") is not None:  # first: the other prune overrides go to its config
+        config.prune = with_method(config.prune, overrides["prune.method"])
     for name, value in overrides.items():
+        if name == "prune.method":
+            continue
         if value is None:
             continue
         if name == "int8.mode" and value == "none":
@@ -207,7 +226,8 @@ def with_overrides(config: PipelineConfig, **overrides: Any) -> PipelineConfig:
 def config_dict(config: Any) -> Any:
     """A config as JSON-ready data: nested dataclasses as dicts, tuples as lists, paths as strings."""
     if dataclasses.is_dataclass(config):
-        return {f.name: config_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        method = {"method": config.method} if isinstance(config, PruneConfig) else {}  # the config's type
+        return {**method, **{f.name: config_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}}
     if isinstance(config, (list, tuple)):
         return [config_dict(v) for v in config]
     if isinstance(config, dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vitcompact.bench.latency_budget import REPORT_PNG, to_markdown
+from vitcompact.latency.report import REPORT_PNG, to_markdown
 
 
 def _int8_lines(s: dict[str, Any]) -> list[str]:
@@ -41,7 +41,7 @@ def _budget_lines(s: dict[str, Any]) -> list[str]:
     report = s.get("latency_budget")
     if not report:
         return []
-    return [to_markdown(report), f"![structure](budget/{REPORT_PNG})", ""]
+    return [to_markdown(report), f"![structure](prune/{REPORT_PNG})", ""]
 
 
 def render_report(s: dict[str, Any], plot: Path) -> str:

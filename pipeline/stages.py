@@ -21,15 +21,13 @@ import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact import output_folder
-from vitcompact.bench import BenchResult, benchmark, write_report
-from vitcompact.bench.latency_budget import budget_report, write_budget_report
-from vitcompact.bench.sources import resolve
+from vitcompact.bench import BenchResult, benchmark, resolve, write_report
 from vitcompact.data import DataBundle
 from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, ExportResult, to_int8, to_onnx
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
-from vitcompact.pruning.budget import LatencyBudget
+from vitcompact.pruning.configs import RunFolder
 from vitcompact.pruning.loop import prune
 from vitcompact.training import evaluate, train
 
@@ -82,12 +80,11 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
         config.model, config.data.source, config.data.root, checkpoint=config.checkpoint,
         pretrained=config.pretrained, reset_classifier=config.data.reset_classifier, seed=config.seed,
         batch_size=config.data.batch_size, aug=config.data.aug, workers=config.data.workers)
-    budget = _latency_budget(model, config, progress)  # before training: a budget out of reach stops here
+    _check_budget(model, config, progress)  # before training: a budget out of reach stops here
     dense_test = _train_dense(model, bundle, config, progress)
     vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})
-    pruned, masks = _prune(model, bundle, config, budget, out, progress)
+    pruned, masks, budget_report = _prune(model, bundle, config, out, progress)
     small, compact_test, compact_gap = _compact(pruned, masks, bundle, config, out, progress)
-    budget_report = _budget(model, small, masks, budget, config, out, progress)
     dense_onnx, compact_onnx, onnx_top1 = _export(model, small, bundle, config, out, progress)
     int8, int8_refused = _int8(compact_onnx, bundle, config, progress)
     bench, stacked, plot = _bench(dense_onnx, compact_onnx, int8, config, out, progress)
@@ -129,35 +126,26 @@ def _train_dense(model: nn.Module, bundle: DataBundle, config: PipelineConfig, p
     return evaluate(model, bundle.test)
 
 
-def _latency_budget(model: nn.Module, config: PipelineConfig, progress: Progress) -> LatencyBudget | None:
-    """The `[budget]` request on the model's latency table (measured, or cached)."""
+def _check_budget(model: nn.Module, config: PipelineConfig, progress: Progress) -> None:
+    """Measure (or read from the cache) the `[budget]` request's latency table before training, so
+    a budget out of reach stops the run early; pruning reads the same table back."""
     if config.budget is None:
-        return None
+        return
     with progress.stage(f"latency table ({config.budget.backend}, batch {config.budget.deploy_batch})"):
-        return config.budget.budget(model, config.prune.round_to, progress=progress.note)
+        config.budget.budget(model, config.prune.round_to, progress=progress.note)
 
 
-def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, budget: LatencyBudget | None, out: Path,
-           progress: Progress):
+def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Path, progress: Progress):
+    """Prune a copy of the dense model (to the ratios, or to the `[budget]`, whose speed-up report
+    the prune stage writes beside its masks)."""
     p = config.prune
-    prune_config = dataclasses.replace(p, seed=config.seed, out_dir=out / "prune", latency_budget=budget,
+    prune_config = dataclasses.replace(p, seed=config.seed, budget=config.budget,
                                        train=dataclasses.replace(p.train, progress=progress.bars))
-    what = (f"heads {p.head_ratio}, MLP {p.mlp_ratio}" if budget is None else
-            f"to {budget.budget_ms:.3f} ms at batch {config.budget.deploy_batch}")
+    what = (f"heads {p.head_ratio}, MLP {p.mlp_ratio}" if config.budget is None else
+            f"to a latency budget at batch {config.budget.deploy_batch}")
     with progress.stage(f"{p.method} pruning ({what})"):
-        result = prune(copy.deepcopy(model), bundle, prune_config)
-    return result.model.eval(), result.masks
-
-
-def _budget(model: nn.Module, small: nn.Module, masks, budget, config: PipelineConfig, out: Path,
-            progress: Progress) -> dict[str, Any] | None:
-    """Requested vs predicted vs measured speed-up of a budgeted run, at its deployment batch."""
-    if budget is None:
-        return None
-    with progress.stage(f"measure the budget's speed-up ({config.budget.backend}, batch {config.budget.deploy_batch})"):
-        report = budget_report(model, small, masks.structure(), budget, config.budget)
-        write_budget_report(report, out / "budget")
-    return report
+        result = prune(copy.deepcopy(model), bundle, prune_config, RunFolder(out / "prune"), notes=progress.note)
+    return result.model.eval(), result.masks, result.budget
 
 
 def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfig, out: Path,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import vitcompact as vc
+
+# The research studies (bench/studies/, not installed) import as `studies.NAME`, as the Makefile runs them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 # Every adapter family the issue names, shrunk to 32 px / patch 8 / 2 blocks to stay fast.
 FAMILIES: dict[str, tuple[str, dict]] = {

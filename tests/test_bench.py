@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.bench import (SCHEMA, BenchConfig, benchmark, latency_stats, resolve,
                               speedup_interval, write_report)
-from vitcompact.bench.harness import measure_pair, plan_rounds, summarise
+from vitcompact.bench.harness import summarise
+from vitcompact.latency.timing import measure_pair, plan_rounds
 from vitcompact.cli.app import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import vitcompact as vc
 from vitcompact.bench import BACKENDS, BackendOptions, BenchModel, resolve
-from vitcompact.bench.backends import make_backend, random_batch
+from vitcompact.latency.backends import make_backend, random_batch
 from vitcompact.cli.app import app
 
 CUDA_BACKENDS = ("torch-cuda", "torch-cuda-fp16")

@@ -11,7 +11,7 @@ from test_compact import assert_same_function, remove_heads, remove_neurons
 import vitcompact as vc
 from vitcompact.export import to_onnx, verify_onnx
 from vitcompact.models.layers import ConstantBranch
-from vitcompact.pruning.budget import LatencyBudget, LatencyTable, allocate
+from vitcompact.latency import LatencyBudget, LatencyTable, allocate
 
 
 def table(depth: int = 2, heads=(0.0, 1.0, 2.0), widths=(0, 4, 8), mlp=(0.0, 1.0, 2.0), fixed: float = 1.0,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from vitcompact.bench import budget_accuracy, latency_budget
+from studies import budget_accuracy
+from vitcompact.latency import budget as latency_budget
 
 from test_budget_cli import TABLE
 

@@ -16,8 +16,7 @@ from test_compact import scenario_masks
 from timm.data import resolve_model_data_config
 
 import vitcompact as vc
-from vitcompact.models.presets import get_source
-from vitcompact.models.preprocess import PLAIN, data_config, knows_preprocessing
+from vitcompact.models.preprocess import PLAIN, data_config
 
 # Small timm models whose architectures differ in their preprocessing (ViT: inception mean/std;
 # DeiT: ImageNet mean/std) and in their tokens (DeiT distilled: two classifiers, two prefix tokens).
@@ -53,12 +52,12 @@ def test_local_timm_checkpoint_gives_the_same_model(tmp_path, arch, suffix):
     save_checkpoint(reference, tmp_path / f"w{suffix}")
     # Class count, channels, patch and image size come from the checkpoint; depth is the user's.
     model = vc.create_model(arch, checkpoint_path=tmp_path / f"w{suffix}", depth=2).eval()
-    assert get_source(model)["model_args"] == {"in_chans": 3, "patch_size": 8, "num_classes": 7,
+    assert vc.get_record(model).model_args == {"in_chans": 3, "patch_size": 8, "num_classes": 7,
                                                "img_size": 32, "depth": 2}
     x = input_for(model, 3)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
-    assert knows_preprocessing(model)
+    assert vc.get_record(model).preprocessing_known
     assert data_config(model) == timm_preprocessing(arch, 3, 32, 32)
 
 
@@ -74,7 +73,7 @@ def test_other_class_count_resets_the_classifier(tmp_path, arch):
     assert {k: tuple(state[k].shape) for k in classifiers} == classifiers
     assert sorted(state) == sorted(original)
     assert all(torch.equal(state[k], original[k]) for k in state if k not in classifiers)
-    assert model.num_classes == 3 and get_source(model)["model_args"]["num_classes"] == 3
+    assert model.num_classes == 3 and vc.get_record(model).model_args["num_classes"] == 3
     assert model.eval()(input_for(model, 2)).shape == (2, 3)
 
 
@@ -113,11 +112,11 @@ def test_fresh_models_and_preset_checkpoints_are_plain(tmp_path):
                   vc.create_model("vit-digits", checkpoint_path=tmp_path / "w.safetensors", depth=2)):
         cfg = data_config(model)
         assert {k: cfg[k] for k in PLAIN} == PLAIN
-        assert not knows_preprocessing(model)
+        assert not vc.get_record(model).preprocessing_known
     # Another class count: the checkpoint's classifier is loaded, then reset (timm's reset_classifier).
     three = vc.create_model("vit-digits", checkpoint_path=tmp_path / "w.safetensors", depth=2, num_classes=3)
     assert three.num_classes == 3 and three.head.weight.shape == (3, 64)
-    assert get_source(three)["model_args"]["num_classes"] == 3
+    assert vc.get_record(three).model_args["num_classes"] == 3
     kept = preset.state_dict()
     assert all(torch.equal(v, kept[k]) for k, v in three.state_dict().items() if not k.startswith("head."))
 
@@ -126,20 +125,20 @@ def test_artifact_records_the_preprocessing(tmp_path):
     save_checkpoint(timm_model("deit_tiny_patch16_224"), tmp_path / "w.pth")
     model = vc.create_model("deit_tiny_patch16_224", checkpoint_path=tmp_path / "w.pth", depth=2)
     small = vc.compact(model, scenario_masks(model, "random"))
-    assert small.pretrained_cfg == model.pretrained_cfg and knows_preprocessing(small)
+    assert small.pretrained_cfg == model.pretrained_cfg and vc.get_record(small).preprocessing_known
     vc.save(small, tmp_path / "art")
     config = json.loads((tmp_path / "art" / "config.json").read_text())
     assert {k: config[k] for k in PREPROCESSING} == {
         "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     loaded = vc.load(tmp_path / "art")
-    assert data_config(loaded) == data_config(small) and knows_preprocessing(loaded)
+    assert data_config(loaded) == data_config(small) and vc.get_record(loaded).preprocessing_known
 
     fresh = vc.create_model("vit-digits", depth=2)
     vc.save(fresh, tmp_path / "fresh")
     config = json.loads((tmp_path / "fresh" / "config.json").read_text())
     assert "crop_pct" not in config and "interpolation" not in config
-    assert not knows_preprocessing(vc.load(tmp_path / "fresh"))
+    assert not vc.get_record(vc.load(tmp_path / "fresh")).preprocessing_known
 
 
 def test_artifact_without_preprocessing_loads_as_unknown(tmp_path):
@@ -150,7 +149,7 @@ def test_artifact_without_preprocessing_loads_as_unknown(tmp_path):
         del config[key]
     (tmp_path / "a" / "config.json").write_text(json.dumps(config))
     loaded = vc.load(tmp_path / "a")
-    assert not knows_preprocessing(loaded)
+    assert not vc.get_record(loaded).preprocessing_known
     cfg = data_config(loaded)
     assert {k: cfg[k] for k in PLAIN} == PLAIN
 
@@ -235,14 +234,14 @@ def test_pretrained_weights_rebuild_without_the_hub(monkeypatch, tmp_path):
 
     monkeypatch.setattr(timm, "create_model", from_file)
     model = vc.create_model("vit_tiny_patch16_224", pretrained=True, **SMALL, num_classes=5)
-    assert model.num_classes == 5 and get_source(model)["model_args"] == {**SMALL, "num_classes": 5}
+    assert model.num_classes == 5 and vc.get_record(model).model_args == {**SMALL, "num_classes": 5}
     original = reference.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items() if not k.startswith("head."))
-    assert knows_preprocessing(model) and data_config(model) == timm_preprocessing("vit_tiny_patch16_224", 3, 32, 32)
+    assert vc.get_record(model).preprocessing_known and data_config(model) == timm_preprocessing("vit_tiny_patch16_224", 3, 32, 32)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     vc.save(model, tmp_path / "art")
     loaded = vc.load(tmp_path / "art")
-    assert knows_preprocessing(loaded) and data_config(loaded) == data_config(model)
+    assert vc.get_record(loaded).preprocessing_known and data_config(loaded) == data_config(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
@@ -271,7 +270,7 @@ def test_pretrained_refusals(tmp_path, kwargs, message):
 def test_pretrained_artifact_is_refused(tmp_path):
     vc.save(vc.create_model("vit-digits", depth=2), tmp_path / "art")
     with pytest.raises(vc.ConfigError) as error:
-        vc.artifact.resolve_model(tmp_path / "art", pretrained=True)
+        vc.create_model(tmp_path / "art", pretrained=True)
     assert single_line(error) == (f"{tmp_path / 'art'} is an artifact, which carries its own weights; "
                                   "pretrained weights are for a timm model name")
 
@@ -279,6 +278,6 @@ def test_pretrained_artifact_is_refused(tmp_path):
 def test_tagged_timm_name_keeps_the_tag(tmp_path):
     """A pretrained tag picks timm's config of those weights (here 21k classes), and is kept for rebuilding."""
     model = vc.create_model("vit_tiny_patch16_224.augreg_in21k", **SMALL)
-    assert model.num_classes == 21843 and get_source(model)["architecture"] == "vit_tiny_patch16_224.augreg_in21k"
+    assert model.num_classes == 21843 and vc.get_record(model).architecture == "vit_tiny_patch16_224.augreg_in21k"
     vc.save(model, tmp_path / "art")
     assert vc.load(tmp_path / "art").num_classes == 21843

@@ -149,7 +149,13 @@ BAD_INPUTS = [
     ("train-unwritable", ["train", "vit-digits", "--out", "{root}/blocker/t"], "blocker"),
     ("prune-ratio", ["prune", "vit-digits", "--head-ratio", "1.0", "--out", "{root}/p"],
      "head_ratio must be in [0, 1), got 1.0"),
-    ("prune-lambda-base", ["prune", "vit-digits", "--lambda-base", "-1", "--out", "{root}/p"],
+    ("prune-foreign-option", ["prune", "vit-digits", "--states", "2", "--out", "{root}/p"],
+     "--states is a setting of rsst and refill, not of oneshot"),
+    ("prune-ratio-with-budget", ["prune", "vit-digits", "--target-speedup", "2", "--head-ratio", "0.5", "--out",
+                                 "{root}/p"], "--head-ratio and --mlp-ratio do not apply with a latency budget"),
+    ("prune-budget-flag-without-target", ["prune", "vit-digits", "--deploy-batch", "4", "--out", "{root}/p"],
+     "a latency budget takes exactly one of a target speed-up or a latency in ms"),
+    ("prune-lambda-base", ["prune", "vit-digits", "--method", "rsst", "--lambda-base", "-1", "--out", "{root}/p"],
      "lambda base must be > 0, got -1.0"),
     ("prune-missing-data", ["prune", "vit-digits", "--data", "fashion-mnist", "--data-root", "{root}/none",
                             "--out", "{root}/p"], "none"),
@@ -190,7 +196,7 @@ def test_prune_defaults_to_one_shot(tmp_path):
     """The default method is one-shot (the accuracy study's winner): one cut, no RSST fade."""
     out = tmp_path / "p"
     result = runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5", "--mlp-ratio", "0.5",
-                                 "--states", "2", "--epochs-per-state", "1", "--finetune-epochs", "0", "--out", str(out)])
+                                 "--finetune-epochs", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run.json").read_text())["method"] == "oneshot"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

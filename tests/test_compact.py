@@ -127,7 +127,7 @@ def test_compacting_twice_keeps_the_function():
     small = vc.compact(model, first)
     again = vc.regroup(small, PruneMasks.ones(small), vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5))
     smaller = vc.compact(small, again).eval()
-    assert vc.compact_info(smaller).dense["params"] == vc.count(model).params
+    assert vc.get_record(smaller).dense["params"] == vc.count(model).params
     assert_same_function(again.apply_(copy.deepcopy(small)).eval(), smaller, model)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vitcompact.bench import data_speed
-from vitcompact.bench.data_memory import tree_pss_mb
-from vitcompact.bench.image_folder import write_image_folder
+from studies import data_speed
+from studies.data_memory import tree_pss_mb
+from studies.image_folder import write_image_folder
 
 
 def test_data_speed_prints_both_rates(tmp_path, capsys):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.data import ImageDataset, TransformDataset, bundle as bundle_module, samples
-from vitcompact.models.preprocess import knows_preprocessing, set_data_config
+from vitcompact.models.preprocess import set_data_config
 from vitcompact.training import TrainConfig, train
 from vitcompact.training.seeding import seed_everything
 
@@ -104,10 +104,10 @@ def test_preprocessing_of_a_timm_model_is_timms_own(tmp_path):
 
 def test_a_new_model_records_the_datas_normalisation(tmp_path):
     model = vc.create_model("vit-digits")
-    assert not knows_preprocessing(model)
+    assert not vc.get_record(model).preprocessing_known
     b = vc.load_data_for(model, "digits", limit=200)
     assert isinstance(b.train.dataset, ImageDataset)  # the small source keeps the batched path
-    assert knows_preprocessing(model) and model.pretrained_cfg["mean"] == b.mean
+    assert vc.get_record(model).preprocessing_known and model.pretrained_cfg["mean"] == b.mean
     vc.save(model, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["mean"] == list(b.mean) and config["std"] == list(b.std)

@@ -92,11 +92,10 @@ def test_metadata_describes_the_model(exported):
     model, result = exported
     meta = read_metadata(result.path)
     counted = vc.count(model)
-    info = vc.compact_info(model)
-    # JSON turns the layout's tuples into lists
-    assert meta["structure"] == json.loads(json.dumps(info.structure if info else None))
+    record = vc.get_record(model)
+    assert meta["structure"] == json.loads(json.dumps(record.structure))
     assert (meta["params"], meta["macs"]) == (counted.params, counted.macs)
-    assert meta["source"]["architecture"] == vc.models.get_source(model)["architecture"]
+    assert meta["source"] == record.source() and meta["source"]["architecture"] == record.architecture
 
 
 def test_compact_model_with_a_headless_block(headless):
@@ -121,11 +120,11 @@ def test_optimize_on_ships_the_fused_graph(headless):
 def test_metadata_round_trip(headless):
     model, result = headless
     meta = read_metadata(result.path)
-    info = vc.compact_info(model)
+    record = vc.get_record(model)
     counted = vc.count(model)
     expected = {
         "vitcompact_version": vc.__version__,
-        "structure": json.loads(json.dumps(info.structure)),
+        "structure": json.loads(json.dumps(record.structure)),
         "params": counted.params,
         "macs": counted.macs,
         "input_size": [1, 8, 8],

@@ -28,14 +28,15 @@ from vitcompact import output_folder
 from vitcompact.cli.app import app
 from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.io import write_json
-from vitcompact.pruning.loop import PruneConfig, prune
+from vitcompact.pruning.configs import RSSTConfig, RunFolder
+from vitcompact.pruning.loop import prune
 from vitcompact.training import TrainConfig
 
 runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # A tiny pruning run of the digits preset (seconds), with its first state checkpointed.
 PRUNE = ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5", "--mlp-ratio", "0.5",
-         "--states", "2", "--epochs-per-state", "1", "--finetune-epochs", "1", "--batch-size", "128",
+         "--finetune-epochs", "3", "--batch-size", "128",
          "--precision", "fp32", "--json"]
 
 
@@ -220,8 +221,8 @@ def test_a_really_full_disk_is_one_line_and_keeps_the_previous_artifact(small_di
 
 def test_resume_with_changed_arguments_names_the_option_and_both_values(tmp_path):
     out = tmp_path / "run"
-    fast = ["prune", "vit-digits", "--data", "digits", "--states", "1", "--epochs-per-state", "0",
-            "--finetune-epochs", "0", "--batch-size", "128", "--json", "--out", out]
+    fast = ["prune", "vit-digits", "--data", "digits", "--finetune-epochs", "0", "--batch-size", "128", "--json",
+            "--out", out]
     assert runner.invoke(app, [str(a) for a in fast]).exit_code == 0
     before = snapshot(out)
     for option, value, expected in [
@@ -238,8 +239,7 @@ def test_resume_with_changed_arguments_names_the_option_and_both_values(tmp_path
 
 def test_resume_from_other_data_is_refused(tmp_path):
     out = tmp_path / "run"
-    fast = ["prune", "vit-digits", "--states", "1", "--epochs-per-state", "0", "--finetune-epochs", "0",
-            "--batch-size", "128", "--json", "--out", out]
+    fast = ["prune", "vit-digits", "--finetune-epochs", "0", "--batch-size", "128", "--json", "--out", out]
     assert runner.invoke(app, [str(a) for a in [*fast, "--data", "digits"]]).exit_code == 0
     folder = tmp_path / "images"
     for split in ("train", "test"):
@@ -281,10 +281,10 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resul
     """What a SIGKILL during checkpoint writing leaves: a state folder without its `state.json`
     (written last) and a half-written temporary of a dead writer. Resume redoes that state."""
     def config(out, resume=False):
-        return PruneConfig(method="rsst", head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=1, finetune_epochs=1,
-                           train=TrainConfig(progress=False), out_dir=out, resume=resume)
+        return RSSTConfig(head_ratio=0.5, mlp_ratio=0.5, states=2, epochs_per_state=1, finetune_epochs=1,
+                          train=TrainConfig(progress=False)), RunFolder(out, resume=resume)
 
-    whole = prune(tiny(), bundle, config(tmp_path / "whole"))
+    whole = prune(tiny(), bundle, *config(tmp_path / "whole"))
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "whole", killed)
     state = killed / "checkpoints" / "state_002"
@@ -295,7 +295,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resul
     for name in ("masks.safetensors", "structure.json", "result.json", "model.safetensors", "config.json"):
         (killed / name).unlink(missing_ok=True)
     model = tiny()
-    resumed = prune(model, bundle, config(killed, resume=True))
+    resumed = prune(model, bundle, *config(killed, resume=True))
     assert resumed.masks == whole.masks
     assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), model.state_dict().values()))
     assert sorted(p.name for p in state.iterdir() if p.name.startswith(".")) == []  # the dead writer's temporary went

@@ -386,7 +386,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, name, args, message
 
 # Fixed by the reported changes to PruneConfig.check, prune's plan and PipelineConfig.from_toml
 # (files another change owns); strict, so they fail as a reminder once those land.
-FAST_PRUNE = ["--states", "1", "--epochs-per-state", "0", "--finetune-epochs", "0"]
+FAST_PRUNE = ["--finetune-epochs", "0"]
 
 
 @pytest.mark.parametrize("round_to,message", [("0", "round_to must be >= 1, got 0"),
@@ -398,7 +398,7 @@ def test_round_to_is_checked_before_run_json(tmp_path, round_to, message):
 
 @pytest.mark.parametrize("toml,message", [
     ('[prune]\nhead_ratio = "half"\n', "[prune] head_ratio must be a number, got 'half'"),
-    ('[prune]\nstates = 2.7\n[bench]\nbackend = "nope"\n', "[prune] states must be an integer, got 2.7"),
+    ('[prune]\nmethod = "rsst"\nstates = 2.7\n[bench]\nbackend = "nope"\n', "[prune] states must be an integer, got 2.7"),
     ('[bench]\nbatch_sizes = "1,2"\n', "[bench] batch_sizes must be a list, got '1,2'"),
     ('[bench]\nbackend = "nope"\n', "unknown bench backend 'nope'"),
     ('[prune.train]\nlabel_smoothing = "some"\n', "[prune.train] label_smoothing must be a number"),
@@ -412,10 +412,10 @@ def test_pipeline_toml_types_are_checked(tmp_path, toml, message):
 @pytest.mark.parametrize("build", [
     lambda: vc.TrainConfig(lr=math.nan),
     lambda: vc.TrainConfig(warmup_epochs=-1.0),
-    lambda: vc.PruneConfig(lambda_max=math.nan),
-    lambda: vc.PruneConfig(lr=math.inf),
-    lambda: vc.PruneConfig(round_to=0),
-    lambda: vc.PruneConfig(states=2.7),
+    lambda: vc.RSSTConfig(lambda_max=math.nan),
+    lambda: vc.OneShotConfig(lr=math.inf),
+    lambda: vc.OneShotConfig(round_to=0),
+    lambda: vc.RSSTConfig(states=2.7),
 ], ids=["train-lr", "train-warmup", "prune-lambda-max", "prune-lr", "prune-round-to", "prune-states"])
 def test_library_configs_refuse_non_finite_and_out_of_range(build):
     with pytest.raises(ConfigError):
@@ -464,7 +464,7 @@ def test_field_types_checks_a_toml_table_against_the_stage_configs():
     assert validate.field_types(BenchConfig, {"batch_sizes": [1, 2], "time_budget_s": 1, "threads": None}) == \
         {"batch_sizes": (1, 2), "time_budget_s": 1.0, "threads": None}
     for cls, values, message in ((vc.PruneConfig, {"head_ratio": "half"}, "head_ratio must be a number, got 'half'"),
-                                 (vc.PruneConfig, {"states": 2.7}, "states must be an integer, got 2.7"),
+                                 (vc.RSSTConfig, {"states": 2.7}, "states must be an integer, got 2.7"),
                                  (BenchConfig, {"batch_sizes": "1,2"}, "batch_sizes must be a list, got '1,2'"),
                                  (BenchConfig, {"batch_sizes": [1, "2"]}, "batch_sizes[1] must be an integer, got '2'"),
                                  (PipelineConfig, {"overwrite": "yes"}, "overwrite must be true or false, got 'yes'"),

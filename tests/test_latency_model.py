@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import vitcompact as vc
-from vitcompact.bench import latency_model as lm
-from vitcompact.pruning.budget import LatencyTable
+from studies import latency_model as latency_study
+from vitcompact.latency import table as lm
+from vitcompact.latency import LatencyTable
 
-environment_module = importlib.import_module("vitcompact.bench.environment")
+environment_module = importlib.import_module("vitcompact.latency.environment")
 FAST = lm.TableTiming(warmup=1, rounds=3, runs_per_round=1, min_rounds=2, seconds_per_variant=0.2)
 
 
@@ -125,9 +126,9 @@ def test_measure_table_has_the_model_shape(model):
 
 def test_validation_and_speedups_run_end_to_end(model):
     table = lm.measure_table(model, "torch", round_to=64, timing=FAST)
-    report = lm.validate_table(model, table, "torch", structures=2, timing=FAST)
+    report = latency_study.validate_table(model, table, "torch", structures=2, timing=FAST)
     assert len(report["structures"]) == 2 and report["median_abs_error"] >= 0
-    [row] = lm.check_speedups(model, table, [1.2], "torch", round_to=64, timing=FAST)
+    [row] = latency_study.check_speedups(model, table, [1.2], "torch", round_to=64, timing=FAST)
     assert row["predicted"] >= 1.2 - 1e-9 and row["measured"] > 0
 
 

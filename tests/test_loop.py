@@ -19,7 +19,8 @@ import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
 from vitcompact.pruning import checkpoint
-from vitcompact.pruning.loop import PruneConfig, apply_hard, prune, state_ratio
+from vitcompact.pruning.configs import OneShotConfig, PruneConfig, RSSTConfig, RunFolder, prune_config, same_budget
+from vitcompact.pruning.loop import apply_hard, prune, state_ratio
 from vitcompact.pruning.penalty import PENALTIES, FadePenalty, RSSTPenalty, penalised_weights
 from vitcompact.pruning.schedules import LAMBDA_SCHEDULES, LambdaSchedule
 from vitcompact.pruning.selection import keep_count
@@ -30,9 +31,10 @@ QUIET = TrainConfig(progress=False)
 
 
 def quick(**kw) -> PruneConfig:
-    base = dict(method="rsst", head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1, finetune_epochs=0,
-                train=QUIET)
-    return PruneConfig(**{**base, **kw})
+    fields = {**dict(method="rsst", head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1, finetune_epochs=0,
+                     train=QUIET), **kw}
+    method, split = fields.pop("method"), [fields.pop(k) for k in ("states", "epochs_per_state", "finetune_epochs")]
+    return same_budget(method, *split, **fields)  # one-shot spends the same epochs fine-tuning
 
 
 FORMULAS = {
@@ -160,8 +162,8 @@ def test_rsst_penalty_fades_the_dropped_weights(bundle):
 
 def test_pruning_passes_follow_one_schedule_and_carry_the_optimiser(bundle, tmp_path):
     config = quick(method="refill", states=2, epochs_per_state=1, finetune_epochs=1, lr=1e-3,
-                   out_dir=tmp_path, train=TrainConfig(warmup_epochs=1.0, min_lr=1e-5, progress=False))
-    records = prune(tiny(), bundle, config).metrics
+                   train=TrainConfig(warmup_epochs=1.0, min_lr=1e-5, progress=False))
+    records = prune(tiny(), bundle, config, RunFolder(tmp_path)).metrics
     lrs = [r["lr"] for r in records if r["phase"] in ("refill", "finetune")]
     assert len(lrs) == 3 and 1e-3 > lrs[0] > lrs[1] > lrs[2] and lrs[2] == pytest.approx(1e-5)
     saved = checkpoint.load_optimizer(tmp_path, 2)
@@ -182,14 +184,14 @@ def test_refill_rewinds_survivors_to_init_as_copies(bundle):
 
 
 def test_resume_ends_with_the_same_masks_and_weights(bundle, tmp_path):
-    full = prune(tiny(), bundle, quick(out_dir=tmp_path / "full", finetune_epochs=1))
+    full = prune(tiny(), bundle, quick(finetune_epochs=1), RunFolder(tmp_path / "full"))
     partial = tmp_path / "partial"
     shutil.copytree(tmp_path / "full", partial)
     shutil.rmtree(partial / "checkpoints" / "state_002")
     for name in ("masks.safetensors", "structure.json", "result.json"):
         (partial / name).unlink()
     resumed_model = tiny()
-    resumed = prune(resumed_model, bundle, quick(out_dir=partial, finetune_epochs=1, resume=True))
+    resumed = prune(resumed_model, bundle, quick(finetune_epochs=1), RunFolder(partial, resume=True))
     assert resumed.masks == full.masks
     assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
                                                  resumed_model.state_dict().values()))
@@ -198,23 +200,36 @@ def test_resume_ends_with_the_same_masks_and_weights(bundle, tmp_path):
 
 
 def test_resume_refuses_changed_settings_and_fresh_runs_refuse_a_used_folder(bundle, tmp_path):
-    prune(tiny(), bundle, quick(states=1, epochs_per_state=0, out_dir=tmp_path))
+    prune(tiny(), bundle, quick(states=1, epochs_per_state=0), RunFolder(tmp_path))
     with pytest.raises(ConfigError, match="--resume with a different --head-ratio: the run used 0.5, now 0.25"):
-        prune(tiny(), bundle, quick(states=1, epochs_per_state=0, head_ratio=0.25, out_dir=tmp_path, resume=True))
+        prune(tiny(), bundle, quick(states=1, epochs_per_state=0, head_ratio=0.25), RunFolder(tmp_path, resume=True))
     with pytest.raises(ConfigError, match="already holds a pruning run; resume it"):
-        prune(tiny(), bundle, quick(states=1, epochs_per_state=0, out_dir=tmp_path))
+        prune(tiny(), bundle, quick(states=1, epochs_per_state=0), RunFolder(tmp_path))
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(method="lth"), "unknown method 'lth'; choose one of: rsst, refill, oneshot"),
+    (dict(method="lth"), "unknown method 'lth'; choose one of: oneshot, rsst, refill"),
     (dict(head_ratio=1.0), r"head_ratio must be in \[0, 1\), got 1.0"),
-    (dict(rewind="init"), "rewind='init' needs dense_epochs >= 1"),
-    (dict(lambda_schedule="log"), "unknown lambda schedule 'log'; choose one of: exp, exp_custom"),
+    (dict(method="refill", rewind="init"), "rewind='init' needs dense_epochs >= 1"),
+    (dict(method="rsst", lambda_schedule="log"), "unknown lambda schedule 'log'; choose one of: exp, exp_custom"),
     (dict(criteria="taylor"), "unknown criterion 'taylor'"),
+    (dict(method="oneshot", states=2), "states is a setting of rsst and refill, not of oneshot"),
+    (dict(method="rsst", rewind="init"), "rewind is a setting of refill, not of rsst"),
 ])
 def test_bad_prune_config_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
-        PruneConfig(**kw)
+        prune_config(**kw)
+
+
+def test_the_configs_type_chooses_the_method():
+    assert [type(prune_config(m)).__name__ for m in ("oneshot", "rsst", "refill")] == [
+        "OneShotConfig", "RSSTConfig", "RefillConfig"]
+    assert RSSTConfig(states=1).method == "rsst" and not hasattr(OneShotConfig(), "states")
+    # One epoch budget, split as the iterative methods split it; one-shot spends it all fine-tuning.
+    assert same_budget("oneshot", 2, 2, 4).finetune_epochs == 8
+    assert (same_budget("rsst", 1, 1, 7).states, same_budget("rsst", 1, 1, 7).finetune_epochs) == (1, 7)
+    with pytest.raises(ConfigError, match="config must be a method's config"):
+        prune(tiny(), None, PruneConfig())
 
 
 TORCHRUN_SCRIPT = textwrap.dedent("""
@@ -222,15 +237,15 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
     import torch
     from safetensors.torch import save_file
     import vitcompact as vc
-    from vitcompact.pruning.loop import PruneConfig, prune
+    from vitcompact.pruning.loop import prune
     rank = os.environ["RANK"]
     torch.manual_seed(int(rank))  # different init per rank: DDP must align them
     model = vc.create_model("vit-digits", depth=2)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(sys.argv[1], f"init{rank}.safetensors"))
     bundle = vc.load_data("digits", batch_size=16, limit=96)
-    result = prune(model, bundle, PruneConfig(method="rsst", head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1,
-                   finetune_epochs=0, train=vc.TrainConfig(progress=False), out_dir=sys.argv[2]))
+    result = prune(model, bundle, vc.RSSTConfig(head_ratio=0.5, mlp_ratio=0.3, states=2, epochs_per_state=1,
+                   finetune_epochs=0, train=vc.TrainConfig(progress=False)), vc.RunFolder(sys.argv[2]))
     save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
               os.path.join(sys.argv[1], f"final{rank}.safetensors"))
 """)
@@ -262,7 +277,7 @@ def test_two_torchrun_processes_end_with_the_same_weights(tmp_path):
 def test_cli_prune_writes_masks_structure_metrics_and_artifact(tmp_path):
     out = tmp_path / "rsst"
     result = CliRunner().invoke(app, ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5",
-                                      "--states", "1", "--epochs-per-state", "1", "--finetune-epochs", "0",
+                                      "--finetune-epochs", "1",
                                       "--batch-size", "128", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     for name in ("masks.safetensors", "structure.json", "metrics.jsonl", "config.json", "model.safetensors"):

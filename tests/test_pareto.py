@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from vitcompact.bench import pareto
+from studies import pareto
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAINING = ("rsst", "refill", "oneshot")
@@ -117,7 +117,7 @@ def test_rsst_near_dense_target():
 
 
 def test_rsst_ablation_reports_validation_only_for_every_variant_and_seed(tmp_path):
-    from vitcompact.bench import rsst_ablation
+    from studies import rsst_ablation
 
     report = rsst_ablation.main(["--dense-epochs", "1", "--limit", "200", "--ratios", "0.5/0.5,0.7/0.7",
                                  "--seeds", "0,1", "--variants", "one-shot",

@@ -17,7 +17,7 @@ from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, Int8Config
 from vitcompact.pipeline import DataConfig, PipelineConfig, PipelineResult, run
-from vitcompact.pruning.loop import PruneConfig
+from vitcompact.pruning.configs import OneShotConfig
 
 from conftest import one_line_error
 
@@ -33,7 +33,7 @@ def tiny(out, **changes) -> PipelineConfig:
     """A pipeline run of a few seconds: one training epoch, one pruning state, a short bench."""
     config = PipelineConfig(
         out=str(out), train=vc.TrainConfig(epochs=1, lr=3e-3),
-        prune=PruneConfig(head_ratio=0.5, mlp_ratio=0.5, states=1, epochs_per_state=1, finetune_epochs=0),
+        prune=OneShotConfig(head_ratio=0.5, mlp_ratio=0.5, finetune_epochs=1),
         int8=Int8Config(mode="static", calib_batches=2, max_accuracy_drop=None),
         bench=BenchConfig(batch_sizes=(2,), threads=1, time_budget_s=0.5))
     return dataclasses.replace(config, **changes)
@@ -67,7 +67,8 @@ class Recorder:
 def test_library_run_reaches_every_nested_setting(tmp_path):
     """Settings the old flat config could not express reach their stage, and the run reports progress."""
     config = tiny(tmp_path / "run", seed=3)
-    config.prune = dataclasses.replace(config.prune, method="rsst", lambda_schedule="x^2", round_to=8, min_keep=2)
+    config.prune = vc.RSSTConfig(head_ratio=0.5, mlp_ratio=0.5, states=1, epochs_per_state=1, finetune_epochs=0,
+                                 lambda_schedule="x^2", round_to=8, min_keep=2)
     progress = Recorder()
     result = run(config, progress=progress)
     assert isinstance(result, PipelineResult) and result.out == tmp_path / "run"
@@ -163,6 +164,7 @@ def test_config_file_errors(tmp_path):
             ("bench_seconds = 3.0\n", "it is now [bench] time_budget_s"),
             ("[prune]\nseed = 3\n", "[prune] seed cannot be set here: set `seed` at the top level"),
             ("[prune]\nout_dir = 'x'\n", "[prune] out_dir cannot be set here: the pipeline prunes into <out>/prune"),
+            ("[prune]\nstates = 2\n", "[prune] states is a setting of rsst and refill, not of oneshot (set method first)"),
             ("[int8]\nmode = 'fast'\n", "[int8] unknown int8 mode 'fast'"),
             ("[data]\nsource = 'nosuch'\n", "[data] unknown data source 'nosuch'")):
         bad.write_text(text)
@@ -184,7 +186,9 @@ def test_config_file_builds_nested_configs_and_flags_override_it(tmp_path):
     from vitcompact.pipeline.config import with_overrides
     changed = with_overrides(config, **{"prune.method": "oneshot", "train.epochs": 2, "int8.mode": "dynamic",
                                         "data.source": None})
-    assert (changed.prune.method, changed.prune.rewind, changed.train.epochs) == ("oneshot", "epoch", 2)
+    # Another method's config: the shared settings carried over, the refill-only ones gone.
+    assert (changed.prune.method, changed.prune.distill, changed.train.epochs) == ("oneshot", True, 2)
+    assert changed.prune.train.label_smoothing == 0.0 and not hasattr(changed.prune, "rewind")
     assert changed.int8.mode == "dynamic" and changed.data.source == "digits"
     assert config.prune.method == "refill"  # the original is not changed
     with pytest.raises(ConfigError, match="head_ratio must be in"):

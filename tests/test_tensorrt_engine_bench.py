@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import vitcompact as vc
 import vitcompact.export.tensorrt as trt_mod
 from vitcompact.bench import BACKENDS, BackendOptions, BenchConfig, BenchModel, benchmark, resolve
-from vitcompact.bench.backends import make_backend, random_batch
+from vitcompact.latency.backends import make_backend, random_batch
 from vitcompact.cli.app import app
 from vitcompact.export import ExportConfig, ParityError, ParityReport, TensorRTConfig, to_onnx, to_tensorrt
 from vitcompact.export.metadata import stamp

@@ -24,7 +24,8 @@ import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.export import ExportConfig, files, to_onnx
 from vitcompact.pruning import loop
-from vitcompact.pruning.loop import PruneConfig, prune
+from vitcompact.pruning.configs import PruneConfig, RefillConfig, RSSTConfig
+from vitcompact.pruning.loop import prune
 from vitcompact.training import TrainConfig, trainer
 
 QUIET = TrainConfig(progress=False)
@@ -56,8 +57,8 @@ def test_distill_trains_towards_the_frozen_dense_teacher(bundle, monkeypatch):
     train = TrainConfig(progress=False, distill_alpha=1.0)
 
     def config(distill: bool, epochs: int = 1) -> PruneConfig:
-        return PruneConfig(head_ratio=0.5, mlp_ratio=0.3, states=1, epochs_per_state=epochs,
-                           finetune_epochs=epochs, distill=distill, train=train)
+        return RSSTConfig(head_ratio=0.5, mlp_ratio=0.3, states=1, epochs_per_state=epochs,
+                          finetune_epochs=epochs, distill=distill, train=train)
 
     untrained, labels_only = tiny(), tiny()
     prune(untrained, bundle, config(distill=False, epochs=0))
@@ -108,9 +109,9 @@ def test_refill_rewinds_the_survivors_to_the_weights_after_rewind_epoch(bundle, 
 
     model = tiny()
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    result = prune(model, bundle, PruneConfig(method="refill", rewind="epoch", rewind_epoch=rewind_epoch,
-                                              dense_epochs=3, head_ratio=0.5, mlp_ratio=0.3, states=1,
-                                              epochs_per_state=0, finetune_epochs=0, train=QUIET))
+    result = prune(model, bundle, RefillConfig(rewind="epoch", rewind_epoch=rewind_epoch, dense_epochs=3,
+                                               head_ratio=0.5, mlp_ratio=0.3, states=1, epochs_per_state=0,
+                                               finetune_epochs=0, train=QUIET))
     assert sorted(dense_after) == [1, 2, 3]
     snapshot = dense_after[rewind_epoch]
     # Dense training moved the weights, so rewinding to any other point would show.

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .models.adapter import BlockLayout, ViTLayout, vit_layout
-from .pruning.structure import Structure
+from .models.blocks import BlockShape
+from .structure import Structure
 
 
 @dataclass
@@ -49,24 +50,23 @@ class Count:
                 "neurons": self.neurons, **asdict(self)}
 
 
-def block_cost(block: BlockLayout, heads: int, neurons: int, dim: int, tokens: int) -> BlockCount:
-    """Exact parameters and MACs of a block keeping `heads` heads and `neurons` neurons."""
-    attn_dim = heads * block.head_dim
+def block_cost(block: BlockLayout, shape: BlockShape, dim: int, tokens: int) -> BlockCount:
+    """Exact parameters and MACs of `block` at `shape` (its own, or a pruned one)."""
+    attn_dim = shape.attn_dim
     params = (block.fixed_params
-              + attn_dim * (3 * dim + (3 if block.qkv_bias else 0))  # qkv
-              + attn_dim * dim                                        # proj weight
-              + neurons * (dim + (1 if block.fc1_bias else 0))        # fc1
-              + neurons * dim)                                        # fc2 weight
+              + attn_dim * (3 * dim + (3 if block.qkv_bias else 0))   # qkv
+              + attn_dim * dim                                         # proj weight
+              + shape.hidden * (dim + (1 if block.fc1_bias else 0))    # fc1
+              + shape.hidden * dim)                                    # fc2 weight
     macs = (tokens * dim * 3 * attn_dim          # qkv
             + 2 * tokens * tokens * attn_dim     # q @ k^T and attn @ v
             + tokens * attn_dim * dim            # proj
-            + 2 * tokens * dim * neurons)        # fc1 and fc2
-    return BlockCount(block.index, heads, neurons, params, macs)
+            + 2 * tokens * dim * shape.hidden)   # fc1 and fc2
+    return BlockCount(block.index, shape.num_heads, shape.hidden, params, macs)
 
 
-def _count(layout: ViTLayout, heads: list[int], neurons: list[int]) -> Count:
-    blocks = [block_cost(b, h, n, layout.embed_dim, layout.num_tokens)
-              for b, h, n in zip(layout.blocks, heads, neurons)]
+def _count(layout: ViTLayout, shapes: list[BlockShape]) -> Count:
+    blocks = [block_cost(b, s, layout.embed_dim, layout.num_tokens) for b, s in zip(layout.blocks, shapes)]
     return Count(blocks, layout.extra_params, layout.extra_macs)
 
 
@@ -76,6 +76,6 @@ def count(obj: nn.Module | Structure) -> Count:
         if obj.layout is None:
             raise ConfigError("this structure carries no model layout; derive it from masks "
                               "(masks.structure()) to count it")
-        return _count(obj.layout, [len(b.heads) for b in obj.blocks], [len(b.neurons) for b in obj.blocks])
+        return _count(obj.layout, obj.shape())
     layout = vit_layout(obj)
-    return _count(layout, [b.num_heads for b in layout.blocks], [b.hidden for b in layout.blocks])
+    return _count(layout, [b.shape for b in layout.blocks])

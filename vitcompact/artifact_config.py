@@ -17,11 +17,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from .accounting import count
-from .compaction import BlockSpec
 from .errors import ArtifactError, ConfigError
 from .io import read_json, regular_file
 from .models.adapter import input_size, vit_layout
 from .models.args import check_model_args
+from .models.blocks import CompactBlock
 from .models.preprocess import CROP_MODES, INTERPOLATIONS
 from .validate import finite, flag, in_range, integer
 
@@ -37,7 +37,7 @@ class ArtifactConfig:
     architecture: str
     model_args: dict[str, Any]
     preset: str | None
-    blocks: list[BlockSpec] | None
+    blocks: list[dict[str, Any]] | None  # per block num_heads, hidden, proj_bias, fc2_bias (`compact_blocks`)
     structure: dict[str, Any] | None
     dense: dict[str, Any] | None     # accounting of the dense model (what inspect compares with)
     compact: dict[str, Any] | None   # accounting of this model, as saved
@@ -70,16 +70,16 @@ def _field(obj: dict[str, Any], key: str, where: str) -> Any:
     return obj[key]
 
 
-def _block_spec(name: str, raw: Any) -> BlockSpec:
+def _block(name: str, raw: Any) -> dict[str, Any]:
     raw = _dict(name, raw)
     keys = ("num_heads", "hidden", "proj_bias", "fc2_bias")
     extra = sorted(set(raw) - set(keys))
     if extra:
         raise ConfigError(f"{name} has unknown field(s) {', '.join(extra)}")
-    return BlockSpec(integer(f"{name}.num_heads", _field(raw, "num_heads", f"{name}.")),
-                     integer(f"{name}.hidden", _field(raw, "hidden", f"{name}.")),
-                     flag(f"{name}.proj_bias", _field(raw, "proj_bias", f"{name}.")),
-                     flag(f"{name}.fc2_bias", _field(raw, "fc2_bias", f"{name}.")))
+    return {"num_heads": integer(f"{name}.num_heads", _field(raw, "num_heads", f"{name}.")),
+            "hidden": integer(f"{name}.hidden", _field(raw, "hidden", f"{name}.")),
+            "proj_bias": flag(f"{name}.proj_bias", _field(raw, "proj_bias", f"{name}.")),
+            "fc2_bias": flag(f"{name}.fc2_bias", _field(raw, "fc2_bias", f"{name}."))}
 
 
 def _count(name: str, raw: Any) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def _parse(raw: Any) -> ArtifactConfig:
     preset = _text("vitcompact.preset", section.get("preset"), optional=True)
     blocks = section.get("blocks")
     if blocks is not None:
-        blocks = [_block_spec(f"vitcompact.blocks[{i}]", b)
+        blocks = [_block(f"vitcompact.blocks[{i}]", b)
                   for i, b in enumerate(_list("vitcompact.blocks", blocks))]
     structure = section.get("structure")
     if structure is not None:
@@ -170,7 +170,7 @@ def _indices(name: str, value: Any, limit: int) -> list[int]:
     return values
 
 
-def _check_structure(structure: dict[str, Any], dense: nn.Module, specs: list[BlockSpec] | None) -> None:
+def _check_structure(structure: dict[str, Any], dense: nn.Module, compact: list[dict[str, Any]] | None) -> None:
     """The kept heads and neurons: indices within the model that was pruned, as many as kept."""
     layout = vit_layout(dense)
     blocks = _list("vitcompact.structure.blocks", _field(structure, "blocks", "vitcompact.structure."))
@@ -191,14 +191,14 @@ def _check_structure(structure: dict[str, Any], dense: nn.Module, specs: list[Bl
         integer(f"{name}.head_dim", _field(raw, "head_dim", f"{name}."), block.head_dim, block.head_dim)
         heads = _indices(f"{name}.heads", _field(raw, "heads", f"{name}."), num_heads)
         neurons = _indices(f"{name}.neurons", _field(raw, "neurons", f"{name}."), hidden)
-        if specs is not None and (len(heads), len(neurons)) != (specs[i].num_heads, specs[i].hidden):
+        if compact is not None and (len(heads), len(neurons)) != (compact[i]["num_heads"], compact[i]["hidden"]):
             raise ConfigError(f"{name} keeps {len(heads)} heads and {len(neurons)} neurons but "
-                              f"vitcompact.blocks[{i}] has {specs[i].num_heads} and {specs[i].hidden}")
+                              f"vitcompact.blocks[{i}] has {compact[i]['num_heads']} and {compact[i]['hidden']}")
 
 
 def check_against(config: ArtifactConfig, dense: nn.Module, path: Path) -> None:
     """The fields that only make sense against the model the config describes (`dense`, a meta
-    skeleton built from architecture and model_args): data config, block specs within the dense
+    skeleton built from architecture and model_args): data config, compact blocks within the dense
     sizes, the structure and the accounting's block count."""
     try:
         data = config.data
@@ -211,10 +211,10 @@ def check_against(config: ArtifactConfig, dense: nn.Module, path: Path) -> None:
             if len(config.blocks) != depth:
                 raise ConfigError(f"vitcompact.blocks has {len(config.blocks)} entries but model_args "
                                   f"give depth {depth}")
-            for i, (spec, block) in enumerate(zip(config.blocks, vit_layout(dense).blocks)):
-                integer(f"vitcompact.blocks[{i}].num_heads", spec.num_heads, 0, block.num_heads,
+            for i, (entry, block) in enumerate(zip(config.blocks, vit_layout(dense).blocks)):
+                integer(f"vitcompact.blocks[{i}].num_heads", entry["num_heads"], 0, block.num_heads,
                         note="at most the dense block's heads")
-                integer(f"vitcompact.blocks[{i}].hidden", spec.hidden, 0, block.hidden,
+                integer(f"vitcompact.blocks[{i}].hidden", entry["hidden"], 0, block.hidden,
                         note="at most the dense block's MLP width")
         if config.structure is not None:
             _check_structure(config.structure, dense, config.blocks)
@@ -225,9 +225,18 @@ def check_against(config: ArtifactConfig, dense: nn.Module, path: Path) -> None:
         raise ArtifactError(f"{path}: {e}") from None
 
 
+def compact_blocks(config: ArtifactConfig, dense: nn.Module) -> tuple[CompactBlock, ...] | None:
+    """The compact blocks `vitcompact.blocks` describes (checked by `check_against` first), with the
+    head size of the dense model they were cut from; None for a dense model."""
+    if config.blocks is None:
+        return None
+    return tuple(CompactBlock.from_dict(entry, block.head_dim)
+                 for entry, block in zip(config.blocks, vit_layout(dense).blocks))
+
+
 def check_accounting(config: ArtifactConfig, model: nn.Module, path: Path) -> None:
     """The saved accounting of the model must be that of the model the config builds (`model`, a
-    meta skeleton with the block specs applied): heads and neurons that the weights' shapes cannot
+    meta skeleton with the compact blocks applied): heads and neurons that the weights' shapes cannot
     show (e.g. `num_heads` of a dense model) are caught here."""
     if config.compact is None:
         return

@@ -8,8 +8,6 @@ unit whose incoming weights are masked but whose outgoing weights are not still 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -17,81 +15,10 @@ import torch.nn as nn
 from .accounting import count
 from .errors import MaskError
 from .models.adapter import BlockLayout, vit_layout
+from .models.blocks import BlockShape, CompactBlock, resize_blocks
 from .models.layers import ConstantBranch
-from .models.presets import SOURCE_ATTR
-from .pruning.masks import PruneMasks, UnitState, head_view
-
-COMPACT_ATTR = "vitcompact_compact"
-
-
-@dataclass
-class BlockSpec:
-    """Shape of one compact block: enough to rebuild its modules before loading weights."""
-
-    num_heads: int
-    hidden: int
-    proj_bias: bool  # with num_heads == 0: whether the constant attention branch is nonzero
-    fc2_bias: bool   # with hidden == 0: whether the constant MLP branch is nonzero
-
-
-@dataclass
-class CompactInfo:
-    """What a compact model carries beside its weights, written to and read from the artifact's
-    config.json: each block's shapes, the structure kept (None when the masks were not
-    quasi-structured) and the dense model's accounting (what `inspect` compares with)."""
-
-    blocks: list[BlockSpec]
-    structure: dict[str, Any] | None
-    dense: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"blocks": [asdict(b) for b in self.blocks], "structure": self.structure, "dense": self.dense}
-
-
-def compact_info(model: nn.Module) -> CompactInfo | None:
-    """The model's CompactInfo; None for a dense model."""
-    return getattr(model, COMPACT_ATTR, None)
-
-
-def set_compact_info(model: nn.Module, info: CompactInfo) -> None:
-    setattr(model, COMPACT_ATTR, info)
-
-
-def _linear(in_f: int, out_f: int, bias: bool, like: nn.Linear) -> nn.Linear:
-    return nn.Linear(in_f, out_f, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
-
-
-def resize_block(block: nn.Module, spec: BlockSpec) -> None:
-    """Replace the block's attention and MLP modules with ones of the spec's sizes (in place)."""
-    attn = block.attn
-    if not isinstance(attn, ConstantBranch):
-        dim = attn.qkv.in_features
-        if spec.num_heads == 0:
-            block.attn = ConstantBranch(dim, spec.proj_bias).to(attn.qkv.weight.device)
-            block.norm1 = nn.Identity()  # the constant branch ignores its input
-        else:
-            attn_dim = spec.num_heads * attn.head_dim
-            attn.qkv = _linear(dim, 3 * attn_dim, attn.qkv.bias is not None, attn.qkv)
-            attn.proj = _linear(attn_dim, attn.proj.out_features, spec.proj_bias, attn.proj)
-            attn.num_heads, attn.attn_dim = spec.num_heads, attn_dim
-    mlp = block.mlp
-    if not isinstance(mlp, ConstantBranch):
-        dim = mlp.fc1.in_features
-        if spec.hidden == 0:
-            block.mlp = ConstantBranch(dim, spec.fc2_bias).to(mlp.fc1.weight.device)
-            block.norm2 = nn.Identity()
-        else:
-            mlp.fc1 = _linear(dim, spec.hidden, mlp.fc1.bias is not None, mlp.fc1)
-            mlp.fc2 = _linear(spec.hidden, mlp.fc2.out_features, spec.fc2_bias, mlp.fc2)
-
-
-def apply_block_specs(model: nn.Module, specs: list[BlockSpec]) -> nn.Module:
-    """Give a freshly built dense model the compact shapes (weights are loaded afterwards)."""
-    if len(specs) != len(model.blocks):
-        raise MaskError(f"{len(specs)} block specs for a model with {len(model.blocks)} blocks")
-    for block, spec in zip(model.blocks, specs):
-        resize_block(block, spec)
-    return model
+from .models.record import get_record, set_record
+from .masks import PruneMasks, UnitState, head_view
 
 
 def _check_units(block: BlockLayout, unit: str, state: UnitState) -> None:
@@ -174,12 +101,14 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
     """A physically smaller copy of `model` whose function equals the masked model's.
 
     `masks=None` reads the masks from the zero pattern of the weights (an already-masked model).
+    The copy's record (`get_record`) gains its compact blocks, the structure kept (when the masks
+    are quasi-structured) and the dense model's accounting.
     """
     if masks is None:
         masks = PruneMasks.from_weights(model)
     masks.check_model(model)
     layout = masks.layout
-    specs, new_weights = [], {}
+    blocks, new_weights = [], {}
     states = [masks.unit_states(block) for block in layout.blocks]
     for block, pair in zip(layout.blocks, states):  # refuse before building anything
         for unit, state in zip(("head", "neuron"), pair):
@@ -198,24 +127,17 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
             hidden, fc2_bias, w = _compact_mlp(
                 b, neurons, {"fc1": masks[f"{n}.mlp.fc1.weight"], "fc2": masks[f"{n}.mlp.fc2.weight"]})
             new_weights.update({f"{n}.{k}": v for k, v in w.items()})
-        specs.append(BlockSpec(num_heads, hidden, proj_bias, fc2_bias))
-    small = copy.deepcopy(model)
-    apply_block_specs(small, specs)
+        blocks.append(CompactBlock(BlockShape(num_heads, block.head_dim, hidden), proj_bias, fc2_bias))
+    small = copy.deepcopy(model)  # the record comes along: architecture, arguments, preprocessing
+    resize_blocks(small, blocks)
     state = small.state_dict()
     for name, value in new_weights.items():
         state[name] = value.clone()
     small.load_state_dict(state, strict=True)
     quasi = all(s is None or bool(s.whole.all()) for pair in states for s in pair)
     structure = masks.structure() if quasi else None
-    previous = compact_info(model)
-    set_compact_info(small, CompactInfo(specs, structure.to_dict() if structure is not None else None,
-                                        previous.dense if previous else count(model).to_dict()))
-    if hasattr(model, SOURCE_ATTR):
-        setattr(small, SOURCE_ATTR, copy.deepcopy(getattr(model, SOURCE_ATTR)))
+    record = get_record(model)
+    set_record(small, blocks=tuple(blocks), structure=structure.to_dict() if structure is not None else None,
+               dense=record.dense if record.is_compact else count(model).to_dict())
     vit_layout(small)
     return small
-
-
-def block_specs(model: nn.Module) -> list[BlockSpec] | None:
-    info = compact_info(model)
-    return list(info.blocks) if info else None

@@ -217,3 +217,12 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
     except OSError as e:
         raise ArtifactError(f"{path} cannot be read: {e.strerror or e}") from None
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .artifact import resolve_model
+from .creation import create_model
 from .data.bundle import DataBundle, load_data_for, open_source
 from .models.adapter import vit_layout
 from .training.seeding import seed_everything
@@ -30,6 +30,6 @@ def model_and_data(model: str | os.PathLike, source: str = "digits", root: str |
     raw = open_source(source, root)
     is_artifact = checkpoint is None and Path(model).is_dir()
     sized = {} if is_artifact else {"num_classes": len(raw.class_names)}
-    net = resolve_model(model, checkpoint, pretrained=pretrained, **sized)
+    net = create_model(model, checkpoint, pretrained=pretrained, **sized)
     vit_layout(net)  # refuses a model that is not a timm ViT, naming it
     return net, load_data_for(net, raw, reset_classifier=reset_classifier, seed=seed, **data_options)

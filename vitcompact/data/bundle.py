@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from .. import validate
 from ..errors import ConfigError, DataError
 from ..models.args import MAX_CHANNELS, MAX_IMG_SIZE
-from ..models.presets import set_num_classes
-from ..models.preprocess import (CROP_MODES, INTERPOLATIONS, PLAIN, data_config, knows_preprocessing,
-                                 set_data_config)
+from ..models.builder import set_num_classes
+from ..models.preprocess import CROP_MODES, INTERPOLATIONS, PLAIN, data_config, set_data_config
+from ..models.record import get_record
 from ..validate import in_range, integer, one_of
 from .samples import Samples, TensorSamples
 from .sources import DATA_SOURCES, RawData
@@ -337,7 +337,7 @@ def load_data_for(model: nn.Module, source: str | RawData = "digits", root: str 
     class count is not the model's is refused, unless `reset_classifier` gives the model a new
     classifier of the right size (timm's `reset_classifier`). `options` go to `load_data`."""
     cfg = data_config(model)
-    known = knows_preprocessing(model)
+    known = get_record(model).preprocessing_known
     preprocessing = {k: cfg[k] for k in ("interpolation", "crop_pct", "crop_mode", *(("mean", "std") if known else ()))}
     bundle = load_data(source, root=root, img_size=cfg["input_size"][1:], in_chans=cfg["input_size"][0],
                        preprocessing=preprocessing, **options)

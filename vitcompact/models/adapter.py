@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 from timm.layers import Mlp
@@ -10,17 +11,16 @@ from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import UnsupportedModelError
+from .blocks import BlockShape, ShapedBlock
 from .layers import ConstantBranch
 
 
 @dataclass(frozen=True)
-class BlockLayout:
-    """One transformer block as the pruning core sees it."""
+class BlockLayout(ShapedBlock):
+    """One transformer block as the pruning core sees it: its shape and what else it holds."""
 
     index: int
-    num_heads: int
-    head_dim: int
-    hidden: int
+    shape: BlockShape
     qkv_bias: bool
     fc1_bias: bool
     fixed_params: int
@@ -28,10 +28,6 @@ class BlockLayout:
     @property
     def name(self) -> str:
         return f"blocks.{self.index}"
-
-    @property
-    def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
 
     def weight_names(self) -> list[str]:
         """Names of the prunable weights this block still has (a removed branch has none)."""
@@ -41,6 +37,17 @@ class BlockLayout:
         if self.hidden:
             names += [f"{self.name}.mlp.fc1.weight", f"{self.name}.mlp.fc2.weight"]
         return names
+
+    def to_dict(self) -> dict[str, Any]:
+        # Flat, in this order: the layout is stored in mask files and config.json as it always was.
+        return {"index": self.index, "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "hidden": self.hidden, "qkv_bias": self.qkv_bias, "fc1_bias": self.fc1_bias,
+                "fixed_params": self.fixed_params}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlockLayout":
+        return cls(d["index"], BlockShape(d["num_heads"], d["head_dim"], d["hidden"]), d["qkv_bias"],
+                   d["fc1_bias"], d["fixed_params"])
 
 
 @dataclass(frozen=True)
@@ -56,12 +63,13 @@ class ViTLayout:
     def weight_names(self) -> list[str]:
         return [n for b in self.blocks for n in b.weight_names()]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return {"embed_dim": self.embed_dim, "num_tokens": self.num_tokens, "extra_params": self.extra_params,
+                "extra_macs": self.extra_macs, "blocks": [b.to_dict() for b in self.blocks]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTLayout":
-        return cls(**{**d, "blocks": tuple(BlockLayout(**b) for b in d["blocks"])})
+    def from_dict(cls, d: dict[str, Any]) -> "ViTLayout":
+        return cls(**{**d, "blocks": tuple(BlockLayout.from_dict(b) for b in d["blocks"])})
 
 
 def _check_attention(name: str, attn: nn.Module) -> None:
@@ -123,7 +131,7 @@ def _block_layout(index: int, block: nn.Module, head_dim_hint: int) -> BlockLayo
         mlp_unit_params = mlp.fc1.weight.numel() + mlp.fc2.weight.numel()
         mlp_unit_params += mlp.fc1.bias.numel() if fc1_bias else 0
     total = sum(p.numel() for p in block.parameters())
-    return BlockLayout(index, num_heads, head_dim, hidden, qkv_bias, fc1_bias,
+    return BlockLayout(index, BlockShape(num_heads, head_dim, hidden), qkv_bias, fc1_bias,
                        total - attn_unit_params - mlp_unit_params)
 
 

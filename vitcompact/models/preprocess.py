@@ -6,7 +6,8 @@ one: an artifact that records it, or a timm model with pretrained or checkpoint 
 own config for the architecture). A randomly initialised model does not: it takes the plain
 preprocessing (bilinear resize of the whole image, no crop) with the training data's mean and
 std, which `vitcompact.load_data_for` records on it the first time it sees data, so the artifact,
-the ONNX metadata and every later command use the same numbers.
+the ONNX metadata and every later command use the same numbers. Whether a model knows it is kept
+in its record (`get_record(model).preprocessing_known`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch.nn as nn
 from timm.data import resolve_model_data_config
 
 from .adapter import input_size
+from .record import set_record
 
-KNOWN_ATTR = "vitcompact_preprocessing_known"
 KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CROP_MODES = ("center", "squash", "border")
@@ -43,14 +44,10 @@ def data_config(model: nn.Module) -> dict[str, Any]:
             "crop_pct": float(cfg["crop_pct"]), "crop_mode": str(cfg.get("crop_mode", "center"))}
 
 
-def knows_preprocessing(model: nn.Module) -> bool:
-    """Whether `model`'s weights come with their own preprocessing (see the module's docstring)."""
-    return bool(getattr(model, KNOWN_ATTR, False))
-
-
 def set_data_config(model: nn.Module, known: bool, **values: Any) -> None:
     """Write `values` (keys of `KEYS`) into `model.pretrained_cfg`, the input size always from the
-    model itself, and say whether the model now knows its preprocessing."""
+    model itself, and record whether the model now knows its preprocessing
+    (`ModelRecord.preprocessing_known`)."""
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise ValueError(f"not data-config keys: {', '.join(unknown)}")
@@ -62,9 +59,4 @@ def set_data_config(model: nn.Module, known: bool, **values: Any) -> None:
         if key in cfg:
             cfg[key] = _per_channel(cfg[key], channels)
     model.pretrained_cfg = model.default_cfg = cfg  # timm keeps `default_cfg` as an alias
-    setattr(model, KNOWN_ATTR, known)
-
-
-def set_plain(model: nn.Module) -> None:
-    """The preprocessing of a randomly initialised model: plain resize, mean/std still to come."""
-    set_data_config(model, False, **PLAIN)
+    set_record(model, preprocessing_known=known)

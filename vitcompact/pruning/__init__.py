@@ -2,10 +2,10 @@
 
 from .criteria import CRITERIA, DATA_DRIVEN, ScoreContext, score_units
 from .magnitude import magnitude_prune
-from .masks import PruneMasks
+from ..masks import PruneMasks
 from .regroup import TARGETS, RegroupConfig, regroup, structured_prune
 from .selection import MODES, keep_count, select_units
-from .structure import BlockStructure, Structure
+from ..structure import BlockStructure, Structure
 
 __all__ = [
     "CRITERIA", "DATA_DRIVEN", "ScoreContext", "score_units", "magnitude_prune", "PruneMasks",

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ..errors import ArtifactError
 from ..io import ensure_dir, read_json, regular_file, write_json, write_tensors
-from .masks import PruneMasks
+from ..masks import PruneMasks
 
 CHECKPOINTS = "checkpoints"
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..models.adapter import unit_weights
 from ..registry import Registry
-from .masks import PruneMasks, per_head, per_neuron
+from ..masks import PruneMasks, per_head, per_neuron
+from .refit_scores import BlockScores, contribution_scores, fisher_scores
 
-BlockScores = tuple["torch.Tensor | None", "torch.Tensor | None"]
 Criterion = Callable[[nn.Module, PruneMasks, "ScoreContext"], list[BlockScores]]
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
@@ -170,6 +170,23 @@ def saliency(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[Blo
         for n, p in weights.items():
             totals[n] += (p.detach().float() * p.grad.float()).abs()
     return _unit_sums(masks, {n: t.cpu() for n, t in totals.items()})
+
+
+@criterion("activation", needs_data=True)
+def activation(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """What the unit adds to the residual stream: the variance of its output (a head's attention
+    output, a neuron's activation) over the calibration tokens times the squared norm of its
+    columns in proj / fc2 (LayerScale included), so that scores compare across blocks."""
+    images = [x for x, _ in ctx.batches("activation")]
+    return contribution_scores(_masked_copy(model, masks, ctx.device), masks.layout, images)
+
+
+@criterion("fisher", needs_data=True)
+def fisher(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """Empirical Fisher of a mask on the unit's output, with the model's own top-1 predictions as
+    labels (calibration labels are not needed): the squared per-image gradient, summed."""
+    images = [x for x, _ in ctx.batches("fisher")]
+    return fisher_scores(_masked_copy(model, masks, ctx.device), masks.layout, images)
 
 
 def score_units(model: nn.Module, masks: PruneMasks, criteria: str | Criterion,

@@ -13,137 +13,37 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
 
 from .. import output_folder
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..io import write_json, write_tensors
 from ..models.adapter import vit_layout
 from ..training import distributed
 from ..training.metrics_log import MetricsLog
 from ..training.seeding import rng_state, seed_everything, set_rng_state
 from ..training.trainer import ScheduleWindow, TrainConfig, evaluate, resolve_device, steps_per_epoch, train
-from ..validate import flag, in_range, integer, ratio, seed
 from . import checkpoint, run_folder
-from .budget import LatencyBudget
+from ..compaction import compact
+from ..latency.budget import LatencyBudget
+from ..latency.report import budget_report, write_budget_report
+from .configs import CONFIGS, OneShotConfig, PruneConfig, RunFolder  # noqa: F401  (re-exported)
 from .criteria import CRITERIA
 from .magnitude import magnitude_prune
-from .masks import PruneMasks
+from ..masks import PruneMasks
 from .methods import METHODS, Method, StatePlan, state_ratio  # noqa: F401  (state_ratio: re-exported)
-from .penalty import PENALTIES
-from .regroup import TARGETS, RegroupConfig, regroup
-from .schedules import LambdaSchedule
-from .selection import MODES, check_round_to
-from .structure import Structure
+from .regroup import regroup
+from .selection import check_round_to
+from ..structure import Structure
 
-REWINDS = ("none", "init", "epoch")
+Notes = Callable[[str], None]
 BUDGET_WARMUP = 0.1
-
-
-@dataclass
-class PruneConfig:
-    """What to prune and how. Epoch budget: `states * epochs_per_state + finetune_epochs` for every
-    method (one-shot spends it all fine-tuning). `prune_rate=None` picks the per-state magnitude
-    rate so element sparsity tracks the structural target. `rewind` (Refill only) to `init` or
-    to `epoch` `rewind_epoch` needs `dense_epochs` of dense training inside the loop. `lr` is the
-    peak learning rate of the pruning budget, whose passes (states, then fine-tuning) follow one
-    warm-up + cosine schedule and carry the optimiser's moments from pass to pass (a rewind
-    resets them); `train` holds the other settings (its epochs, lr and seed are set per pass,
-    and its warm-up is capped at a tenth of the budget: the model arrives trained).
-    RSST fades the units it will drop with `penalty` (`fade`: decoupled, to `fade_to` of their
-    size by each state's end along `lambda_schedule`'s shape; `gradient`: the research code's
-    λ·W gradient term, with `lambda_max`/`lambda_base`). The default method is one-shot: on the
-    converged Fashion-MNIST reference it led RSST on validation over 3 seeds (README's accuracy
-    study); RSST's defaults (fade, 2 states of 2 epochs, then 4 epochs at the final structure)
-    were chosen on validation accuracy too."""
-
-    method: str = "oneshot"
-    head_ratio: float = 0.3
-    mlp_ratio: float = 0.3
-    target: str = "both"
-    criteria: str = "magnitude"
-    mode: str = "layer-wise"
-    min_keep: int = 1
-    round_to: int = 1
-    num_batches: int = 8
-    states: int = 2
-    epochs_per_state: int = 2
-    finetune_epochs: int = 4
-    prune_rate: float | None = None
-    lambda_schedule: str = "x"
-    lambda_max: float = 1.0
-    lambda_base: float | None = None
-    lambda_exponent: float = 4.0
-    penalty: str = "fade"
-    fade_to: float = 0.01
-    rewind: str = "none"
-    rewind_epoch: int = 1
-    dense_epochs: int = 0
-    distill: bool = False
-    lr: float = 1e-3
-    train: TrainConfig = field(default_factory=TrainConfig)
-    latency_budget: LatencyBudget | None = None
-    out_dir: Path | None = None
-    resume: bool = False
-    seed: int = 0
-    wandb_project: str | None = None
-    # What the run prunes, as its caller names it ({"model": ..., "data": ..., "batch_size": ...}):
-    # kept in run.json beside the settings, so that resuming with other inputs is refused.
-    inputs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        METHODS.get(self.method)
-        for name, value, choices in (("target", self.target, TARGETS), ("mode", self.mode, MODES),
-                                     ("rewind", self.rewind, REWINDS)):
-            if value not in choices:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-        CRITERIA.get(self.criteria)
-        PENALTIES.get(self.penalty)
-        in_range("fade_to", self.fade_to, 0.0, 1.0, low_open=True, high_open=True)
-        ratio("head_ratio", self.head_ratio)
-        ratio("mlp_ratio", self.mlp_ratio)
-        if self.prune_rate is not None:
-            ratio("prune_rate", self.prune_rate)
-        integer("states", self.states, 1)
-        for name in ("epochs_per_state", "finetune_epochs", "dense_epochs", "min_keep", "rewind_epoch"):
-            integer(name, getattr(self, name), 0)
-        integer("round_to", self.round_to, 1)
-        integer("num_batches", self.num_batches, 1)
-        seed("seed", self.seed)
-        flag("distill", self.distill)
-        flag("resume", self.resume)
-        if not isinstance(self.inputs, dict):
-            raise ConfigError(f"inputs must be a dict of what the run prunes, got {type(self.inputs).__name__}")
-        if self.rewind != "none" and self.dense_epochs < 1:
-            raise ConfigError(f"rewind={self.rewind!r} needs dense_epochs >= 1 (the weights to rewind "
-                              "to come from dense training inside the loop); or use rewind='none'")
-        if self.rewind == "epoch" and not 0 <= self.rewind_epoch <= self.dense_epochs:
-            raise ConfigError(f"rewind_epoch must be in [0, dense_epochs={self.dense_epochs}], got {self.rewind_epoch}")
-        if self.latency_budget is not None and not isinstance(self.latency_budget, LatencyBudget):
-            raise ConfigError(f"latency_budget must be a LatencyBudget, got {type(self.latency_budget).__name__}")
-        self.schedule()
-        dataclasses.replace(self.train, lr=self.lr)  # the pruning lr must suit the trainer too
-
-    def schedule(self) -> LambdaSchedule:
-        return LambdaSchedule(self.lambda_schedule, self.lambda_max, self.lambda_base, self.lambda_exponent)
-
-    def regroup_config(self, head_ratio: float, mlp_ratio: float, budget_ms: float | None = None) -> RegroupConfig:
-        """How a state at these ratios (or, under a latency budget, this state's budget) regroups
-        its element masks."""
-        return RegroupConfig(target=self.target, head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=self.criteria,
-                             mode=self.mode, min_keep=self.min_keep, round_to=self.round_to,
-                             num_batches=self.num_batches, budget=self.latency_budget,
-                             budget_ms=budget_ms if self.latency_budget is not None else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["out_dir"] = str(self.out_dir) if self.out_dir is not None else None
-        return d
 
 
 @dataclass
@@ -155,9 +55,11 @@ class PruneResult:
     val: dict[str, float]
     test: dict[str, float]
     out_dir: Path | None = None
+    budget: dict[str, Any] | None = None  # under a latency budget: requested, predicted, measured speed-up
 
 
-def plan_states(model: nn.Module, config: PruneConfig, method: Method) -> tuple[list[StatePlan], int]:
+def plan_states(model: nn.Module, config: PruneConfig, method: Method,
+                budget: LatencyBudget | None = None) -> tuple[list[StatePlan], int]:
     """The per-state ratios, magnitude rates and training epochs, and the fine-tuning epochs."""
     layout = vit_layout(model)
     if config.target != "head":  # before the run folder is written
@@ -167,7 +69,6 @@ def plan_states(model: nn.Module, config: PruneConfig, method: Method) -> tuple[
     head_r = config.head_ratio if config.target != "mlp" else 0.0
     mlp_r = config.mlp_ratio if config.target != "head" else 0.0
     removed = (attn * head_r + mlp * mlp_r) / max(1, attn + mlp)
-    budget = config.latency_budget
     if budget is None:
         return method.plan(head_r, mlp_r, removed)
     # Under a latency budget the allocator sets each state's structure; the share of the blocks'
@@ -216,34 +117,47 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 class _Run:
     """One `prune` call: its settings and method, and what its steps hand on to each other."""
 
-    def __init__(self, model: nn.Module, bundle, config: PruneConfig):
-        self.model, self.bundle, self.config = model, bundle, config
+    def __init__(self, model: nn.Module, bundle, config: PruneConfig, folder: RunFolder | None,
+                 notes: Notes | None = None):
+        self.model, self.bundle, self.config, self.folder = model, bundle, config, folder
+        # Dense training inside the loop, and what a cut rewinds to: the iterative methods' settings.
+        self.dense_epochs = getattr(config, "dense_epochs", 0)
+        self.rewind_to, self.rewind_epoch = getattr(config, "rewind", "none"), getattr(config, "rewind_epoch", 0)
+        # The budget is measured (or read from the cache) before anything is written.
+        self.budget = config.budget.budget(model, config.round_to, progress=notes) if config.budget else None
+        self.dense = copy.deepcopy(model).eval() if self.budget is not None else None  # what the report times
         self.device = resolve_device(config.train)
         distributed.setup(self.device)
         model.to(self.device)
         self.method = METHODS.get(config.method)(config)
-        self.plans, self.finetune_epochs = plan_states(model, config, self.method)
-        self.out = Path(config.out_dir) if config.out_dir is not None else None
+        self.plans, self.finetune_epochs = plan_states(model, config, self.method, self.budget)
+        self.out = folder.out_dir if folder is not None else None
+        self.resume = folder is not None and folder.resume
         self.main = distributed.is_main()
-        records = []
-        if self.out is not None and config.resume:
-            records = MetricsLog.read(self.out / "metrics.jsonl")
+        records = MetricsLog.read(self.out / "metrics.jsonl") if self.resume else []
         self.log = MetricsLog(self.out / "metrics.jsonl" if self.out is not None else None,
-                              config.wandb_project, records, config.to_dict(), enabled=self.main)
+                              folder.wandb_project if folder else None, records, self.settings(), enabled=self.main)
         # A model that arrives pruned keeps its removed units removed; a dense one gets all-ones masks.
         hard = PruneMasks.from_weights(model)
         self.hard = hard if hard.is_quasi_structured() else PruneMasks.ones(model)
         self.element = _intersect(PruneMasks.ones(model), self.hard)
-        self.calibration = bundle.calibration() if CRITERIA.get(config.criteria).needs_data else None
+        self.calibration = _calibration(bundle, config, self.method)
         self.done: int | None = None  # the last state a resumed run finished
         self.start = 0  # states up to this one are done
         self.rewind_state: dict[str, torch.Tensor] | None = None
         self.teacher: nn.Module | None = None
         # The pruning passes (states, then fine-tuning) share one learning-rate schedule and optimiser.
         self.epoch_steps = steps_per_epoch(bundle)
-        self.budget = sum(plan.epochs for plan in self.plans) + self.finetune_epochs
+        self.epochs = sum(plan.epochs for plan in self.plans) + self.finetune_epochs
         self.offset = 0  # steps of that schedule already taken
         self.opt_state = None
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings as run.json records them: the method's config and the run folder."""
+        folder = self.folder
+        return {**self.config.to_dict(), "out_dir": str(folder.out_dir) if folder else None,
+                "resume": self.resume, "wandb_project": folder.wandb_project if folder else None,
+                "inputs": dict(folder.inputs) if folder else {}}
 
     def train_config(self, epochs: int, phase: int, budget_epochs: int | None = None) -> TrainConfig:
         # A seed per phase: each phase's data order and augmentation repeat on resume.
@@ -270,8 +184,8 @@ class _Run:
 
     def train_pass(self, epochs: int, phase: int, **train_args: Any) -> None:
         """One pass of the pruning budget, going on with the last pass's schedule and optimiser."""
-        result = train(self.model, self.bundle, self.train_config(epochs, phase, self.budget), self.hard,
-                       window=ScheduleWindow(self.offset, self.epoch_steps * self.budget),
+        result = train(self.model, self.bundle, self.train_config(epochs, phase, self.epochs), self.hard,
+                       window=ScheduleWindow(self.offset, self.epoch_steps * self.epochs),
                        optimizer_state=self.opt_state, teacher=self.teacher, **train_args)
         self.offset += self.epoch_steps * epochs
         self.opt_state = result.optimizer_state
@@ -294,22 +208,46 @@ class _Run:
         self.opt_state = None  # moments of weights that no longer exist
 
 
-def prune(model: nn.Module, bundle, config: PruneConfig | None = None) -> PruneResult:
-    """Prune heads and MLP neurons of a trained `model` to the configured ratios (see module doc).
+def _calibration(bundle, config: PruneConfig, method: Method) -> DataLoader | None:
+    """Training images in a fixed order, without augmentation, for a data-driven criterion or a
+    refit: the first `calib_images` of them where the config says how many."""
+    if not (CRITERIA.get(config.criteria).needs_data or method.needs_calibration):
+        return None
+    loader = bundle.calibration()
+    count = getattr(config, "calib_images", None)
+    if count is None:
+        return loader
+    if count < loader.batch_size and count < len(loader.dataset):
+        raise DataError(f"calib_images={count} is fewer than one batch ({loader.batch_size}); "
+                        "ask for at least one batch of calibration images")
+    images = Subset(loader.dataset, range(min(count, len(loader.dataset))))
+    return DataLoader(images, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers)
+
+
+def prune(model: nn.Module, bundle, config: PruneConfig | None = None, run: RunFolder | None = None,
+          notes: Notes | None = None) -> PruneResult:
+    """Prune heads and MLP neurons of a trained `model` to the configured ratios, or to the
+    configured latency budget (see module doc); `notes` receives one-line progress notes.
 
     Returns the trained, hard-masked model (weights of removed units exactly zero), its
-    quasi-structured masks and structure, the metrics records, and validation and test accuracy
-    (the test set is used for this final report only).
+    quasi-structured masks and structure, the metrics records, validation and test accuracy (the
+    test set is used for this final report only) and, under a budget, the requested, predicted
+    and measured speed-up (also written to `out_dir` as latency_budget.json, .md and .png).
     """
-    config = config or PruneConfig()
-    if config.out_dir is None:
-        return _prune(model, bundle, config)
-    with output_folder.lock(config.out_dir, enabled=distributed.is_main()):
-        return _prune(model, bundle, config)
+    config = config or OneShotConfig()
+    classes = tuple(CONFIGS.get(name) for name in CONFIGS)
+    if not isinstance(config, classes):
+        raise ConfigError(f"config must be a method's config ({', '.join(c.__name__ for c in classes)}), "
+                          f"got {type(config).__name__}")
+    if run is None:
+        return _prune(model, bundle, config, None, notes)
+    with output_folder.lock(run.out_dir, enabled=distributed.is_main()):
+        return _prune(model, bundle, config, run, notes)
 
 
-def _prune(model: nn.Module, bundle, config: PruneConfig) -> PruneResult:
-    run = _Run(model, bundle, config)
+def _prune(model: nn.Module, bundle, config: PruneConfig, folder: RunFolder | None, notes: Notes | None) -> PruneResult:
+    run = _Run(model, bundle, config, folder, notes)
     _open_run_folder(run)
     _restore_or_train_dense(run)
     _keep_rewind_weights(run)
@@ -324,7 +262,7 @@ def _prune(model: nn.Module, bundle, config: PruneConfig) -> PruneResult:
 def _open_run_folder(run: _Run) -> None:
     """Open a new run folder or resume the run in it; keep the records of the finished states."""
     if run.out is not None:
-        run.done = run_folder.open_run(run.out, run.config.to_dict(), run.bundle, run.main)
+        run.done = run_folder.open_run(run.out, run.settings(), run.bundle, run.main)
     # Records of a state that did not finish are dropped; that state runs again.
     run.log.records = [r for r in run.log.records if run.done is not None and r.get("state", -1) <= run.done
                        and r["phase"] != "final"]
@@ -333,7 +271,7 @@ def _open_run_folder(run: _Run) -> None:
 def _restore_or_train_dense(run: _Run) -> None:
     if run.done is not None:
         _restore(run)
-    elif run.config.dense_epochs:
+    elif run.dense_epochs:
         _train_dense(run)
 
 
@@ -355,13 +293,13 @@ def _train_dense(run: _Run) -> None:
     snapshots = {0: _weights(model)}
 
     def keep_snapshot(record: dict[str, Any]) -> None:
-        if record["epoch"] == config.rewind_epoch:
+        if record["epoch"] == run.rewind_epoch:
             snapshots[record["epoch"]] = _weights(model)
         run.logger("dense", 0)(record)
-    result = train(model, run.bundle, run.train_config(config.dense_epochs, 0), run.hard,
+    result = train(model, run.bundle, run.train_config(run.dense_epochs, 0), run.hard,
                    on_epoch=keep_snapshot, description="dense")
-    if config.rewind != "none":
-        run.rewind_state = snapshots[0 if config.rewind == "init" else config.rewind_epoch]
+    if run.rewind_to != "none":
+        run.rewind_state = snapshots[0 if run.rewind_to == "init" else run.rewind_epoch]
         if run.out is not None and run.main:
             write_tensors(run.out / "rewind.safetensors", run.rewind_state)
     run.checkpoint(0, result.optimizer_state, {"phase": "dense", "val": result.val})
@@ -369,7 +307,7 @@ def _train_dense(run: _Run) -> None:
 
 def _keep_rewind_weights(run: _Run) -> None:
     """A resumed run reads the rewind weights its dense training kept."""
-    if run.config.rewind == "none" or run.rewind_state is not None:
+    if run.rewind_to == "none" or run.rewind_state is not None:
         return
     run.rewind_state = checkpoint.load_tensors(run.out / "rewind.safetensors") if run.out is not None else None
     if run.rewind_state is None:
@@ -382,7 +320,7 @@ def _make_teacher(run: _Run) -> None:
     if not config.distill:
         return
     run.teacher = copy.deepcopy(run.model)
-    if out is not None and config.resume and (out / "teacher.safetensors").is_file():
+    if out is not None and run.resume and (out / "teacher.safetensors").is_file():
         run.teacher.load_state_dict(checkpoint.load_tensors(out / "teacher.safetensors"))
     elif out is not None and run.main:
         write_tensors(out / "teacher.safetensors", run.teacher.state_dict())
@@ -403,7 +341,9 @@ def _regroup_state(run: _Run, plan: StatePlan) -> PruneMasks:
     """Magnitude-prune the survivors at the state's rate and regroup them at its ratios."""
     # Scores come from the current trained, masked weights (never stale or rewound ones).
     element = magnitude_prune(run.model, plan.rate, masks=run.element)
-    structured = regroup(run.model, element, run.config.regroup_config(plan.head_ratio, plan.mlp_ratio, plan.budget_ms),
+    structured = regroup(run.model, element,
+                         run.config.regroup_config(plan.head_ratio, plan.mlp_ratio, run.budget, plan.budget_ms,
+                                                   len(run.calibration) if run.method.needs_calibration else None),
                          data=run.calibration, device=run.device)
     structured = distributed.broadcast_masks(_intersect(structured, run.hard))
     run.element = distributed.broadcast_masks(element)
@@ -436,5 +376,18 @@ def _finish(run: _Run) -> PruneResult:
         hard.save(out / "masks.safetensors")
         structure.save(out / "structure.json")
         write_json(out / "result.json", {"val": val, "test": test, "structure": structure.summary()})
+    report = _budget_report(run, structure)
     distributed.barrier()
-    return PruneResult(model, hard, structure, run.log.records, val, test, out)
+    return PruneResult(model, hard, structure, run.log.records, val, test, out, report)
+
+
+def _budget_report(run: _Run, structure: Structure) -> dict[str, Any] | None:
+    """Under a latency budget: the pruned structure's speed-up, requested, predicted and measured
+    (dense and compact timed interleaved at the deployment batch), written beside the masks."""
+    if run.budget is None or not run.main:
+        return None
+    small = compact(copy.deepcopy(run.model).cpu(), run.hard.to("cpu")).eval()
+    report = budget_report(run.dense, small, run.budget, run.config.budget)
+    if run.out is not None:
+        write_budget_report(report, run.out)
+    return report

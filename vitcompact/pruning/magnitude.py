@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..validate import ratio
-from .masks import PruneMasks
+from ..masks import PruneMasks
 
 SCOPES = ("global", "layer-wise")
 

@@ -6,7 +6,8 @@ structure is regrouped:
 - rsst: retrains with a growing penalty on the weights the structure will drop, then cuts them;
 - refill: cuts at once, optionally rewinds the survivors, and retrains;
 - oneshot: Refill's state, planned as a single state at the final ratio, then the whole epoch
-  budget as fine-tuning.
+  budget as fine-tuning;
+- refit: no training: one state at the final ratio whose blocks are refit by least squares.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any, Protocol
 import torch.nn as nn
 
 from ..registry import Registry
-from .masks import PruneMasks
+from ..masks import PruneMasks
 from .penalty import PENALTIES
+from .refit import refit
 
 
 @dataclass
@@ -35,19 +37,6 @@ class StatePlan:
 def state_ratio(final: float, state: int, states: int) -> float:
     """Ratio for state s of S: kept fraction (1 - r)^(s/S), and exactly r at the last state."""
     return final if state == states else 1.0 - (1.0 - final) ** (state / states)
-
-
-class MethodSettings(Protocol):
-    """The settings a method reads (a `PruneConfig` has them all)."""
-
-    states: int
-    epochs_per_state: int
-    finetune_epochs: int
-    prune_rate: float | None
-    penalty: str
-    fade_to: float
-
-    def schedule(self) -> Any: ...
 
 
 class StateRun(Protocol):
@@ -67,9 +56,12 @@ class StateRun(Protocol):
 
 class Method(abc.ABC):
     """A pruning method, made for one run's config. By default it plans `states` states whose
-    ratios grow to the final ones, each trained `epochs_per_state`, then `finetune_epochs`."""
+    ratios grow to the final ones, each trained `epochs_per_state`, then `finetune_epochs`
+    (an `IterativeConfig`'s fields)."""
 
-    def __init__(self, config: MethodSettings):
+    needs_calibration = False  # whether its states read calibration images whatever the criterion
+
+    def __init__(self, config: Any):
         self.config = config
 
     def plan(self, head_ratio: float, mlp_ratio: float, removed: float) -> tuple[list[StatePlan], int]:
@@ -118,7 +110,28 @@ class Refill(Method):
 
 @METHODS.register("oneshot")
 class OneShot(Refill):
+    """Refill's state, planned as one state at the final ratios, then `finetune_epochs`."""
+
     def plan(self, head_ratio: float, mlp_ratio: float, removed: float) -> tuple[list[StatePlan], int]:
         c = self.config
         rate = c.prune_rate if c.prune_rate is not None else removed
-        return [StatePlan(1, head_ratio, mlp_ratio, rate, 0)], c.states * c.epochs_per_state + c.finetune_epochs
+        return [StatePlan(1, head_ratio, mlp_ratio, rate, 0)], c.finetune_epochs
+
+
+@METHODS.register("refit")
+class Refit(Method):
+    """Compaction without training: one state at the final ratios (no magnitude pruning: the
+    criterion alone chooses), whose units are removed and whose blocks are refit on the calibration
+    images (`refit.refit`); then `finetune_epochs`, 0 by default."""
+
+    needs_calibration = True
+
+    def plan(self, head_ratio: float, mlp_ratio: float, removed: float) -> tuple[list[StatePlan], int]:
+        return [StatePlan(1, head_ratio, mlp_ratio, 0.0, 0)], self.config.finetune_epochs
+
+    def run_state(self, run: StateRun, plan: StatePlan, structured: PruneMasks,
+                  element: PruneMasks) -> dict[str, Any]:
+        batch = getattr(run.calibration, "batch_size", None) or 32
+        report = refit(run.model, structured, run.calibration, self.config.settings(batch))
+        run.cut(structured)
+        return {"refit": {"images": report.images, "fallbacks": len(report.fallbacks)}}

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import Registry
-from .masks import PruneMasks
+from ..masks import PruneMasks
 from .schedules import LAMBDA_SCHEDULES, LambdaSchedule
 
 

@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..validate import integer, one_of, ratio
-from .budget import LatencyBudget, allocate
+from ..latency.budget import LatencyBudget, allocate
 from .criteria import CRITERIA, Criterion, ScoreContext, score_units
-from .masks import PruneMasks, head_view
+from ..masks import PruneMasks, head_view
 from .selection import MODES, select_units
 
 TARGETS = ("head", "mlp", "both")

@@ -20,6 +20,7 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, TrainingError
+from ..knobs import knob
 from ..validate import in_range, integer, one_of, seed
 from . import distributed
 from .seeding import seed_everything
@@ -54,25 +55,25 @@ class TrainConfig:
     each batch takes one of them at random); the mixed targets carry `label_smoothing`. A batch of
     odd size (an epoch's last) is not mixed."""
 
-    epochs: int = 10
-    lr: float = 3e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    clip_grad: float | None = 1.0
-    precision: str = "auto"
-    compile: bool = False
-    device: str | None = None
-    seed: int = 0
-    deterministic: bool = True
-    distill_alpha: float = 0.5
-    distill_temperature: float = 2.0
-    progress: bool = True
+    epochs: int = knob(10, "Training epochs.")
+    lr: float = knob(3e-3, "Peak learning rate (warm-up, then cosine).")
+    min_lr: float = knob(1e-5, "Learning rate at the end of the cosine.")
+    weight_decay: float = knob(0.05, "Weight decay.")
+    optimizer: str = knob("adamw", f"Optimiser: {', '.join(OPTIMIZERS)}.")
+    momentum: float = knob(0.9, "SGD momentum.")
+    warmup_epochs: float = knob(1.0, "Warm-up epochs (may be fractional; at most half the run).")
+    label_smoothing: float = knob(0.1, "Label smoothing.")
+    mixup: float = knob(0.0, "Mixup alpha (0: off).")
+    cutmix: float = knob(0.0, "CutMix alpha (0: off).")
+    clip_grad: float | None = knob(1.0, "Gradient-norm clipping (none: off).")
+    precision: str = knob("auto", "auto, fp32, bf16 or fp16 (auto: bf16 where the hardware has it natively).")
+    compile: bool = knob(False, "Train through torch.compile (worth it for long runs).")
+    device: str | None = knob(None, "Device (default: CUDA when available, else CPU).")
+    seed: int = knob(0, "Seed (data order, augmentation).")
+    deterministic: bool = knob(True, "Deterministic algorithms where torch has them.")
+    distill_alpha: float = knob(0.5, "Weight of the teacher's soft targets when distilling.")
+    distill_temperature: float = knob(2.0, "Distillation temperature.")
+    progress: bool = knob(True, "Show progress bars.")
 
     def __post_init__(self) -> None:
         integer("epochs", self.epochs, 0)

@@ -1,0 +1,192 @@
+"""Refit (compaction without training): exactness, error reduction, Gram accumulation, masks kept
+quasi-structured, bad calibration data, and the `activation` / `fisher` criteria."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import input_for, make_family
+from timm.models.vision_transformer import VisionTransformer
+
+import vitcompact as vc
+from vitcompact.pruning import ScoreContext, score_units, select_units
+from vitcompact.pruning.refit import Gram, RefitSettings, refit, ridge_solve
+
+TARGETS = [RefitSettings(target="local"), RefitSettings(target="global"), RefitSettings(target="mix", alpha=0.3)]
+
+
+def small_vit(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5).eval()
+
+
+def images(model, count: int, batch: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    return [input_for(model, batch, seed + i) for i in range(count // batch)]
+
+
+def pruned_masks(model, calib, ratio: float = 0.5, criteria: str = "activation") -> vc.PruneMasks:
+    return vc.regroup(model, vc.PruneMasks.ones(model),
+                      vc.RegroupConfig(head_ratio=ratio, mlp_ratio=ratio, criteria=criteria), data=calib)
+
+
+@pytest.mark.parametrize("family", ["vit_tiny", "deit_distilled", "layerscale", "gap_no_cls"])
+@pytest.mark.parametrize("settings", TARGETS, ids=lambda s: s.target)
+def test_nothing_pruned_reproduces_the_dense_model(family, settings):
+    model = make_family(family)
+    dense = copy.deepcopy(model)
+    report = refit(model, vc.PruneMasks.ones(model), images(model, 32), settings)
+    for (name, p), q in zip(model.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+    x = input_for(model, 8, seed=99)
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert all(f.after < 1e-4 and not f.fell_back for f in report.branches)
+
+
+def block_error(pruned, dense, x: torch.Tensor, index: int) -> float:
+    """Relative error of block `index`'s output when both models get the dense model's input."""
+    with torch.no_grad():
+        h = dense.norm_pre(dense.patch_drop(dense._pos_embed(dense.patch_embed(x))))
+        for block in dense.blocks[:index]:
+            h = block(h)
+        target = dense.blocks[index](h)
+        return float((pruned.blocks[index](h) - target).norm() / target.norm())
+
+
+@pytest.mark.parametrize("settings", TARGETS, ids=lambda s: s.target)
+def test_refit_lowers_the_block_error_of_plain_removal(settings):
+    dense = small_vit()
+    calib = images(dense, 64)
+    masks = pruned_masks(dense, calib)
+    removed, refitted = copy.deepcopy(dense), copy.deepcopy(dense)
+    masks.apply_(removed)
+    report = refit(refitted, masks, calib, settings)
+    held_out = input_for(dense, 32, seed=123)  # not seen by the refit
+    plain, fitted = block_error(removed, dense, held_out, 0), block_error(refitted, dense, held_out, 0)
+    assert fitted < 0.8 * plain, (plain, fitted)
+    assert all(f.after < f.before for f in report.branches), report.branches
+    assert not report.fallbacks
+
+
+def test_gram_accumulated_in_batches_equals_one_batch():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 7, generator=g), torch.randn(200, 3, generator=g)
+    whole, parts = Gram(7, 3, bias=True), Gram(7, 3, bias=True)
+    whole.add(x, y)
+    for start in range(0, 200, 37):
+        parts.add(x[start:start + 37], y[start:start + 37])
+    assert parts.rows == whole.rows == 200
+    for a, b in ((parts.xx, whole.xx), (parts.xy, whole.xy), (parts.yy, whole.yy)):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+
+
+def test_ridge_solve_matches_least_squares_and_falls_back_when_ill_conditioned():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    w, b = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    gram = Gram(6, 4, bias=True)
+    gram.add(x, x @ w.T + b)
+    weight, bias, fell_back = ridge_solve(gram, torch.zeros(4, 6), torch.zeros(4), 0.0, 1e10)
+    assert not fell_back
+    torch.testing.assert_close(weight, w)
+    torch.testing.assert_close(bias, b)
+    collinear = Gram(2, 4, bias=True)
+    collinear.add(torch.cat([x[:, :1], 2 * x[:, :1]], dim=1), x[:, :4])
+    weight, bias, fell_back = ridge_solve(collinear, torch.ones(4, 2), torch.zeros(4), 0.0, 1e10)
+    assert fell_back and torch.equal(weight, torch.ones(4, 2, dtype=torch.float64))
+    torch.testing.assert_close(bias, x[:, :4].mean(0) - 3 * x[:, 0].mean())  # mean residual zero
+
+
+@pytest.mark.parametrize("family", ["vit_tiny", "deit_distilled", "layerscale", "gap_no_cls"])
+def test_refit_model_stays_quasi_structured_and_compacts_exactly(family):
+    model = make_family(family)
+    calib = images(model, 32)
+    masks = pruned_masks(model, calib, ratio=0.4)
+    refit(model, masks.structure(), calib)  # a Structure works as well as masks
+    assert vc.PruneMasks.from_weights(model) == masks
+    small = vc.compact(model, masks)
+    x = input_for(model, 8, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_labels_are_ignored_and_num_images_caps_the_data():
+    dense = small_vit()
+    calib = images(dense, 48)
+    masks = pruned_masks(dense, calib)
+    with_labels, plain, capped = copy.deepcopy(dense), copy.deepcopy(dense), copy.deepcopy(dense)
+    refit(with_labels, masks, [(x, torch.zeros(len(x), dtype=torch.long)) for x in calib])
+    report = refit(plain, masks, calib)
+    capped_report = refit(capped, masks, calib + [input_for(dense, 16, seed=50)], RefitSettings(num_images=48))
+    assert report.images == capped_report.images == 48
+    for a, b, c in zip(with_labels.parameters(), plain.parameters(), capped.parameters()):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_forced_fallback_keeps_weights_and_compensates_bias():
+    dense = small_vit()
+    calib = images(dense, 32)
+    masks = pruned_masks(dense, calib)
+    model = copy.deepcopy(dense)
+    report = refit(model, masks, calib, RefitSettings(max_condition=1.0 + 1e-9))
+    assert len(report.fallbacks) == len(report.branches) == 4
+    masked = masks.apply_(copy.deepcopy(dense))
+    for name, p in model.named_parameters():
+        if name.endswith("weight"):
+            assert torch.equal(p, dict(masked.named_parameters())[name]), name
+    assert all(f.after <= f.before + 1e-9 for f in report.branches)
+
+
+def test_nan_in_activations_is_a_data_error_naming_the_block_and_changes_nothing():
+    model = small_vit()
+    before = copy.deepcopy(model.state_dict())
+    calib = images(model, 32)
+    calib[1][3, 0, 2, 2] = float("nan")
+    masks = pruned_masks(model, images(model, 32))
+    with pytest.raises(vc.DataError, match="block 0"):
+        refit(model, masks, calib)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+@pytest.mark.parametrize("calibration,message", [
+    ([], "no images"),
+    ([torch.zeros(0, 3, 16, 16)], "no images"),
+    ([torch.zeros(4, 1, 16, 16)], "1x16x16"),
+    ([torch.zeros(4, 16, 16)], "float image tensors"),
+])
+def test_bad_calibration_data_is_a_data_error(calibration, message):
+    model = small_vit()
+    with pytest.raises(vc.DataError, match=message):
+        refit(model, vc.PruneMasks.ones(model), calibration)
+
+
+@pytest.mark.parametrize("field,value", [("target", "dense"), ("alpha", 1.5), ("ridge", -1.0),
+                                         ("max_condition", 1.0), ("batch_size", 0), ("num_images", 0)])
+def test_settings_refuse_bad_values(field, value):
+    with pytest.raises(vc.ConfigError, match=field if field != "target" else "refit target"):
+        RefitSettings(**{field: value})
+
+
+@pytest.mark.parametrize("criteria", ["activation", "fisher"])
+def test_criteria_scores_feed_selection(criteria):
+    model = make_family("layerscale")
+    calib = [input_for(model, 8, seed=i) for i in range(2)]  # images only: no labels needed
+    assert vc.CRITERIA.get(criteria).needs_data
+    element = vc.regroup(model, vc.PruneMasks.ones(model),
+                         vc.RegroupConfig(target="head", head_ratio=0.5, criteria="magnitude"))
+    scores = score_units(model, element, criteria, ScoreContext(calib))
+    structure = element.structure()
+    for (heads, neurons), kept in zip(scores, structure.blocks):
+        assert heads.shape == (kept.num_heads,) and neurons.shape == (kept.hidden,)
+        assert bool((heads >= 0).all() & torch.isfinite(heads).all() & torch.isfinite(neurons).all())
+        removed = sorted(set(range(kept.num_heads)) - set(kept.heads))
+        assert bool((heads[removed] == 0).all()) and bool((heads[kept.heads] > 0).all())
+    for mode in ("layer-wise", "global"):
+        kept = select_units([s[1] for s in scores], 0.5, mode)
+        assert sum(k.numel() for k in kept) == sum(s[1].numel() for s in scores) // 2
+        masks = vc.regroup(model, element, vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5, criteria=criteria,
+                                                            mode=mode), data=calib)
+        assert masks.is_quasi_structured()

@@ -1,0 +1,110 @@
+"""The report of what a structure pruned to a latency budget delivers: requested vs predicted vs
+measured speed-up (dense and compact timed interleaved at the deployment batch), with a plot of the
+heads and MLP widths kept per block."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..io import ensure_dir, save_figure, write_json, write_text
+from ..models import vit_layout
+from .backends import BackendOptions, make_backend
+from .budget import BudgetRequest, LatencyBudget
+from .sources import BenchModel
+from .stats import SpeedUp, latency_stats, speedup_interval
+from .timing import Timing, measure_pair
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "latency_budget.json", "latency_budget.md", "latency_budget.png"
+
+
+def measure_speedup(dense: nn.Module, compact: nn.Module, backend: str, batch: int, threads: int,
+                    timing: Timing = Timing(), seed: int = 0) -> tuple[float, float, SpeedUp]:
+    """Dense and compact p50 latency (ms) at `batch`, timed interleaved, and the speed-up with its
+    95 % interval."""
+    runner = make_backend(backend, BackendOptions(threads, seed=seed))
+    torch_threads = torch.get_num_threads()  # the torch backend pins threads process-wide
+    try:
+        dense_ms, compact_ms = measure_pair(runner.load(BenchModel.of(dense))(batch),
+                                            runner.load(BenchModel.of(compact))(batch), batch, timing, [])
+    finally:
+        torch.set_num_threads(torch_threads)
+    flat = [[t for r in rounds for t in r] for rounds in (dense_ms, compact_ms)]
+    return (latency_stats(flat[0], batch).p50, latency_stats(flat[1], batch).p50,
+            speedup_interval(dense_ms, compact_ms, 0.95, seed=seed))
+
+
+def budget_report(dense: nn.Module, compact: nn.Module, budget: LatencyBudget, request: BudgetRequest,
+                  time_budget_s: float = 30.0) -> dict[str, Any]:
+    """Requested, predicted and measured (dense and compact interleaved, at the deployment batch)
+    speed-up and latency, and the kept heads and widths per block of `compact`."""
+    table = budget.table
+    blocks = vit_layout(compact).blocks
+    shape = [(b.num_heads, b.hidden) for b in blocks]
+    predicted_ms = table.predict(shape)
+    dense_p50, compact_p50, speedup = measure_speedup(dense, compact, request.backend, request.deploy_batch,
+                                                      request.threads, Timing(time_budget_s=time_budget_s))
+    return {
+        "request": {"kind": budget.kind, "target": budget.target, "budget_ms": budget.budget_ms,
+                    "block_removal": budget.block_removal,
+                    "deploy_batch": request.deploy_batch, "backend": request.backend, "threads": request.threads},
+        "requested_speedup": table.reference_ms / budget.budget_ms,
+        "predicted": {"ms": predicted_ms, "dense_ms": table.reference_ms, "speedup": table.reference_ms / predicted_ms},
+        "measured": {"dense_ms": dense_p50, "compact_ms": compact_p50,
+                     "speedup": speedup.value, "low": speedup.low, "high": speedup.high},
+        "blocks": [{"heads": h, "of_heads": table.num_heads, "width": w, "of_width": table.hidden}
+                   for h, w in shape],
+        "table_key": table.key,
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    r, p, m = report["request"], report["predicted"], report["measured"]
+    asked = f"{r['target']:g}x" if r["kind"] == "speedup" else f"{r['target']:g} ms"
+    lines = [f"## Latency budget ({r['backend']}, batch {r['deploy_batch']}, {r['threads']} thread(s))", "",
+             "| | speed-up | compact latency (ms) |", "|---|---|---|",
+             f"| requested ({asked}) | {report['requested_speedup']:.3f}x | {r['budget_ms']:.3f} |",
+             f"| predicted (latency table) | {p['speedup']:.3f}x | {p['ms']:.3f} |",
+             f"| measured (interleaved with dense) | {m['speedup']:.3f}x [{m['low']:.3f}, {m['high']:.3f}] "
+             f"| {m['compact_ms']:.3f} (dense {m['dense_ms']:.3f}) |", "",
+             "| block | heads | MLP width |", "|---|---|---|"]
+    lines += [f"| {i} | {b['heads']}/{b['of_heads']} | {b['width']}/{b['of_width']} |"
+              for i, b in enumerate(report["blocks"])]
+    whole = sum(1 for b in report["blocks"] if b["heads"] == 0 and b["width"] == 0)
+    lines += ["", f"Whole blocks removed: {whole} (block removal: {r.get('block_removal', 'free')})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_structure(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Kept share of heads and of MLP neurons per block (a removed block shows as two empty bars)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    blocks = report["blocks"]
+    index = list(range(len(blocks)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(blocks) + 2), 3.8))
+    ax.bar([i - 0.2 for i in index], [b["heads"] / b["of_heads"] for b in blocks], width=0.4, label="heads kept")
+    ax.bar([i + 0.2 for i in index], [b["width"] / b["of_width"] for b in blocks], width=0.4, label="MLP width kept")
+    for i, b in enumerate(blocks):
+        ax.text(i - 0.2, b["heads"] / b["of_heads"] + 0.02, str(b["heads"]), ha="center", fontsize=7)
+        ax.text(i + 0.2, b["width"] / b["of_width"] + 0.02, str(b["width"]), ha="center", fontsize=7)
+    r, p, m = report["request"], report["predicted"], report["measured"]
+    ax.set(xticks=index, xlabel="block", ylabel="kept share", ylim=(0, 1.15),
+           title=f"requested {report['requested_speedup']:.2f}x, predicted {p['speedup']:.2f}x, measured "
+                 f"{m['speedup']:.2f}x ({r['backend']}, batch {r['deploy_batch']}, {r['threads']} thread(s))")
+    ax.title.set_fontsize(9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return Path(path)
+
+
+def write_budget_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    out = ensure_dir(out_dir)
+    return {"json": write_json(out / REPORT_JSON, report), "md": write_text(out / REPORT_MD, to_markdown(report)),
+            "png": plot_structure(report, out / REPORT_PNG)}

@@ -1,0 +1,346 @@
+"""The latency table behind pruning to a budget: measured for one ViT on one backend, batch size and
+thread count, cached, and read back only while it still describes this model and machine.
+
+The table holds, for a model whose blocks all have the same shape: the fixed cost outside the
+blocks, one block's cost with both branches removed (its constant adds), and one block's attention
+branch with 0..H heads and MLP branch at a grid of widths. A block's latency is their sum (the
+branches run one after the other), a structure's is the fixed cost plus its blocks'.
+
+Every number comes from a variant of the model built by `compact` (so it is exactly what
+compaction produces) and timed interleaved with the dense model by the one timing loop:
+
+- the depth-0 model (every block dropped; timm runs an empty block list): the fixed cost;
+- every block at (0 heads, 0 neurons), i.e. two constant adds: `base_ms` = (its ms - fixed) / depth;
+- every block at (h, 0) for h = 1..H: `head_ms[h]` = (its ms - all-(0, 0) ms) / depth;
+- every block at (0, w) for w on the width grid: `mlp_ms` likewise.
+
+A variant's ms is the median of its runs times (the dense model's median over the whole run) / (its
+median in the variant's own rounds), so that slow phases of a shared machine cancel.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import hashlib
+import json
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..compaction import compact
+from ..errors import ArtifactError, ConfigError
+from ..io import ensure_dir, read_json, write_json
+from ..models import get_record, input_size, is_compact, vit_layout
+from ..masks import PruneMasks, head_view
+from ..validate import integer
+from .backends import BackendOptions, make_backend
+from .environment import environment
+from .sources import BenchModel, exporter_settings
+from .timing import measure_pair
+
+SCHEMA = "vitcompact.latency-table/1"
+DEFAULT_MLP_POINTS = 9
+# The bench defaults; a table only predicts graphs built and optimised the same way.
+GRAPH_OPTIMIZATION, ONNX_OPTIMIZE = "all", "off"
+VERSION_KEYS = ("vitcompact", "torch", "timm", "onnx", "onnxruntime", "cpu")
+GPU_KEYS = ("gpu", "tensorrt")
+
+Progress = Callable[[str], None]
+Blocks = list[tuple[int, int]]  # (heads, MLP width) per block
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured latency (ms) of one model's parts at one backend, batch size and thread count."""
+
+    key: dict[str, Any]              # what the numbers depend on (model, backend, batch, threads, versions)
+    depth: int
+    fixed_ms: float                  # everything outside the blocks
+    base_ms: float                   # one block with both branches removed (its constant adds)
+    head_ms: tuple[float, ...]       # one block's attention branch with h heads, h = 0..H; 0 at h = 0
+    mlp_widths: tuple[int, ...]      # MLP widths measured, ascending, 0 first, the full width last
+    mlp_ms: tuple[float, ...]        # one block's MLP branch at those widths; 0 at width 0
+    dense_ms: float                  # the whole dense model, measured in the same run
+
+    def __post_init__(self) -> None:
+        if len(self.mlp_widths) != len(self.mlp_ms) or len(self.mlp_widths) < 2 or self.mlp_widths[0] != 0:
+            raise ConfigError("a latency table needs MLP widths from 0 to the full width, one latency each")
+        if list(self.mlp_widths) != sorted(set(self.mlp_widths)):
+            raise ConfigError("latency table MLP widths must be strictly ascending")
+        if len(self.head_ms) < 2:
+            raise ConfigError("a latency table needs head counts from 0 to the full count")
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.head_ms) - 1
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_widths[-1]
+
+    def mlp(self, width: int) -> float:
+        """One block's MLP branch at `width` neurons, linear between the measured widths."""
+        if not 0 <= width <= self.hidden:
+            raise ConfigError(f"MLP width {width} is outside 0..{self.hidden}")
+        i = bisect.bisect_left(self.mlp_widths, width)
+        if self.mlp_widths[i] == width:
+            return self.mlp_ms[i]
+        w0, w1 = self.mlp_widths[i - 1], self.mlp_widths[i]
+        return self.mlp_ms[i - 1] + (self.mlp_ms[i] - self.mlp_ms[i - 1]) * (width - w0) / (w1 - w0)
+
+    def block(self, heads: int, width: int) -> float:
+        if not 0 <= heads <= self.num_heads:
+            raise ConfigError(f"head count {heads} is outside 0..{self.num_heads}")
+        return self.base_ms + self.head_ms[heads] + self.mlp(width)
+
+    def predict(self, blocks: Sequence[tuple[int, int]]) -> float:
+        """Latency of a structure given as (heads, MLP width) per block."""
+        if len(blocks) != self.depth:
+            raise ConfigError(f"the latency table is for {self.depth} blocks, the structure has {len(blocks)}")
+        return self.fixed_ms + sum(self.block(h, w) for h, w in blocks)
+
+    @property
+    def floor_ms(self) -> float:
+        """The least any structure can take: every block removed."""
+        return self.fixed_ms + self.depth * self.base_ms
+
+    @property
+    def full_ms(self) -> float:
+        """The whole model, as the table predicts it."""
+        return self.predict([(self.num_heads, self.hidden)] * self.depth)
+
+    @property
+    def reference_ms(self) -> float:
+        """The whole model as speed-ups are counted against it: measured (`dense_ms`, timed in the
+        same run as the table), else predicted. The additive model over-predicts the whole model by
+        a percent or two (its branches overlap a little), which a speed-up over the prediction
+        would carry into every budget."""
+        return self.dense_ms if self.dense_ms > 0 else self.full_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "head_ms": list(self.head_ms), "mlp_widths": list(self.mlp_widths),
+                "mlp_ms": list(self.mlp_ms)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LatencyTable":
+        try:
+            return cls(dict(d["key"]), int(d["depth"]), float(d["fixed_ms"]), float(d["base_ms"]),
+                       tuple(float(v) for v in d["head_ms"]), tuple(int(v) for v in d["mlp_widths"]),
+                       tuple(float(v) for v in d["mlp_ms"]), float(d["dense_ms"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"not a latency table: {e}") from None
+
+
+
+@dataclass(frozen=True)
+class TableTiming:
+    """How each variant is timed against the dense model: rounds of the harness, capped by
+    `seconds_per_variant` (both models together), never under `min_rounds`."""
+
+    warmup: int = 3
+    rounds: int = 50
+    runs_per_round: int = 2
+    min_rounds: int = 3
+    seconds_per_variant: float = 4.0
+
+    @property
+    def time_budget_s(self) -> float:
+        return self.seconds_per_variant
+
+
+def block_shape(model: nn.Module) -> tuple[int, int, int, int]:
+    """(depth, heads, head_dim, MLP width) of a dense ViT whose blocks all have the same shape."""
+    if is_compact(model):
+        raise ConfigError("a latency table is measured on the dense model; pass the model before compaction")
+    blocks = vit_layout(model).blocks
+    shapes = {(b.num_heads, b.head_dim, b.hidden) for b in blocks}
+    if len(shapes) != 1 or 0 in next(iter(shapes)):
+        raise ConfigError("a latency table needs a model whose blocks all have the same heads and MLP width")
+    heads, head_dim, hidden = shapes.pop()
+    return len(blocks), heads, head_dim, hidden
+
+
+def width_grid(hidden: int, round_to: int) -> list[int]:
+    """MLP widths a structure may have: multiples of `round_to` from 0, and the full width."""
+    integer("round_to", round_to, 1)
+    return sorted({*range(0, hidden, round_to), hidden})
+
+
+def measured_widths(hidden: int, round_to: int, mlp_points: int | None = None) -> list[int]:
+    """The widths the table measures: `mlp_points` (default 9) evenly spaced over the grid, 0 and
+    the full width always among them; the table interpolates between them."""
+    grid = width_grid(hidden, round_to)
+    points = integer("mlp_points", DEFAULT_MLP_POINTS if mlp_points is None else mlp_points, 2)
+    if points >= len(grid):
+        return grid
+    return sorted({grid[round(i * (len(grid) - 1) / (points - 1))] for i in range(points)})
+
+
+def first_units_masks(model: nn.Module, blocks: Sequence[tuple[int, int]]) -> PruneMasks:
+    """Masks keeping the first h heads and first w neurons of each block; which units are kept
+    does not change latency."""
+    masks = PruneMasks.ones(model)
+    for layout, (heads, width) in zip(masks.layout.blocks, blocks, strict=True):
+        for name, m in masks.block_masks(layout).items():
+            if ".attn." in name:
+                head_view(name, m, layout)[:, heads:] = False
+            elif name.endswith("fc1.weight"):
+                m[width:] = False
+            else:
+                m[:, width:] = False
+    return masks
+
+
+def timing_copy(model: nn.Module) -> nn.Module:
+    """A copy whose branch output biases are nonzero, so a removed branch leaves its constant add
+    as it does in a trained model (timm initialises these biases to zero)."""
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                if layer.bias is not None:
+                    layer.bias.fill_(0.01)
+    return model
+
+
+def _depth_zero(model: nn.Module) -> nn.Module:
+    """The model with every block dropped: patch embedding, tokens, final norm and head only."""
+    empty = copy.deepcopy(model)
+    empty.blocks = nn.Sequential()
+    return empty
+
+
+class Interleaved:
+    """Times models against one loaded dense model on one backend, pair by pair (harness rounds)."""
+
+    def __init__(self, dense: nn.Module, backend: str, batch: int, threads: int, timing: TableTiming,
+                 seed: int, progress: Progress | None = None):
+        self.torch_threads = torch.get_num_threads()  # the torch backend pins threads process-wide
+        self.backend = make_backend(backend, BackendOptions(threads, GRAPH_OPTIMIZATION, ONNX_OPTIMIZE, seed))
+        self.batch, self.config = batch, timing
+        self.progress = progress
+        self.dense = self.backend.load(BenchModel.of(dense))(batch)
+        self.pairs: list[tuple[float, float]] = []  # (model median, dense median) per timed model
+
+    def time(self, model: nn.Module, label: str) -> int:
+        """Time `model` against the dense one; its index for `ms` and `pairs`."""
+        run = self.backend.load(BenchModel.of(model))(self.batch)
+        dense_ms, model_ms = measure_pair(self.dense, run, self.batch, self.config, [])
+        self.pairs.append((float(np.median(model_ms)), float(np.median(dense_ms))))
+        if self.progress:
+            self.progress(f"{label}: {self.pairs[-1][0]:.3f} ms (dense {self.pairs[-1][1]:.3f} ms)")
+        return len(self.pairs) - 1
+
+    @property
+    def dense_ms(self) -> float:
+        return statistics.median(d for _, d in self.pairs)
+
+    def ms(self, index: int) -> float:
+        """The model's median, scaled by the run's dense median over its own pair's."""
+        model, dense = self.pairs[index]
+        return model * self.dense_ms / dense
+
+    def __enter__(self) -> "Interleaved":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.torch_threads)
+
+
+def measure_table(model: nn.Module, backend: str = "ort-cpu", batch: int = 1, threads: int = 1,
+                  round_to: int = 1, mlp_points: int | None = None, seed: int = 0,
+                  progress: Progress | None = None, timing: TableTiming | None = None) -> LatencyTable:
+    """Measure `model`'s latency table on `backend` at `batch` images and `threads` threads (see the
+    module docstring); MLP widths are multiples of `round_to`, `mlp_points` of them measured."""
+    key = cache_key(model, backend, batch, threads, round_to, mlp_points)
+    depth, heads, _, hidden = block_shape(model)
+    widths = key["mlp_widths"]
+    source = timing_copy(model)
+    shapes = [(0, 0)] + [(h, 0) for h in range(1, heads + 1)] + [(0, w) for w in widths[1:]]
+    with Interleaved(source, backend, batch, threads, timing or TableTiming(), seed, progress) as timer:
+        fixed = timer.time(_depth_zero(source), "depth 0")
+        uniform = [timer.time(compact(source, first_units_masks(source, [(h, w)] * depth)),
+                              f"every block at {h} heads, MLP width {w}") for h, w in shapes]
+        fixed_ms, (empty_ms, *rest) = timer.ms(fixed), [timer.ms(i) for i in uniform]
+        dense_ms = timer.dense_ms
+    # Noise can make a small difference negative; a branch never saves time by running.
+    per_block = [max(0.0, (t - empty_ms) / depth) for t in rest]
+    return LatencyTable(key, depth, fixed_ms, max(0.0, (empty_ms - fixed_ms) / depth),
+                        (0.0, *per_block[:heads]), tuple(widths), (0.0, *per_block[heads:]), dense_ms)
+
+
+def versions(backend_on_gpu: bool = False) -> dict[str, Any]:
+    """Library versions and hardware a timing depends on (GPU ones only for a GPU backend)."""
+    env = environment({})
+    keys = VERSION_KEYS + (GPU_KEYS if backend_on_gpu else ())
+    return {**{k: env[k] for k in keys}, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def cache_key(model: nn.Module, backend: str, batch: int, threads: int, round_to: int = 1,
+              mlp_points: int | None = None) -> dict[str, Any]:
+    """What a latency table depends on: the model's configuration, backend and its graph settings
+    (the ONNX opset and graph the bench exports), batch, threads, the measured widths, and library
+    versions and hardware."""
+    depth, heads, head_dim, hidden = block_shape(model)
+    integer("batch", batch, 1)
+    integer("threads", threads, 1)
+    on_gpu = make_backend(backend, BackendOptions(threads)).on_gpu  # also refuses an unknown name
+    source = get_record(model).source() or {}
+    exported = exporter_settings()  # the backends export with the exporter's defaults
+    config = {"architecture": source.get("architecture"), "model_args": source.get("model_args"),
+              "embed_dim": model.embed_dim, "depth": depth, "num_heads": heads, "head_dim": head_dim,
+              "hidden": hidden, "input_size": list(input_size(model)), "num_classes": model.num_classes}
+    return {"schema": SCHEMA, "model": json.loads(json.dumps(config, default=str)),
+            "backend": backend, "graph_optimization": GRAPH_OPTIMIZATION, "onnx_optimize": ONNX_OPTIMIZE,
+            "opset": exported["opset"], "graph": exported["graph"],
+            "batch": batch, "threads": threads, "round_to": round_to,
+            "mlp_widths": measured_widths(hidden, round_to, mlp_points), "versions": versions(on_gpu)}
+
+
+def default_cache_dir() -> Path:
+    """`$VITCOMPACT_CACHE/latency`, else `~/.cache/vitcompact/latency`."""
+    root = os.environ.get("VITCOMPACT_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vitcompact") / "latency"
+
+
+def cache_path(key: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir or default_cache_dir()) / f"{digest}.json"
+
+
+def _cached(path: Path, key: dict[str, Any]) -> LatencyTable | None:
+    """The table stored at `path` if its key is `key`; None when missing, stale or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        stored = read_json(path)
+        if stored.get("key") != json.loads(json.dumps(key)):
+            return None
+        return LatencyTable.from_dict(stored["table"])
+    except (ArtifactError, ConfigError, AttributeError, KeyError):
+        return None
+
+
+def latency_table(model: nn.Module, backend: str = "ort-cpu", batch: int = 1, threads: int = 1,
+                  round_to: int = 1, mlp_points: int | None = None, cache_dir: str | os.PathLike | None = None,
+                  refresh: bool = False, progress: Progress | None = None) -> LatencyTable:
+    """`measure_table`, cached as JSON under `cache_dir` (default `default_cache_dir()`) by a hash
+    of `cache_key`; a stored table is used only if its key equals the current one."""
+    key = cache_key(model, backend, batch, threads, round_to, mlp_points)
+    path = cache_path(key, cache_dir)
+    table = None if refresh else _cached(path, key)
+    if table is not None:
+        if progress:
+            progress(f"latency table from {path}")
+        return table
+    table = measure_table(model, backend, batch, threads, round_to, mlp_points, progress=progress)
+    ensure_dir(path.parent)
+    write_json(path, {"key": key, "table": table.to_dict()})
+    return table

@@ -1,0 +1,270 @@
+"""One config per pruning method, torchao-style: the config's type chooses the method.
+
+Every method shares `PruneConfig`'s fields (what to keep, how to select it, the training of its
+passes, a latency budget); each subclass adds its own knobs:
+
+    prune(model, data, OneShotConfig(head_ratio=0.3, finetune_epochs=8))
+    prune(model, data, RSSTConfig(states=1, epochs_per_state=1, finetune_epochs=7, penalty="fade"))
+    prune(model, data, RefillConfig(rewind="init", dense_epochs=2))
+    prune(model, data, RefitConfig(head_ratio=0.3, calib_images=512))   # no training at all
+
+Where a run keeps its checkpoints (and whether it resumes one) is not a pruning setting: that is
+`RunFolder`'s. Every field carries its help text (`knob`), from which the CLI makes its options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..knobs import knob
+from ..latency.budget import BudgetRequest
+from ..registry import Registry
+from ..training.trainer import TrainConfig
+from ..validate import flag, in_range, integer, one_of, ratio, seed
+from .criteria import CRITERIA
+from .penalty import PENALTIES
+from .refit import TARGETS as REFIT_TARGETS, RefitSettings
+from .regroup import TARGETS, RegroupConfig
+from .schedules import LambdaSchedule
+from .selection import MODES
+
+REWINDS = ("none", "init", "epoch")
+
+
+@dataclass
+class PruneConfig:
+    """What every method shares: which units to remove and how to choose them, the peak learning
+    rate of the pruning passes (which follow one warm-up + cosine schedule and carry the optimiser's
+    moments from pass to pass), the trainer's other settings, and an optional latency budget."""
+
+    method: ClassVar[str] = ""
+    head_ratio: float = knob(0.3, "Fraction of heads to remove, [0, 1).")
+    mlp_ratio: float = knob(0.3, "Fraction of MLP neurons to remove, [0, 1).")
+    target: str = knob("both", f"What to prune: {', '.join(TARGETS)}.")
+    criteria: str = knob("magnitude", "Unit importance criterion (see `vitcompact.CRITERIA`).")
+    mode: str = knob("layer-wise", f"Selection: {', '.join(MODES)}.")
+    min_keep: int = knob(1, "Units every block keeps at least (0: a block may lose a branch, global mode).")
+    round_to: int = knob(1, "Round kept MLP widths up to a multiple of this.")
+    num_batches: int = knob(8, "Calibration batches of the data-driven criteria.")
+    lr: float = knob(1e-3, "Peak learning rate: all passes share one warm-up + cosine schedule.")
+    distill: bool = knob(False, "Distil from the model as it enters pruning while training.")
+    seed: int = knob(0, "Seed of the pruning passes (data order, augmentation).")
+    train: TrainConfig = knob(help="The trainer's other settings (epochs, lr and seed are set per pass).",
+                              default_factory=TrainConfig)
+    budget: BudgetRequest | None = knob(None, "Prune to a measured latency budget instead of the ratios.")
+
+    def __post_init__(self) -> None:
+        one_of("target", self.target, TARGETS)
+        one_of("mode", self.mode, MODES)
+        CRITERIA.get(self.criteria)
+        ratio("head_ratio", self.head_ratio)
+        ratio("mlp_ratio", self.mlp_ratio)
+        integer("min_keep", self.min_keep, 0)
+        integer("round_to", self.round_to, 1)
+        integer("num_batches", self.num_batches, 1)
+        seed("seed", self.seed)
+        flag("distill", self.distill)
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if self.budget is not None and not isinstance(self.budget, BudgetRequest):
+            raise ConfigError(f"budget must be a BudgetRequest, got {type(self.budget).__name__}")
+        dataclasses.replace(self.train, lr=self.lr)  # the pruning lr must suit the trainer too
+
+    def regroup_config(self, head_ratio: float, mlp_ratio: float, budget: Any = None,
+                       budget_ms: float | None = None, num_batches: int | None = None) -> RegroupConfig:
+        """How a state at these ratios (or, under a latency budget, this state's budget) regroups
+        its element masks; `num_batches` of calibration data (default: the config's)."""
+        return RegroupConfig(target=self.target, head_ratio=head_ratio, mlp_ratio=mlp_ratio, criteria=self.criteria,
+                             mode=self.mode, min_keep=self.min_keep, round_to=self.round_to,
+                             num_batches=num_batches or self.num_batches, budget=budget,
+                             budget_ms=budget_ms if budget is not None else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass
+class OneShotConfig(PruneConfig):
+    """Score once, remove the units at the final ratios, fine-tune: the default method (it led
+    RSST on the converged Fashion-MNIST reference over 3 seeds, docs/results/full-data.md)."""
+
+    method: ClassVar[str] = "oneshot"
+    finetune_epochs: int = knob(8, "Fine-tuning epochs at the final structure.")
+    prune_rate: float | None = knob(None, "Magnitude rate before regrouping (default: the structural target).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        integer("finetune_epochs", self.finetune_epochs, 0)
+        if self.prune_rate is not None:
+            ratio("prune_rate", self.prune_rate)
+
+
+@dataclass
+class IterativeConfig(PruneConfig):
+    """States whose ratios grow to the final ones, each trained `epochs_per_state`, then
+    `finetune_epochs` at the final structure; each state magnitude-prunes `prune_rate` of what
+    survives (default: the rate that makes element sparsity track the structural target).
+    `dense_epochs` of dense training inside the loop come first (what a rewind goes back to)."""
+
+    states: int = knob(2, "Pruning states.")
+    epochs_per_state: int = knob(2, "Training epochs per state.")
+    finetune_epochs: int = knob(4, "Fine-tuning epochs at the final structure.")
+    prune_rate: float | None = knob(None, "Magnitude rate per state (default: tracks the structural target).")
+    dense_epochs: int = knob(0, "Dense epochs inside the loop (what a rewind goes back to).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        integer("states", self.states, 1)
+        for name in ("epochs_per_state", "finetune_epochs", "dense_epochs"):
+            integer(name, getattr(self, name), 0)
+        if self.prune_rate is not None:
+            ratio("prune_rate", self.prune_rate)
+
+
+@dataclass
+class RefillConfig(IterativeConfig):
+    """Refill: each state cuts its structure at once, optionally rewinds the survivors (to `init`
+    or to dense epoch `rewind_epoch`, which needs `dense_epochs`), and retrains."""
+
+    method: ClassVar[str] = "refill"
+    rewind: str = knob("none", f"Rewind the survivors after each cut: {', '.join(REWINDS)}.")
+    rewind_epoch: int = knob(1, "The dense epoch `rewind epoch` goes back to.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("rewind", self.rewind, REWINDS)
+        integer("rewind_epoch", self.rewind_epoch, 0)
+        if self.rewind != "none" and self.dense_epochs < 1:
+            raise ConfigError(f"rewind={self.rewind!r} needs dense_epochs >= 1 (the weights to rewind "
+                              "to come from dense training inside the loop); or use rewind='none'")
+        if self.rewind == "epoch" and not 0 <= self.rewind_epoch <= self.dense_epochs:
+            raise ConfigError(f"rewind_epoch must be in [0, dense_epochs={self.dense_epochs}], got {self.rewind_epoch}")
+
+
+@dataclass
+class RSSTConfig(IterativeConfig):
+    """RSST: each state keeps training densely while `penalty` fades the units it will drop
+    (`fade`: decoupled, to `fade_to` of their size by the state's end along `lambda_schedule`'s
+    shape; `gradient`: the research code's λ·W gradient term, with `lambda_max`/`lambda_base`),
+    then cuts them. Its best split on Fashion-MNIST was 1 state of 1 epoch, then 7 of fine-tuning."""
+
+    method: ClassVar[str] = "rsst"
+    penalty: str = knob("fade", "How the dropped units fade (see `vitcompact.pruning.penalty`).")
+    fade_to: float = knob(0.01, "What the fade penalty leaves of the faded weights, (0, 1).")
+    lambda_schedule: str = knob("x", "Shape of the penalty's growth over a state.")
+    lambda_max: float = knob(1.0, "The gradient penalty's λ cap.")
+    lambda_base: float | None = knob(None, "The gradient penalty's λ scale (default: the cap half-way).")
+    lambda_exponent: float = knob(4.0, "k of the exp_custom_exponents schedule.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        PENALTIES.get(self.penalty)
+        in_range("fade_to", self.fade_to, 0.0, 1.0, low_open=True, high_open=True)
+        self.schedule()
+
+    def schedule(self) -> LambdaSchedule:
+        return LambdaSchedule(self.lambda_schedule, self.lambda_max, self.lambda_base, self.lambda_exponent)
+
+
+@dataclass
+class RefitConfig(PruneConfig):
+    """Compaction without training: score units on `calib_images` training images (labels unused;
+    `activation`: each unit's output variance times its outgoing column's squared norm), remove
+    them, then refit every block's `attn.proj` and `mlp.fc2` by ridge least squares so the pruned
+    stream reproduces the dense one (`refit_target`: `global`, the dense model's stream; `local`,
+    the dense block on the pruned input; `mix`, `alpha` parts global). `finetune_epochs` (default
+    0) trains the refit model afterwards. Defaults chosen on digits validation
+    (docs/results/refit.md)."""
+
+    method: ClassVar[str] = "refit"
+    criteria: str = knob("activation", "Unit importance criterion (activation or fisher need no labels).")
+    calib_images: int = knob(512, "Calibration images that score the units and feed the refit.")
+    refit_target: str = knob("global", f"What each block's refit reproduces: {', '.join(REFIT_TARGETS)}.")
+    alpha: float = knob(0.5, "The global target's share in a mix.")
+    ridge: float = knob(1e-3, "Ridge penalty, relative to the Gram matrix's mean diagonal.")
+    finetune_epochs: int = knob(0, "Training epochs after the refit (0: none, no labels needed).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        integer("calib_images", self.calib_images, 1)
+        integer("finetune_epochs", self.finetune_epochs, 0)
+        self.settings()
+
+    def settings(self, batch_size: int = 32) -> RefitSettings:
+        return RefitSettings(target=self.refit_target, alpha=self.alpha, ridge=self.ridge, batch_size=batch_size,
+                             num_images=self.calib_images)
+
+
+CONFIGS: Registry[type[PruneConfig]] = Registry("method", ordered=True)
+for _config in (OneShotConfig, RSSTConfig, RefillConfig, RefitConfig):
+    CONFIGS.register(_config.method)(_config)
+
+
+def method_fields(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(CONFIGS.get(method))}
+
+
+def foreign_setting(method: str, names: Any) -> tuple[str, list[str]] | None:
+    """The first of `names` that `method`'s config lacks, with the methods whose config has it."""
+    own = method_fields(method)
+    for name in names:
+        if name not in own:
+            return name, [m for m in CONFIGS.names() if name in method_fields(m)]
+    return None
+
+
+def prune_config(method: str = "oneshot", **fields: Any) -> PruneConfig:
+    """The config of `method` with `fields`; a field of another method is refused, naming whose."""
+    foreign = foreign_setting(method, fields)
+    if foreign is not None:
+        name, owners = foreign
+        if not owners:
+            raise ConfigError(f"unknown pruning setting {name!r}")
+        raise ConfigError(f"{name} is a setting of {' and '.join(owners)}, not of {method}")
+    return CONFIGS.get(method)(**fields)
+
+
+def same_budget(method: str, states: int | None = None, epochs_per_state: int | None = None,
+                finetune_epochs: int | None = None, **fields: Any) -> PruneConfig:
+    """`method`'s config with the epoch budget `states * epochs_per_state + finetune_epochs` (each
+    defaulting to `IterativeConfig`'s) split as the iterative methods split it; one-shot spends it
+    all fine-tuning. Studies compare methods at one budget through it."""
+    split = {"states": IterativeConfig.states if states is None else states,
+             "epochs_per_state": IterativeConfig.epochs_per_state if epochs_per_state is None else epochs_per_state,
+             "finetune_epochs": IterativeConfig.finetune_epochs if finetune_epochs is None else finetune_epochs}
+    if method == OneShotConfig.method:
+        return prune_config(method, finetune_epochs=split["states"] * split["epochs_per_state"]
+                            + split["finetune_epochs"], **fields)
+    return prune_config(method, **split, **fields)
+
+
+def with_method(config: PruneConfig, method: str) -> PruneConfig:
+    """`config` as `method`'s config: the settings the two share carried over, the rest defaults."""
+    if method == config.method:
+        return config
+    own = method_fields(method)
+    return CONFIGS.get(method)(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                  if f.name in own})
+
+
+@dataclass
+class RunFolder:
+    """Where a pruning run keeps its per-state checkpoints, masks, metrics and result; `resume`
+    goes on from the last finished state. `inputs` names what the run prunes (model, data,
+    batch size, as its caller names them): kept in run.json beside the settings, so that resuming
+    with other inputs is refused."""
+
+    out_dir: Path
+    resume: bool = False
+    wandb_project: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        flag("resume", self.resume)
+        if not isinstance(self.inputs, dict):
+            raise ConfigError(f"inputs must be a dict of what the run prunes, got {type(self.inputs).__name__}")

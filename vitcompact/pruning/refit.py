@@ -1,0 +1,319 @@
+"""Compaction without training: refit what the kept heads and neurons leave, by least squares.
+
+The dense model and the pruned one run side by side over calibration images (labels unused), one
+block at a time. In each branch (attention, then MLP) the output layer, `attn.proj` or
+`mlp.fc2`, is solved on the kept heads' attention outputs / kept neurons' activations for the
+weights and bias that best reproduce a target stream:
+- `local`: the dense block run from the pruned model's input to the block;
+- `global`: the dense model's own stream, so that the block also absorbs earlier blocks' drift;
+- `mix`: `alpha` parts global, the rest local.
+The normal equations are accumulated in float64 over batches (memory does not grow with the image
+count) and solved with a ridge penalty towards the current weights. Removed units keep exactly
+zero weights: the result is the masked model with its dense shapes, for `compact` to shrink.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..errors import DataError, MaskError
+from ..masks import PruneMasks, head_view
+from ..models.adapter import BlockLayout
+from ..structure import BlockStructure, Structure
+from ..validate import in_range, integer, one_of
+from .refit_scores import (UNITS, embed_calibration, has_units, layer_scale, output_layer, read_tokens,
+                           rows_of)
+
+TARGETS = ("local", "global", "mix")
+BRANCHES = {"head": "attention", "neuron": "mlp"}
+
+
+@dataclass
+class RefitSettings:
+    """How `refit` solves each block's output layers.
+
+    `target` is what each branch reproduces (module docstring); `mix` takes `alpha` parts of the
+    global target and the rest of the local one. `ridge` is the penalty pulling the solution
+    towards the current weights, relative to the mean diagonal of the Gram matrix (so it does not
+    depend on the image count); the bias is not penalised. A system whose condition number
+    exceeds `max_condition`, or with a non-finite value, falls back to bias compensation: the
+    weights are kept and the bias absorbs the mean of what the removed units added.
+    `batch_size` images go through each forward pass; `num_images` caps the images read from the
+    calibration data (None: all of them)."""
+
+    target: str = "global"
+    alpha: float = 0.5
+    ridge: float = 1e-3
+    max_condition: float = 1e10
+    batch_size: int = 32
+    num_images: int | None = None
+
+    def __post_init__(self) -> None:
+        one_of("refit target", self.target, TARGETS)
+        self.alpha = in_range("alpha", self.alpha, 0.0, 1.0)
+        self.ridge = in_range("ridge", self.ridge, 0.0)
+        self.max_condition = in_range("max_condition", self.max_condition, 1.0, low_open=True)
+        integer("batch_size", self.batch_size, 1)
+        if self.num_images is not None:
+            integer("num_images", self.num_images, 1)
+
+    @property
+    def global_share(self) -> float:
+        """Weight of the global target (the rest goes to the local one)."""
+        return {"local": 0.0, "global": 1.0}.get(self.target, self.alpha)
+
+
+@dataclass
+class BranchFit:
+    """One refit output layer: relative residual ||Y - XW - b|| / ||Y|| of its target with the
+    weights as pruned (`before`) and as refit (`after`); `fell_back` when the solve was
+    ill-conditioned and only the bias was adjusted."""
+
+    block: int
+    branch: str
+    kept: int
+    before: float
+    after: float
+    fell_back: bool
+
+
+@dataclass
+class RefitReport:
+    """What `refit` did: the number of calibration images and one `BranchFit` per refit layer."""
+
+    images: int
+    branches: list[BranchFit] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[str]:
+        return [f"block {f.block} {f.branch}" for f in self.branches if f.fell_back]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "branches": [asdict(f) for f in self.branches]}
+
+
+class Gram:
+    """Normal equations of Y ≈ X Wᵀ + b over rows added batch by batch, in float64."""
+
+    def __init__(self, inputs: int, outputs: int, bias: bool, device: torch.device | str | None = None):
+        width = inputs + int(bias)
+        self.bias = bias
+        self.xx = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.xy = torch.zeros(width, outputs, dtype=torch.float64, device=device)
+        self.yy = torch.zeros(outputs, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        if self.bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        self.xx += x.T @ x
+        self.xy += x.T @ y
+        self.yy += y.square().sum(dim=0)
+        self.rows += x.shape[0]
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.xx, self.xy, self.yy))
+
+    def stack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """[Wᵀ; b]: the (inputs (+1), outputs) coefficients the equations are written in."""
+        w = weight.double().T
+        return torch.cat([w, bias.double()[None]]) if self.bias else w
+
+    def residual(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """||y - X w - b||² per output column, from the accumulated sums alone."""
+        w = self.stack(weight, bias)
+        return (self.yy - 2 * (w * self.xy).sum(dim=0) + (w * (self.xx @ w)).sum(dim=0)).clamp_min(0)
+
+
+def compensated_bias(gram: Gram, weight: torch.Tensor) -> torch.Tensor:
+    """The bias that, with `weight` kept, makes the mean residual zero (bias compensation)."""
+    k = weight.shape[1]
+    return (gram.xy[k] - gram.xx[k, :k] @ weight.double().T) / gram.rows
+
+
+def ridge_solve(gram: Gram, weight: torch.Tensor, bias: torch.Tensor | None, ridge: float,
+                max_condition: float) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(weight, bias, fell_back) minimising ||Y - X Wᵀ - b||² + λ||W - weight||², λ = `ridge` ×
+    the mean diagonal of XᵀX. A system that is not positive definite, not finite, or whose
+    condition number (estimated from the Cholesky factor of its unit-diagonal scaling) exceeds
+    `max_condition` keeps `weight` and compensates the bias instead (fell_back True)."""
+    k = weight.shape[1]
+    width = gram.xx.shape[0]
+    if width == 0:
+        return weight.double(), None, False
+    penalty = torch.zeros(width, dtype=torch.float64, device=gram.xx.device)
+    if k:
+        penalty[:k] = ridge * gram.xx.diagonal()[:k].mean()
+    system = gram.xx + torch.diag(penalty)
+    scale = system.diagonal().rsqrt()  # unit diagonal: the estimate ignores the columns' scale
+    factor, info = torch.linalg.cholesky_ex(scale[:, None] * system * scale[None, :])
+    pivots = factor.diagonal()
+    if int(info) == 0 and bool(torch.isfinite(factor).all()) and (pivots.max() / pivots.min()) ** 2 <= max_condition:
+        rhs = gram.xy + penalty[:, None] * gram.stack(weight, bias)
+        solution = scale[:, None] * torch.cholesky_solve(scale[:, None] * rhs, factor)
+        if bool(torch.isfinite(solution).all()):
+            return solution[:k].T, solution[k] if gram.bias else None, False
+    return weight.double(), compensated_bias(gram, weight) if gram.bias else None, True
+
+
+def structure_masks(model: nn.Module, structure: Structure) -> PruneMasks:
+    """Quasi-structured masks of `model` that keep exactly the heads and neurons of `structure`."""
+    masks = PruneMasks.ones(model)
+    if len(structure.blocks) != len(masks.layout.blocks):
+        raise MaskError(f"structure has {len(structure.blocks)} blocks, the model {len(masks.layout.blocks)}")
+    for block, kept in zip(masks.layout.blocks, structure.blocks):
+        heads = torch.zeros(block.num_heads, dtype=torch.bool)
+        heads[kept.heads] = True
+        neurons = torch.zeros(block.hidden, dtype=torch.bool)
+        neurons[kept.neurons] = True
+        for name, m in masks.block_masks(block).items():
+            if name.endswith("qkv.weight"):
+                head_view(name, m, block).mul_(heads.view(1, -1, 1, 1))
+            elif name.endswith("proj.weight"):
+                head_view(name, m, block).mul_(heads.view(1, -1, 1))
+            else:
+                m.mul_(neurons.view(-1, 1) if name.endswith("fc1.weight") else neurons.view(1, -1))
+    return masks
+
+
+def kept_columns(block: BlockLayout, kept: BlockStructure, unit: str) -> torch.Tensor:
+    """Input columns of the output layer that carry kept units (a head has head_dim of them)."""
+    if unit == "neuron":
+        return torch.tensor(kept.neurons, dtype=torch.long)
+    return torch.tensor([h * block.head_dim + j for h in kept.heads for j in range(block.head_dim)],
+                        dtype=torch.long)
+
+
+@dataclass
+class _Streams:
+    """Residual streams over all calibration images: the pruned model's, the dense model's
+    (global target) and the dense block run from the pruned stream (local target)."""
+
+    pruned: torch.Tensor
+    dense: torch.Tensor | None
+    local: torch.Tensor | None
+    batch_size: int
+
+    def parts(self) -> Iterator[slice]:
+        for start in range(0, self.pruned.shape[0], self.batch_size):
+            yield slice(start, start + self.batch_size)
+
+
+def _branch(block: nn.Module, unit: str, h: torch.Tensor) -> torch.Tensor:
+    """What the branch adds to the residual stream `h` (pre-norm, LayerScale, drop path)."""
+    if unit == "head":
+        return block.drop_path1(block.ls1(block.attn(block.norm1(h))))
+    return block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+
+
+def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, columns: torch.Tensor, streams: _Streams,
+                share: float, tokens: list[int] | slice | None) -> Gram:
+    """Advance the target streams through the dense branch and gather the normal equations of the
+    pruned branch's output layer against them."""
+    layer = output_layer(pruned, unit)
+    gamma = layer_scale(pruned, unit)
+    gram = Gram(columns.numel(), layer.out_features, layer.bias is not None, layer.weight.device)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        for part in streams.parts():
+            _branch(pruned, unit, streams.pruned[part])
+            target = -streams.pruned[part]
+            for stream, weight in ((streams.dense, share), (streams.local, 1.0 - share)):
+                if stream is not None:
+                    stream[part] += _branch(dense, unit, stream[part])
+                    target += weight * stream[part]
+            if gamma is not None:  # fit proj / fc2 before the LayerScale that follows them
+                target /= torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+            gram.add(rows_of(seen.pop()[..., columns], tokens), rows_of(target, tokens))
+    finally:
+        hook.remove()
+    return gram
+
+
+def _solve_into(layer: nn.Linear, columns: torch.Tensor, gram: Gram, gamma: torch.Tensor | None,
+                settings: RefitSettings) -> tuple[float, float, bool]:
+    """Write the refit output layer; return the relative residuals before and after, and whether
+    the solve fell back to bias compensation."""
+    old_weight = layer.weight.detach()[:, columns].double()
+    old_bias = None if layer.bias is None else layer.bias.detach().double()
+    weight, bias, fell_back = ridge_solve(gram, old_weight, old_bias, settings.ridge, settings.max_condition)
+    emphasis = torch.ones_like(gram.yy) if gamma is None else gamma.double().square()
+    total = float((gram.yy * emphasis).sum())
+
+    def relative(w: torch.Tensor, b: torch.Tensor | None) -> float:
+        return (float((gram.residual(w, b) * emphasis).sum()) / total) ** 0.5 if total > 0 else 0.0
+
+    before, after = relative(old_weight, old_bias), relative(weight, bias)
+    new = torch.zeros_like(layer.weight)
+    new[:, columns] = weight.to(new.dtype)
+    layer.weight.copy_(new)
+    if bias is not None:
+        layer.bias.copy_(bias.to(layer.bias.dtype))
+    return before, after, fell_back
+
+
+def _refit_block(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure,
+                 streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None) -> list[BranchFit]:
+    """Refit both branches of one block, then move the pruned stream past it."""
+    if streams.local is not None:
+        streams.local.copy_(streams.pruned)
+    fits = []
+    for unit in UNITS:
+        if not has_units(block, unit):  # a branch removed earlier: a constant, or nothing
+            for stream, owner in ((streams.pruned, pruned), (streams.dense, dense), (streams.local, dense)):
+                if stream is not None:
+                    stream += _branch(owner, unit, stream)
+            continue
+        columns = kept_columns(block, kept, unit).to(streams.pruned.device)
+        gram = _accumulate(dense, pruned, unit, columns, streams, settings.global_share, tokens)
+        if not gram.finite():
+            raise DataError(f"non-finite activations in block {block.index} ({BRANCHES[unit]}); check "
+                            "the calibration images for NaN or inf values")
+        layer = output_layer(pruned, unit)
+        before, after, fell_back = _solve_into(layer, columns, gram, layer_scale(pruned, unit), settings)
+        fits.append(BranchFit(block.index, BRANCHES[unit], len(kept.heads if unit == "head" else kept.neurons),
+                              before, after, fell_back))
+        for part in streams.parts():
+            streams.pruned[part] += _branch(pruned, unit, streams.pruned[part])
+    return fits
+
+
+def refit(model: nn.Module, masks: PruneMasks | Structure, calibration: Iterable[Any],
+          settings: RefitSettings | None = None) -> RefitReport:
+    """Mask `model` in place to the quasi-structured `masks` (or `structure`) and refit every
+    block's proj and fc2 on `calibration` (an iterable of image batches, or (images, labels)
+    pairs; labels unused), on the model's device. On an error the model is left as it came."""
+    settings = settings or RefitSettings()
+    if isinstance(masks, Structure):
+        masks = structure_masks(model, masks)
+    masks.check_model(model)
+    structure = masks.structure()
+    was_training = model.training
+    model.eval()
+    dense = copy.deepcopy(model)
+    try:
+        with torch.no_grad():
+            masks.apply_(model)
+            start = embed_calibration(dense, calibration, settings.num_images)
+            share = settings.global_share
+            streams = _Streams(start, start.clone() if share > 0 else None,
+                               start.clone() if share < 1 else None, settings.batch_size)
+            last = masks.layout.blocks[-1].index
+            report = RefitReport(streams.pruned.shape[0])
+            for block, kept in zip(masks.layout.blocks, structure.blocks):
+                tokens = read_tokens(model) if block.index == last else None
+                report.branches += _refit_block(dense.blocks[block.index], model.blocks[block.index], block,
+                                                kept, streams, settings, tokens)
+    except BaseException:
+        model.load_state_dict(dense.state_dict())
+        raise
+    finally:
+        model.train(was_training)
+    return report

@@ -1,0 +1,198 @@
+"""Calibration images and what a head or neuron contributes on them: the pieces refit shares
+with the `activation` and `fisher` criteria.
+
+A unit's contribution reaches the residual stream through the input columns of its branch's
+output layer (`attn.proj` for a head, `mlp.fc2` for a neuron). Both scores and the refit read or
+edit that layer's input with one hook, `unit_inputs`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..models.adapter import BlockLayout, ViTLayout, input_size
+
+UNITS = ("head", "neuron")
+BlockScores = tuple["torch.Tensor | None", "torch.Tensor | None"]
+# Called with (block layout, unit kind, the output layer's input); a returned tensor replaces it.
+InputEdit = Callable[[BlockLayout, str, torch.Tensor], "torch.Tensor | None"]
+
+
+def output_layer(block: nn.Module, unit: str) -> nn.Linear:
+    """The layer whose input columns carry the units' outputs: attn.proj or mlp.fc2."""
+    return block.attn.proj if unit == "head" else block.mlp.fc2
+
+
+def layer_scale(block: nn.Module, unit: str) -> torch.Tensor | None:
+    """The branch's LayerScale gamma (DeiT-III), or None without one."""
+    gamma = getattr(block.ls1 if unit == "head" else block.ls2, "gamma", None)
+    return None if gamma is None else gamma.detach()
+
+
+def has_units(block: BlockLayout, unit: str) -> bool:
+    return bool(block.num_heads if unit == "head" else block.hidden)
+
+
+@contextmanager
+def unit_inputs(model: nn.Module, layout: ViTLayout, edit: InputEdit) -> Iterator[None]:
+    """Inside the `with`, `edit` sees (and may replace) the input of every block's output layers."""
+    hooks = []
+    for block in layout.blocks:
+        for unit in UNITS:
+            if has_units(block, unit):
+                def hook(module, args, block=block, unit=unit):
+                    new = edit(block, unit, args[0])
+                    return None if new is None else (new, *args[1:])
+                hooks.append(output_layer(model.blocks[block.index], unit).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def calibration_images(batch: Any, model: nn.Module) -> torch.Tensor:
+    """The images of a calibration batch (an image tensor, or an (images, labels) pair), checked
+    against what the model takes."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise DataError("calibration batches must be float image tensors (N, C, H, W), got "
+                        f"{type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+    expected = input_size(model)
+    if tuple(x.shape[1:]) != expected and not (getattr(model, "dynamic_img_size", False)
+                                               and x.shape[1] == expected[0]):
+        raise DataError(f"calibration images are {'x'.join(map(str, x.shape[1:]))} (C x H x W) but the "
+                        f"model takes {'x'.join(map(str, expected))}; use the model's preprocessing")
+    return x
+
+
+def embed_calibration(model: nn.Module, calibration: Iterable[Any], num_images: int | None = None) -> torch.Tensor:
+    """The token stream entering block 0 for the calibration images: (images, tokens, width).
+    Batches may be image tensors or (images, labels) pairs; labels are ignored."""
+    device = next(model.parameters()).device
+    parts, count = [], 0
+    for batch in calibration:
+        x = calibration_images(batch, model)
+        if num_images is not None:
+            x = x[:num_images - count]
+        if x.shape[0]:
+            count += x.shape[0]
+            tokens = model._pos_embed(model.patch_embed(x.to(device)))
+            parts.append(model.norm_pre(model.patch_drop(tokens)))
+        if num_images is not None and count >= num_images:
+            break
+    if not count:
+        raise DataError("the calibration data has no images; refit needs a few hundred images (labels unused)")
+    return torch.cat(parts)
+
+
+def read_tokens(model: nn.Module) -> list[int] | slice | None:
+    """The tokens of the last block's output that the classifier reads (None: all of them)."""
+    if getattr(model, "attn_pool", None) is not None:
+        return None
+    if model.global_pool == "token":
+        return [0, 1] if getattr(model, "head_dist", None) is not None else [0]
+    if model.global_pool in ("avg", "max", "avgmax") and not getattr(model, "pool_include_prefix", False):
+        return slice(model.num_prefix_tokens, None)
+    return None
+
+
+def rows_of(x: torch.Tensor, tokens: list[int] | slice | None) -> torch.Tensor:
+    """(images, tokens, features) as (rows, features), keeping only `tokens`."""
+    x = x if tokens is None else x[:, tokens]
+    return x.reshape(-1, x.shape[-1])
+
+
+def column_energy(block: nn.Module, unit: str) -> torch.Tensor:
+    """Squared norm of each input column of the output layer, LayerScale included: how strongly a
+    unit's output reaches the residual stream, so that scores compare across blocks."""
+    w = output_layer(block, unit).weight.detach().double()
+    gamma = layer_scale(block, unit)
+    if gamma is not None:
+        w = w * gamma.double()[:, None]
+    return w.square().sum(dim=0)
+
+
+def per_unit_columns(values: torch.Tensor, block: BlockLayout, unit: str) -> torch.Tensor:
+    """Per-column values summed over each head's head_dim columns (neurons: unchanged)."""
+    return values.reshape(block.num_heads, block.head_dim).sum(dim=1) if unit == "head" else values
+
+
+def _finite_scores(scores: list[BlockScores], name: str) -> list[BlockScores]:
+    for index, pair in enumerate(scores):
+        if any(s is not None and not bool(torch.isfinite(s).all()) for s in pair):
+            raise DataError(f"criterion {name!r}: non-finite activations in block {index}; check the "
+                            "calibration images for NaN or inf values")
+    return scores
+
+
+def contribution_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor],
+                        centered: bool = True) -> list[BlockScores]:
+    """Per head and neuron: the variance (`centered`) or mean square of its output over the
+    calibration tokens times the squared norm of its output-layer columns."""
+    device = next(model.parameters()).device
+    tokens = read_tokens(model)
+    last = layout.blocks[-1].index
+    sums: dict[tuple[int, str], list[torch.Tensor | int]] = {}
+
+    def record(block: BlockLayout, unit: str, x: torch.Tensor) -> None:
+        rows = rows_of(x.detach(), tokens if block.index == last else None).double()
+        acc = sums.setdefault((block.index, unit), [0, 0, 0])
+        acc[0] = acc[0] + rows.sum(dim=0)
+        acc[1] = acc[1] + rows.square().sum(dim=0)
+        acc[2] += rows.shape[0]
+
+    with torch.no_grad(), unit_inputs(model, layout, record):
+        for x in images:
+            model(calibration_images(x, model).to(device))
+    scores: list[BlockScores] = []
+    for block in layout.blocks:
+        pair = []
+        for unit in UNITS:
+            if not has_units(block, unit):
+                pair.append(None)
+                continue
+            total, square, count = sums[(block.index, unit)]
+            spread = square / count - (total / count).square() if centered else square / count
+            energy = column_energy(model.blocks[block.index], unit)
+            pair.append(per_unit_columns(spread.clamp_min(0) * energy, block, unit).float().cpu())
+        scores.append((pair[0], pair[1]))
+    return _finite_scores(scores, "activation")
+
+
+def fisher_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor]) -> list[BlockScores]:
+    """Per head and neuron: the squared gradient of the loss against the model's own top-1
+    prediction with respect to a mask variable on the unit's output (one per image, so the squares
+    sum per-image gradients: the empirical Fisher's diagonal), summed over the images."""
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)  # only the mask variables need gradients
+    totals: dict[tuple[int, str], torch.Tensor] = {}
+    gates: dict[tuple[int, str], torch.Tensor] = {}
+
+    def gate(block: BlockLayout, unit: str, x: torch.Tensor) -> torch.Tensor:
+        count = block.num_heads if unit == "head" else block.hidden
+        g = torch.ones(x.shape[0], count, device=x.device, dtype=x.dtype, requires_grad=True)
+        gates[(block.index, unit)] = g
+        if unit == "head":
+            return (x.unflatten(-1, (block.num_heads, block.head_dim)) * g[:, None, :, None]).flatten(-2)
+        return x * g[:, None, :]
+
+    with unit_inputs(model, layout, gate):
+        for x in images:
+            logits = model(calibration_images(x, model).to(device)).float()
+            F.cross_entropy(logits, logits.argmax(dim=-1).detach(), reduction="sum").backward()
+            for key, g in gates.items():
+                totals[key] = totals.get(key, 0) + g.grad.double().square().sum(dim=0)
+            gates.clear()
+    for p in trainable:
+        p.requires_grad_(True)
+    scores = [tuple(totals[(b.index, u)].float().cpu() if has_units(b, u) else None for u in UNITS)
+              for b in layout.blocks]
+    return _finite_scores(scores, "fisher")
