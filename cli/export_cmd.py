@@ -13,7 +13,7 @@ from vitcompact.errors import ConfigError
 from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, export_all,
                                to_tensorrt)
 from vitcompact.export.graph import GRAPHS
-from vitcompact.export.int8 import CALIBRATIONS, MODES
+from vitcompact.export.int8 import CALIBRATIONS, INT8_MODES
 from vitcompact.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 from .common import JsonOption, console, print_json, user_errors
@@ -37,7 +37,7 @@ def onnx_cmd(
     opset: int = typer.Option(DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET} to {MAX_OPSET})."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 variant (<out>.fp16.onnx)."),
     int8: str | None = typer.Option(None, "--int8", help=f"Also write an INT8 variant (<out>.int8.onnx): "
-                                                          f"{' or '.join(MODES)}."),
+                                                          f"{' or '.join(INT8_MODES)}."),
     calib_data: str | None = typer.Option(
         None, help=f"INT8: data source whose training split calibrates (static) and whose validation "
                    f"and test splits measure accuracy: {', '.join(DATA_SOURCES.names())}."),

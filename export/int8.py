@@ -35,9 +35,9 @@ from .onnx import ExportResult
 from .variants import finish_variant, fp32_source, quiet_root_logger, variant_path
 from .verify import loader_top1, onnx_runner, ort_session
 
-MODES = ("dynamic", "static")
+INT8_MODES = ("dynamic", "static")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
-SCOPES = ("linear", "all")
+INT8_SCOPES = ("linear", "all")
 # The ops that carry the model's weights.
 WEIGHT_OPS = ["MatMul", "Gemm", "Conv"]
 # What "linear" quantises. onnxruntime runs a QDQ Conv whose output stays float as dequantise +
@@ -62,9 +62,9 @@ class Int8Config:
     max_accuracy_drop: float | None = 1.0  # validation top-1 points; None: measure, never refuse
 
     def __post_init__(self) -> None:
-        one_of("int8 mode", self.mode, MODES)
+        one_of("int8 mode", self.mode, INT8_MODES)
         one_of("calibration method", self.calibration, CALIBRATIONS)
-        one_of("int8 scope", self.scope, SCOPES)
+        one_of("int8 scope", self.scope, INT8_SCOPES)
         integer("calib_batches", self.calib_batches, 1)
         flag("per_channel", self.per_channel)
         flag("fp32_ends", self.fp32_ends)

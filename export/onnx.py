@@ -23,7 +23,7 @@ from vitcompact.validate import in_range, integer, one_of
 from .files import data_file, publish, staging
 from .graph import GRAPHS, traced_as
 from .metadata import model_metadata, raw_metadata, stamp
-from .optimize import MODES, OptimizeReport, optimize
+from .optimize import OPTIMIZE_MODES, OptimizeReport, optimize
 from .verify import DEFAULT_ATOL, DEFAULT_BATCHES, ParityReport, verify_onnx
 
 MIN_OPSET = 17
@@ -55,8 +55,8 @@ class ExportConfig:
             raise ConfigError(f"opset {self.opset} is not supported; use an opset from {MIN_OPSET} "
                               f"to {MAX_OPSET} (default {DEFAULT_OPSET})")
         one_of("graph", self.graph, GRAPHS)
-        if self.optimize not in MODES:
-            raise ConfigError(f"optimize must be one of {', '.join(MODES)}, not {self.optimize!r}")
+        if self.optimize not in OPTIMIZE_MODES:
+            raise ConfigError(f"optimize must be one of {', '.join(OPTIMIZE_MODES)}, not {self.optimize!r}")
         integer("max_batch", self.max_batch, 1)
         if not self.batch_sizes:
             raise ConfigError("verification batch sizes must not be empty")

@@ -21,7 +21,7 @@ from vitcompact.latency.timing import Timing, median_pair
 from .files import save_onnx
 from .verify import ParityReport, input_shape, ort_session, sample_inputs, verify_against_onnx
 
-MODES = ("auto", "on", "off")
+OPTIMIZE_MODES = ("auto", "on", "off")
 # Below this the two medians are within run-to-run noise; keep the plain graph.
 MIN_SPEEDUP = 1.02
 
@@ -93,8 +93,8 @@ def optimize(plain: Path, dst: Path, mode: str, external_data: bool | None, atol
 
     `on` ships the optimised graph whenever parity holds; `auto` also requires it to be faster.
     """
-    if mode not in MODES:
-        raise ArtifactError(f"optimize must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode not in OPTIMIZE_MODES:
+        raise ArtifactError(f"optimize must be one of {', '.join(OPTIMIZE_MODES)}, not {mode!r}")
     report = OptimizeReport(mode)
     if mode == "off":
         report.reason = "optimisation off"

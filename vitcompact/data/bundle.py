@@ -247,6 +247,39 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
     `default_workers()`), so memory stays flat as the data grows. `pin_memory` (default: when CUDA
     is available) pins the loaders' batches for fast copies to the GPU.
     """
+    size = _check_load_args(img_size, in_chans, batch_size, val_fraction, seed, aug, limit, shift, workers)
+    cfg = _resolve_preprocessing(preprocessing, in_chans, size)
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+    raw = open_source(source, root) if isinstance(source, str) else source
+    splits = _split(raw, val_fraction, seed, limit)
+    pad = shift if shift is not None else (min(size) // 8 if min(size) >= 16 else 0)
+    in_memory = all(isinstance(s, TensorSamples) for s in splits)
+    resized_bytes = sum(len(s) for s in splits) * in_chans * size[0] * size[1]
+    batched = (in_memory and aug != "randaugment" and resized_bytes <= MAX_RESIZED_BYTES
+               and (cfg["interpolation"], cfg["crop_pct"]) == (PLAIN["interpolation"], PLAIN["crop_pct"]))
+    if batched:
+        datasets, mean, std = _batched(splits, cfg, aug, raw.flip, pad)
+        loader_workers = 0
+    else:
+        loader_workers = default_workers() if workers is None else workers
+        datasets, mean, std = _per_sample(splits, cfg, aug, raw, pad, loader_workers)
+
+    def loader(ds: Dataset, train_split: bool) -> DataLoader:
+        # The trainer re-creates the training loader per epoch with its own seeded order.
+        return DataLoader(ds, batch_size=batch_size, shuffle=train_split, drop_last=False,
+                          collate_fn=collate if batched else None, num_workers=loader_workers,
+                          pin_memory=pin_memory,
+                          generator=torch.Generator().manual_seed(seed) if train_split else None)
+
+    cfg.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    return DataBundle(loader(datasets[0], True), loader(datasets[1], False), loader(datasets[2], False),
+                      len(raw.class_names), cfg["mean"], cfg["std"], list(raw.class_names), raw.name, cfg, aug)
+
+
+def _check_load_args(img_size: int | tuple[int, int], in_chans: int, batch_size: int, val_fraction: float,
+                     seed: int, aug: str, limit: int | None, shift: int | None,
+                     workers: int | None) -> tuple[int, int]:
+    """Refuse bad `load_data` arguments before any file is read; the image size as (H, W)."""
     one_of("aug", aug, AUGMENTATIONS)
     in_range("val_fraction", val_fraction, 0.0, 1.0, low_open=True, high_open=True)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -261,10 +294,12 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
         integer("limit", limit, 2)
     if workers is not None:
         integer("workers", workers, 0, 64)
-    cfg = _resolve_preprocessing(preprocessing, in_chans, size)
-    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-    raw = open_source(source, root) if isinstance(source, str) else source
-    name, flip = raw.name, raw.flip
+    return size
+
+
+def _split(raw: RawData, val_fraction: float, seed: int, limit: int | None) -> tuple[Samples, Samples, Samples]:
+    """Train, validation and test samples: the source's own validation split, else `val_fraction`
+    of a permutation of the training images fixed by `seed`; `limit` caps all three."""
     order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed))
     if limit is not None:
         order = order[:limit]
@@ -273,44 +308,31 @@ def load_data(source: str | RawData = "digits", root: str | os.PathLike | None =
     else:
         n_val = max(1, int(round(len(order) * val_fraction)))
         if n_val >= len(order):
-            raise DataError(f"{name}: {len(order)} training images are too few for a validation split")
+            raise DataError(f"{raw.name}: {len(order)} training images are too few for a validation split")
         train, val = raw.train.take(order[n_val:]), raw.train.take(order[:n_val])
     test = raw.test
     if limit is not None:
         val, test = (s.take(torch.arange(min(limit, len(s)))) for s in (val, test))
-    pad = shift if shift is not None else (min(size) // 8 if min(size) >= 16 else 0)
-    splits = (train, val, test)
-    in_memory = all(isinstance(s, TensorSamples) for s in splits)
-    resized_bytes = sum(len(s) for s in splits) * in_chans * size[0] * size[1]
-    batched = (in_memory and aug != "randaugment" and resized_bytes <= MAX_RESIZED_BYTES
-               and (cfg["interpolation"], cfg["crop_pct"]) == (PLAIN["interpolation"], PLAIN["crop_pct"]))
-    if batched:
-        datasets, mean, std = _batched(splits, cfg, aug, flip, pad)
-        loader_workers = 0
-    else:
-        if in_chans not in (1, 3):
-            raise DataError(f"{name}: images are read as grey or RGB; a model with {in_chans} input "
-                            "channels needs the in-memory path (plain preprocessing, light augmentation)")
-        mode = "L" if in_chans == 1 else "RGB"
-        loader_workers = default_workers() if workers is None else workers
-        if cfg["mean"] is None or cfg["std"] is None:
-            mean_t, std_t = _statistics(train, cfg, mode, loader_workers)
-            cfg["mean"], cfg["std"] = tuple(float(v) for v in mean_t), tuple(float(v) for v in std_t.clamp_min(1e-3))
-        mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
-        train_tf, eval_tf = transforms(cfg, aug, flip, pad)
-        datasets = (TransformDataset(train, train_tf, eval_tf, mode),
-                    *(TransformDataset(s, eval_tf, eval_tf, mode) for s in (val, test)))
+    return train, val, test
 
-    def loader(ds: Dataset, train_split: bool) -> DataLoader:
-        # The trainer re-creates the training loader per epoch with its own seeded order.
-        return DataLoader(ds, batch_size=batch_size, shuffle=train_split, drop_last=False,
-                          collate_fn=collate if batched else None, num_workers=loader_workers,
-                          pin_memory=pin_memory,
-                          generator=torch.Generator().manual_seed(seed) if train_split else None)
 
-    cfg.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
-    return DataBundle(loader(datasets[0], True), loader(datasets[1], False), loader(datasets[2], False),
-                      len(raw.class_names), cfg["mean"], cfg["std"], list(raw.class_names), name, cfg, aug)
+def _per_sample(splits: tuple[Samples, ...], cfg: dict[str, Any], aug: str, raw: RawData, pad: int,
+                workers: int) -> tuple[tuple[Dataset, ...], torch.Tensor, torch.Tensor]:
+    """The per-sample path: timm transforms in DataLoader workers; statistics of the training split
+    where the preprocessing does not give them."""
+    in_chans = cfg["input_size"][0]
+    if in_chans not in (1, 3):
+        raise DataError(f"{raw.name}: images are read as grey or RGB; a model with {in_chans} input "
+                        "channels needs the in-memory path (plain preprocessing, light augmentation)")
+    mode = "L" if in_chans == 1 else "RGB"
+    train, val, test = splits
+    if cfg["mean"] is None or cfg["std"] is None:
+        mean_t, std_t = _statistics(train, cfg, mode, workers)
+        cfg["mean"], cfg["std"] = tuple(float(v) for v in mean_t), tuple(float(v) for v in std_t.clamp_min(1e-3))
+    train_tf, eval_tf = transforms(cfg, aug, raw.flip, pad)
+    datasets = (TransformDataset(train, train_tf, eval_tf, mode),
+                *(TransformDataset(s, eval_tf, eval_tf, mode) for s in (val, test)))
+    return datasets, torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
 
 
 def _batched(splits: tuple[Samples, ...], cfg: dict[str, Any], aug: str, flip: bool,

@@ -30,7 +30,7 @@ from .penalty import PENALTIES
 from .refit import TARGETS as REFIT_TARGETS, RefitSettings
 from .regroup import TARGETS, RegroupConfig
 from .schedules import LambdaSchedule
-from .selection import MODES
+from .selection import SELECTION_MODES
 
 REWINDS = ("none", "init", "epoch")
 
@@ -46,7 +46,7 @@ class PruneConfig:
     mlp_ratio: float = knob(0.3, "Fraction of MLP neurons to remove, [0, 1).")
     target: str = knob("both", f"What to prune: {', '.join(TARGETS)}.")
     criteria: str = knob("magnitude", "Unit importance criterion (see `vitcompact.CRITERIA`).")
-    mode: str = knob("layer-wise", f"Selection: {', '.join(MODES)}.")
+    mode: str = knob("layer-wise", f"Selection: {', '.join(SELECTION_MODES)}.")
     min_keep: int = knob(1, "Units every block keeps at least (0: a block may lose a branch, global mode).")
     round_to: int = knob(1, "Round kept MLP widths up to a multiple of this.")
     num_batches: int = knob(8, "Calibration batches of the data-driven criteria.")
@@ -59,7 +59,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         one_of("target", self.target, TARGETS)
-        one_of("mode", self.mode, MODES)
+        one_of("mode", self.mode, SELECTION_MODES)
         CRITERIA.get(self.criteria)
         ratio("head_ratio", self.head_ratio)
         ratio("mlp_ratio", self.mlp_ratio)

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..validate import ratio
 from ..masks import PruneMasks
 
-SCOPES = ("global", "layer-wise")
+MAGNITUDE_SCOPES = ("global", "layer-wise")
 
 
 def _drop_smallest(scores: torch.Tensor, keep: torch.Tensor, rate: float) -> torch.Tensor:
@@ -33,8 +33,8 @@ def magnitude_prune(model: nn.Module, rate: float, masks: PruneMasks | None = No
     weight tensor separately.
     """
     rate = ratio("rate", rate)
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}")
+    if scope not in MAGNITUDE_SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}; choose one of: {', '.join(MAGNITUDE_SCOPES)}")
     masks = masks.clone() if masks is not None else PruneMasks.ones(model)
     masks.check_model(model)
     weights = {n: p for n, p in model.named_parameters() if n in masks.masks}

@@ -13,7 +13,7 @@ from ..validate import integer, one_of, ratio
 from ..latency.budget import LatencyBudget, allocate
 from .criteria import CRITERIA, Criterion, ScoreContext, score_units
 from ..masks import PruneMasks, head_view
-from .selection import MODES, select_units
+from .selection import SELECTION_MODES, select_units
 
 TARGETS = ("head", "mlp", "both")
 
@@ -52,7 +52,7 @@ class RegroupConfig:
         elif not callable(self.criteria):
             raise ConfigError(f"criteria must be one of {', '.join(CRITERIA.names())} or a callable "
                               f"(model, masks, ScoreContext) -> scores, got {self.criteria!r}")
-        one_of("selection mode", self.mode, MODES)
+        one_of("selection mode", self.mode, SELECTION_MODES)
         integer("min_keep", self.min_keep, 0)
         integer("round_to", self.round_to, 1)
         integer("num_batches", self.num_batches, 1)

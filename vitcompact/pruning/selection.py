@@ -20,7 +20,7 @@ import torch
 from ..errors import ConfigError
 from ..validate import integer
 
-MODES = ("layer-wise", "global")
+SELECTION_MODES = ("layer-wise", "global")
 
 
 def keep_count(n: int, ratio: float, min_keep: int) -> int:
@@ -48,8 +48,8 @@ def _best(scores: torch.Tensor, k: int) -> torch.Tensor:
 def select_units(scores: list[torch.Tensor | None], ratio: float, mode: str = "layer-wise",
                  min_keep: int = 1, round_to: int = 1) -> list[torch.Tensor | None]:
     """Sorted indices of the units to keep in each block (None where a block has no such units)."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown selection mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode not in SELECTION_MODES:
+        raise ConfigError(f"unknown selection mode {mode!r}; choose one of: {', '.join(SELECTION_MODES)}")
     if min_keep < 0:
         raise ConfigError(f"min_keep must be >= 0, got {min_keep}")
     check_round_to(round_to, [s.numel() for s in scores if s is not None])

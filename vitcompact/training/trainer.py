@@ -223,19 +223,22 @@ def _progress(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: WeightMasks | None = None, *,
-          penalty: GradientPenalty | None = None, teacher: nn.Module | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None, description: str = "train",
-          window: ScheduleWindow | None = None, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
-    """Train `model` on `bundle.train` for `config.epochs`, validating on `bundle.val` each epoch.
+@dataclass
+class _Session:
+    """What one `train` call sets up once and every step uses."""
 
-    `masks` keeps pruned weights at exactly zero. `penalty` edits gradients before each step
-    (RSST). `teacher` adds knowledge distillation. `on_epoch` receives each epoch's metrics.
-    `window` places this run inside a longer learning-rate schedule and `optimizer_state`
-    continues an earlier run's optimiser (its moments), so consecutive runs train as one.
-    Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by rank.
-    """
-    config = config or TrainConfig()
+    device: torch.device
+    net: nn.Module                   # the model as trained: wrapped for DDP, compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp_dtype: torch.dtype | None
+    mixer: Any
+    total: int                       # steps of this run
+
+
+def _session(model: nn.Module, bundle, config: TrainConfig, masks: WeightMasks | None, teacher: nn.Module | None,
+             window: ScheduleWindow | None, optimizer_state: dict[str, Any] | None) -> _Session:
     device = resolve_device(config)
     distributed.setup(device)
     seed_everything(config.seed, config.deterministic)
@@ -260,66 +263,95 @@ def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: We
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _lr_factor(window.start + s, warmup, window.total, config.min_lr / config.lr))
     amp_dtype = autocast_dtype(config.precision, device, getattr(model, "embed_dim", 0))
-    use_amp = amp_dtype is not None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    result = TrainResult()
-    mixer = _mixer(config, model.num_classes)
+    return _Session(device, net, optimizer, scheduler, scaler, amp_dtype, _mixer(config, model.num_classes), total)
+
+
+def _step(model: nn.Module, run: _Session, config: TrainConfig, x: torch.Tensor, y: torch.Tensor, step: int,
+          masks: WeightMasks | None, penalty: GradientPenalty | None, teacher: nn.Module | None) -> tuple[float, float]:
+    """One optimiser step on a batch; its loss and the penalty's value (0 without one)."""
+    soft, value = None, 0.0
+    if run.mixer is not None and len(y) % 2 == 0:
+        x, soft = run.mixer(x, y)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        logits = run.net(x)
+        loss = _loss(logits, y, soft, config.label_smoothing)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x).float()
+            kd = distill_loss(logits.float(), t_logits, config.distill_temperature)
+            loss = (1 - config.distill_alpha) * loss + config.distill_alpha * kd
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    if config.clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+    if penalty is not None:
+        # After clipping: a large penalty must not scale down the loss gradients.
+        value = penalty(model, step, run.total)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    if penalty is not None and hasattr(penalty, "after_step"):
+        penalty.after_step(model, step, run.total)
+        value = penalty.value
+    if masks is not None:
+        masks.apply_(model)
+    return float(loss.detach()), value
+
+
+def train(model: nn.Module, bundle, config: TrainConfig | None = None, masks: WeightMasks | None = None, *,
+          penalty: GradientPenalty | None = None, teacher: nn.Module | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, description: str = "train",
+          window: ScheduleWindow | None = None, optimizer_state: dict[str, Any] | None = None) -> TrainResult:
+    """Train `model` on `bundle.train` for `config.epochs`, validating on `bundle.val` each epoch.
+
+    `masks` keeps pruned weights at exactly zero. `penalty` edits gradients before each step
+    (RSST). `teacher` adds knowledge distillation. `on_epoch` receives each epoch's metrics.
+    `window` places this run inside a longer learning-rate schedule and `optimizer_state`
+    continues an earlier run's optimiser (its moments), so consecutive runs train as one.
+    Under torchrun the model is wrapped in DistributedDataParallel and the data sharded by rank.
+    """
+    config = config or TrainConfig()
+    run = _session(model, bundle, config, masks, teacher, window, optimizer_state)
+    device, result = run.device, TrainResult()
     step, last_penalty = 0, 0.0
     with _progress(config.progress and distributed.is_main()) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(description, total=run.total)
         for epoch in range(config.epochs):
             loss_sum, seen = 0.0, 0
             for x, y in distributed.epoch_loader(bundle.train, config.seed, epoch):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                soft = None
-                if mixer is not None and len(y) % 2 == 0:
-                    x, soft = mixer(x, y)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = net(x)
-                    loss = _loss(logits, y, soft, config.label_smoothing)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(x).float()
-                        kd = distill_loss(logits.float(), t_logits, config.distill_temperature)
-                        loss = (1 - config.distill_alpha) * loss + config.distill_alpha * kd
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                if config.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                if penalty is not None:
-                    # After clipping: a large penalty must not scale down the loss gradients.
-                    last_penalty = penalty(model, step, total)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if penalty is not None and hasattr(penalty, "after_step"):
-                    penalty.after_step(model, step, total)
-                    last_penalty = penalty.value
-                if masks is not None:
-                    masks.apply_(model)
-                loss_sum += float(loss.detach()) * len(y)
+                loss, value = _step(model, run, config, x, y, step, masks, penalty, teacher)
+                last_penalty = value if penalty is not None else last_penalty
+                loss_sum += loss * len(y)
                 seen += len(y)
                 step += 1
                 bar.update(task, advance=1)
-            train_loss = distributed.mean_across_ranks(loss_sum / max(1, seen), device)
-            if not math.isfinite(train_loss):  # the same on every rank: all stop together
-                raise TrainingError(f"{description}: the training loss became {train_loss} in epoch "
-                                    f"{epoch + 1}; lower the learning rate (or the RSST penalty) and run again")
-            val = evaluate(model, bundle.val, device)
-            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                      "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+            record = _epoch_record(model, bundle, run, description, epoch, step, loss_sum / max(1, seen))
             if penalty is not None:
                 record["lambda"] = last_penalty
             bar.update(task, description=f"{description} epoch {epoch + 1}/{config.epochs} "
-                                         f"loss {record['train_loss']:.3f} val top1 {val['top1']:.3f}")
+                                         f"loss {record['train_loss']:.3f} val top1 {record['val_top1']:.3f}")
             result.epochs.append(record)
             if on_epoch is not None:
                 on_epoch(record)
     result.val = evaluate(model, bundle.val, device) if not result.epochs else {
         k.removeprefix("val_"): v for k, v in result.epochs[-1].items() if k.startswith("val_")}
     result.steps = step
-    result.precision = next(name for name, dtype in DTYPES.items() if dtype == amp_dtype)
-    result.optimizer_state = optimizer.state_dict()
+    result.precision = next(name for name, dtype in DTYPES.items() if dtype == run.amp_dtype)
+    result.optimizer_state = run.optimizer.state_dict()
     model.eval()
     return result
+
+
+def _epoch_record(model: nn.Module, bundle, run: _Session, description: str, epoch: int, step: int,
+                  mean_loss: float) -> dict[str, Any]:
+    """The epoch's metrics (loss averaged over ranks, validation); a non-finite loss stops the run."""
+    train_loss = distributed.mean_across_ranks(mean_loss, run.device)
+    if not math.isfinite(train_loss):  # the same on every rank: all stop together
+        raise TrainingError(f"{description}: the training loss became {train_loss} in epoch "
+                            f"{epoch + 1}; lower the learning rate (or the RSST penalty) and run again")
+    val = evaluate(model, bundle.val, run.device)
+    return {"epoch": epoch + 1, "step": step, "lr": run.scheduler.get_last_lr()[0],
+            "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
