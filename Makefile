@@ -8,7 +8,7 @@ OUT ?= runs/demo
 # The research studies live in bench/studies/, outside the installed package.
 STUDY := PYTHONPATH=bench $(BIN)/python -m
 
-.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model bench-budget-accuracy clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model bench-budget-accuracy bench-refit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,11 @@ bench-budget-accuracy: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	$(STUDY) studies.budget_accuracy --method rsst --states 2 --epochs-per-state 2 --finetune-epochs 4 \
 		--out docs/budget-4000
+
+# Refit (compaction without training) against magnitude pruning with and without fine-tuning, digits
+# validation, 3 seeds (docs/refit).
+bench-refit: $(STAMP)
+	$(STUDY) studies.refit --seeds 0,1,2 --out docs/refit
 
 clean:
 	rm -rf build dist *.egg-info runs

@@ -314,6 +314,20 @@ def _imagefolder(root: Path | None) -> RawData:
                    _read_folder(val_dir, classes) if val_dir is not None else None)
 
 
+def _images(root: Path | None) -> RawData:
+    """A flat folder of images with no labels (calibration data for a refit): every image in one
+    class, the same files as train and test (a refit reads training images only)."""
+    root = _need_dir(root, "images", "holding image files (no class folders)")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for path in files:
+        check_image(path)
+    samples = FileSamples(files, torch.zeros(len(files), dtype=torch.int64))
+    return RawData(samples, samples, ["unlabelled"])
+
+
 DATA_SOURCES.register("digits")(DataSource(_digits, False, "8x8 digits shipped with vitcompact (1797 images)"))
 DATA_SOURCES.register("fashion-mnist")(DataSource(
     _idx_source("fashion-mnist", FASHION_CLASSES, FASHION_DEFAULT_ROOT), True,
@@ -330,3 +344,5 @@ DATA_SOURCES.register("cifar100")(DataSource(
 DATA_SOURCES.register("imagefolder")(DataSource(
     _imagefolder, True, "train/, test/ and optional val/ class-per-folder images, read lazily (each at "
     "most 4096x4096 pixels)"))
+DATA_SOURCES.register("images")(DataSource(
+    _images, True, "a flat folder of images without labels (calibration images for --method refit)"))

@@ -183,6 +183,8 @@ class RefitConfig(PruneConfig):
     method: ClassVar[str] = "refit"
     criteria: str = knob("activation", "Unit importance criterion (activation or fisher need no labels).")
     calib_images: int = knob(512, "Calibration images that score the units and feed the refit.")
+    calib_data: str | None = knob(None, "Calibration images from this data source, or from a folder of images "
+                                        "without labels (default: the training images; labels are never used).")
     refit_target: str = knob("global", f"What each block's refit reproduces: {', '.join(REFIT_TARGETS)}.")
     alpha: float = knob(0.5, "The global target's share in a mix.")
     ridge: float = knob(1e-3, "Ridge penalty, relative to the Gram matrix's mean diagonal.")

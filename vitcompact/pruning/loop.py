@@ -22,6 +22,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import output_folder
+from ..data import load_data
+from ..models.preprocess import data_config
 from ..errors import ConfigError, DataError
 from ..io import write_json, write_tensors
 from ..models.adapter import vit_layout
@@ -141,7 +143,10 @@ class _Run:
         hard = PruneMasks.from_weights(model)
         self.hard = hard if hard.is_quasi_structured() else PruneMasks.ones(model)
         self.element = _intersect(PruneMasks.ones(model), self.hard)
-        self.calibration = _calibration(bundle, config, self.method)
+        if self.budget is not None:  # a budget the allocator cannot meet stops before the folder is written
+            self.budget.check_reachable(config.target != "mlp", config.target != "head", config.round_to,
+                                        free=self.hard != PruneMasks.ones(model))
+        self.calibration = _calibration(model, bundle, config, self.method)
         self.done: int | None = None  # the last state a resumed run finished
         self.start = 0  # states up to this one are done
         self.rewind_state: dict[str, torch.Tensor] | None = None
@@ -208,12 +213,24 @@ class _Run:
         self.opt_state = None  # moments of weights that no longer exist
 
 
-def _calibration(bundle, config: PruneConfig, method: Method) -> DataLoader | None:
+def _calibration(model: nn.Module, bundle, config: PruneConfig, method: Method) -> DataLoader | None:
     """Training images in a fixed order, without augmentation, for a data-driven criterion or a
-    refit: the first `calib_images` of them where the config says how many."""
+    refit (from `calib_data` where the config names a source or a folder of images, read with the
+    model's own preprocessing): the first `calib_images` of them where the config says how many."""
     if not (CRITERIA.get(config.criteria).needs_data or method.needs_calibration):
         return None
+    source = getattr(config, "calib_data", None)
+    if source is not None:  # at the model's input, normalised as the data it is pruned on
+        folder, cfg = Path(source).is_dir(), data_config(model)
+        preprocessing = {**{k: cfg[k] for k in ("interpolation", "crop_pct", "crop_mode")},
+                         "mean": tuple(bundle.mean), "std": tuple(bundle.std)}
+        bundle = load_data("images" if folder else source, source if folder else None,
+                           img_size=cfg["input_size"][1:], in_chans=cfg["input_size"][0], preprocessing=preprocessing,
+                           batch_size=bundle.train.batch_size, aug="none", seed=config.seed)
     loader = bundle.calibration()
+    if len(loader.dataset) < loader.batch_size:
+        raise DataError(f"the calibration data holds {len(loader.dataset)} images, fewer than one batch "
+                        f"({loader.batch_size}); give more images or a smaller batch size")
     count = getattr(config, "calib_images", None)
     if count is None:
         return loader

@@ -1,0 +1,94 @@
+"""`--method refit`: compaction without training through `vc.prune`, the CLI and the pipeline,
+with calibration images from the training split, another source or a flat folder without labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import vitcompact as vc
+from vitcompact.cli.app import app
+
+from conftest import one_line_error
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = vc.create_model("vit-digits", num_classes=10, depth=2)
+    data = vc.load_data_for(model, "digits", batch_size=64)
+    vc.train(model, data, vc.TrainConfig(epochs=3, progress=False))
+    return model, data
+
+
+def flat_folder(path, count: int):
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(path / f"{i:03d}.png")
+    return path
+
+
+def test_refit_prunes_without_training_and_compacts_exactly(trained):
+    model, data = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = vc.prune(model, data, vc.RefitConfig(head_ratio=0.5, mlp_ratio=0.5, calib_images=128))
+    assert [len(b.heads) for b in result.structure.blocks] == [2, 2]
+    assert result.masks.is_quasi_structured() and result.masks == vc.PruneMasks.from_weights(model)
+    assert not any(r["phase"] in ("refit", "finetune") for r in result.metrics)  # no training pass
+    # The refit changed the kept output layers, never the kept inputs of a block.
+    assert not torch.equal(before["blocks.0.attn.proj.weight"], model.state_dict()["blocks.0.attn.proj.weight"])
+    kept = result.structure.blocks[0].neurons
+    assert torch.equal(before["blocks.0.mlp.fc1.weight"][kept], model.state_dict()["blocks.0.mlp.fc1.weight"][kept])
+    small = vc.compact(model, result.masks).eval()
+    x = torch.randn(4, *vc.input_size(small))
+    with torch.no_grad():
+        assert torch.allclose(small(x), model.eval()(x), atol=1e-5)
+
+
+def test_refit_beats_plain_removal_on_validation(trained):
+    model, data = trained
+    import copy
+    plain = vc.prune(copy.deepcopy(model), data, vc.OneShotConfig(head_ratio=0.5, mlp_ratio=0.5, criteria="activation",
+                                                                  finetune_epochs=0, train=vc.TrainConfig(progress=False)))
+    refit = vc.prune(copy.deepcopy(model), data, vc.RefitConfig(head_ratio=0.5, mlp_ratio=0.5))
+    assert refit.structure.shape() == plain.structure.shape()
+    assert refit.val["loss"] < plain.val["loss"]
+
+
+def test_cli_refit_from_a_flat_folder_of_unlabelled_images(tmp_path):
+    folder = flat_folder(tmp_path / "calib", 80)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["prune", "vit-digits", "--method", "refit", "--calib-data", str(folder),
+                                 "--calib-images", "64", "--head-ratio", "0.5", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["method"] == "refit"
+    assert json.loads(result.output)["structure"].startswith("8/16 heads")
+    assert vc.is_compact(vc.load(out)) is False and (out / "masks.safetensors").exists()
+
+
+@pytest.mark.parametrize("count,args,message", [
+    (0, [], "holds no images"),
+    (20, [], "the calibration data holds 18 images, fewer than one batch (64)"),
+    (80, ["--calib-images", "10"], "calib_images=10 is fewer than one batch (64)"),
+])
+def test_cli_refit_refuses_bad_calibration_in_one_line_and_writes_nothing(tmp_path, count, args, message):
+    folder = flat_folder(tmp_path / "calib", count)
+    out = tmp_path / "run"
+    one_line_error(runner.invoke(app, ["prune", "vit-digits", "--method", "refit", "--calib-data", str(folder),
+                                       *args, "--out", str(out)]), message)
+    assert not (out / "run.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_refit_settings_belong_to_refit():
+    one_line_error(runner.invoke(app, ["prune", "vit-digits", "--calib-images", "64", "--out", "x"]),
+                   "--calib-images is a setting of refit, not of oneshot")
+    with pytest.raises(vc.ConfigError, match="unknown refit target 'both'"):
+        vc.RefitConfig(refit_target="both")
