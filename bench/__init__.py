@@ -13,10 +13,10 @@ from vitcompact.latency import (BACKENDS, BackendOptions, BenchModel, LatencySta
 
 from .harness import SCHEMA, BatchResult, BenchConfig, BenchResult, benchmark
 from .report import plot, to_markdown, write_report
-from .sources import resolve
+from .sources import resolve, with_token_merge
 
 __all__ = [
     "BACKENDS", "BackendOptions", "SCHEMA", "BatchResult", "BenchConfig", "BenchResult", "benchmark",
     "plot", "to_markdown", "write_report", "BenchModel", "resolve", "LatencyStats", "SpeedUp",
-    "latency_stats", "speedup_interval",
+    "latency_stats", "speedup_interval", "with_token_merge",
 ]

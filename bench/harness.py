@@ -15,7 +15,7 @@ import torch
 
 from vitcompact.errors import ConfigError
 from vitcompact.latency.backends import BackendOptions, make_backend
-from vitcompact.latency.environment import environment, physical_cores
+from vitcompact.latency.environment import check_threads, environment, physical_cores
 from vitcompact.latency.sources import BenchModel, check_pair, ideal_speedup
 from vitcompact.latency.stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
 from vitcompact.latency.timing import measure_pair, plan_rounds  # noqa: F401  (plan_rounds: re-exported)
@@ -49,6 +49,7 @@ class BenchConfig:
     graph_optimization: str = "all"             # onnxruntime: disable, basic, extended, all
     onnx_optimize: str = "off"                  # exporter's transformer fusion for both models
     seed: int = 0                               # input batch and bootstrap
+    precision: str | None = None                # openvino: f32, bf16, int8 (default f32); others run the file's
 
     def __post_init__(self) -> None:
         if self.batch_sizes is not None and not self.batch_sizes:
@@ -59,7 +60,7 @@ class BenchConfig:
             integer(name, getattr(self, name), 1)
         integer("warmup", self.warmup, 0)
         if self.threads is not None:
-            integer("threads", self.threads, 1)
+            check_threads(self.threads)
         seed("seed", self.seed)
         if self.onnx_optimize not in ONNX_OPTIMIZE:
             raise ConfigError(f"onnx_optimize must be one of {', '.join(ONNX_OPTIMIZE)}, "
@@ -67,6 +68,9 @@ class BenchConfig:
         in_range("confidence", self.confidence, 0.0, 1.0, low_open=True, high_open=True)
         if self.time_budget_s is not None:
             in_range("time_budget_s", self.time_budget_s, 0.0, low_open=True)
+        if self.precision is not None and self.backend != "openvino":
+            raise ConfigError(f"precision is set by backend openvino only; backend {self.backend} runs the "
+                              "precision of the file it times (export an INT8 or FP16 file for it)")
 
 
 @dataclass
@@ -131,7 +135,7 @@ def benchmark(dense: ModelSource, compact: ModelSource, config: BenchConfig | No
     config = config or BenchConfig()
     threads = config.threads or physical_cores()
     backend = make_backend(config.backend, BackendOptions(threads, config.graph_optimization,
-                                                             config.onnx_optimize, config.seed))
+                                                             config.onnx_optimize, config.seed, config.precision))
     dense_model, compact_model = resolve(dense), resolve(compact)
     check_pair(dense_model, compact_model)
     batch_sizes = tuple(config.batch_sizes or (GPU_BATCH_SIZES if backend.on_gpu else CPU_BATCH_SIZES))

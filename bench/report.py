@@ -26,6 +26,9 @@ def to_markdown(result: BenchResult) -> str:
         f"GPU {env.get('gpu') or 'none'}; torch {env.get('torch')}, timm {env.get('timm')}, "
         f"onnxruntime {env.get('onnxruntime')}, TensorRT {env.get('tensorrt') or 'n/a'}"
         + (f", graph optimisation `{env['graph_optimization']}`" if "graph_optimization" in env else "")
+        + (f"; OpenVINO {env.get('openvino')} {env.get('precision')} (runs {env.get('inference_precision')}), "
+           f"{env.get('streams')} stream(s), hint {env.get('performance_hint')}, CPU's best ISA "
+           f"{env.get('cpu_features', {}).get('best_isa')}" if env.get("backend") == "openvino" else "")
         + ".",
         "",
         f"| batch | dense p50 ms | dense p90 ms | dense p99 ms | compact p50 ms | compact p90 ms "

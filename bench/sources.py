@@ -4,7 +4,7 @@ made into the core's `BenchModel` (`vitcompact.latency`)."""
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 from pathlib import Path
 from typing import Union
@@ -12,39 +12,24 @@ from typing import Union
 import torch.nn as nn
 
 from vitcompact.creation import create_model
-from vitcompact.errors import ArtifactError
+from vitcompact.errors import ArtifactError, ConfigError
+from vitcompact.export.onnx_input import read_onnx
 from vitcompact.export.tensorrt import ENGINE_SUFFIXES, EngineInfo
 from vitcompact.io import regular_file
 from vitcompact.latency.sources import BenchModel, check_pair, ideal_speedup  # noqa: F401  (re-exported)
+from vitcompact.models.token_merge import TokenMergeConfig, merge_tokens
 
 ModelSource = Union[nn.Module, str, os.PathLike, BenchModel]
 
 
-def onnx_metadata(path: Path) -> dict[str, str]:
-    """The file's metadata_props as a dict (graph weights are not loaded)."""
-    import onnx
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and others for a corrupt file
-        raise ArtifactError(f"{path} is not a readable ONNX file: {e}") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if "input_size" not in meta:
-        dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
-        if len(dims) == 3 and all(dims):
-            meta["input_size"] = json.dumps(dims)
-    return meta
-
-
 def _from_onnx(path: Path, label: str) -> BenchModel:
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
-    meta = onnx_metadata(path)
-    if "input_size" not in meta:
+    onnx_file = read_onnx(path)  # refuses what onnxruntime or numpy would fail on, naming the file
+    meta = onnx_file.metadata
+    if onnx_file.input_size is None:
         raise ArtifactError(f"{path}: input size unknown (no 'input_size' metadata and no static "
                             "C, H, W input dims); re-export it with `vitcompact export`")
     macs = int(meta["macs"]) if meta.get("macs", "").isdigit() else None
-    return BenchModel(label, tuple(json.loads(meta["input_size"])), macs, onnx_path=path,
-                      precision=meta.get("precision", "fp32"))
+    return BenchModel(label, onnx_file.input_size, macs, onnx_path=path, precision=meta.get("precision", "fp32"))
 
 
 def _from_engine(path: Path, label: str) -> BenchModel:
@@ -65,3 +50,19 @@ def resolve(source: ModelSource) -> BenchModel:
     if path.suffix in ENGINE_SUFFIXES:
         return _from_engine(path, label)
     return BenchModel.of(create_model(source), label)
+
+
+def with_token_merge(source: nn.Module | str | os.PathLike, config: TokenMergeConfig) -> BenchModel:
+    """`source` (a module, artifact directory, preset or timm name) merging tokens as `config` says; a
+    module is copied, not changed. An exported file is refused: its graph is fixed."""
+    if isinstance(source, nn.Module):
+        model, label = copy.deepcopy(source), None
+    elif Path(source).suffix in (".onnx", *ENGINE_SUFFIXES):
+        raise ConfigError(f"token merging cannot be added to the exported file {source}; export the model "
+                          "with it (vitcompact export onnx MODEL OUT --token-merge R) and bench that file")
+    else:
+        model, label = create_model(source), str(source)
+    merged = BenchModel.of(merge_tokens(model, config), label)
+    if config.enabled:
+        merged.label += f" + token merging r={config.r}"
+    return merged

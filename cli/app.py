@@ -9,8 +9,9 @@ import typer
 import vitcompact as vc
 
 from .bench_cmd import bench
-from .common import CommandGroup
+from .common import CommandGroup, exit_on_sigterm
 from .compact_cmd import compact
+from .deploy_cmd import deploy_cmd
 from .export_cmd import export_app
 from .inspect_cmd import inspect
 from .pipeline_cmd import demo, pipeline
@@ -48,9 +49,11 @@ app.command()(compact)
 app.command()(inspect)
 app.add_typer(export_app, name="export")
 app.command()(bench)
+app.command("deploy")(deploy_cmd)
 app.command()(pipeline)
 app.command()(demo)
 
 
 def main() -> None:
+    exit_on_sigterm()
     app()

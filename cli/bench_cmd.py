@@ -8,11 +8,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitcompact.bench import BenchConfig, benchmark, write_report
+from vitcompact.bench import BenchConfig, benchmark, with_token_merge, write_report
 from vitcompact.latency import backend_names
 from vitcompact.errors import ConfigError
 
-from .common import JsonOption, console, err_console, print_json, user_errors
+from .common import (JsonOption, console, err_console, print_json, token_merge_config, token_merge_options,
+                     user_errors)
+from .options import config_options
 
 
 def parse_batch_sizes(text: str | None) -> tuple[int, ...] | None:
@@ -28,6 +30,8 @@ def parse_batch_sizes(text: str | None) -> tuple[int, ...] | None:
 
 
 @user_errors
+@config_options(token_merge_options("the COMPACT model only (the dense one runs as it is; an .onnx or engine "
+                                    "file cannot take it)"))
 def bench(
     dense: str = typer.Argument(..., help="Dense model: artifact directory, preset, timm name, .onnx "
                                           "file or TensorRT .engine/.plan file."),
@@ -35,7 +39,10 @@ def bench(
                                             ".engine/.plan file (or a name)."),
     backend: str = typer.Option("ort-cpu", help=f"One of: {', '.join(backend_names())}. tensorrt is "
                                 "onnxruntime's TensorRT provider (models, .onnx files); tensorrt-engine "
-                                "runs .engine/.plan files from `vitcompact export tensorrt` natively."),
+                                "runs .engine/.plan files from `vitcompact export tensorrt` natively; openvino "
+                                "runs OpenVINO on the CPU at --precision."),
+    precision: str | None = typer.Option(None, help="--backend openvino: f32 (default), bf16 or int8 (INT8 "
+                                                     "quantised by NNCF on random images: for timing only)."),
     batch_sizes: str | None = typer.Option(None, help="Comma-separated, e.g. 1,8,32 "
                                                        "(default 1,8,32 on CPU, up to 256 on GPU)."),
     threads: int | None = typer.Option(None, help="Threads per model (default: all physical cores)."),
@@ -44,6 +51,7 @@ def bench(
     time_budget: float = typer.Option(60.0, help="Seconds per batch size that cap the rounds."),
     out: Path | None = typer.Option(None, help="Write bench.json, bench.md and bench.png here."),
     json_out: bool = JsonOption,
+    given: dict | None = None,
 ) -> None:
     """Measure dense vs compact latency (interleaved, pinned threads) and compare with the ideal.
 
@@ -51,12 +59,21 @@ def bench(
     `vitcompact export tensorrt`: input size, MACs, precision, batch profile) and --batch-sizes inside
     the engines' profile (1..64 unless built otherwise; the GPU default sweep goes to 256).
 
+    --token-merge R makes the compact model merge tokens before it is timed; the dense model runs as it
+    is, so the measured and the ideal speed-up include the merging.
+
+    --backend openvino (the openvino extra) sets threads, one stream and the latency hint explicitly;
+    they and the CPU's instruction sets (AMX, AVX-512 VNNI / BF16, AVX2) go into bench.json.
+
     Example: vitcompact bench vit_small_patch16_224 runs/demo/compact --batch-sizes 1,8 --threads 1
     """
     config = BenchConfig(backend=backend, batch_sizes=parse_batch_sizes(batch_sizes), threads=threads,
-                         rounds=rounds, runs_per_round=runs_per_round, time_budget_s=time_budget)
+                         rounds=rounds, runs_per_round=runs_per_round, time_budget_s=time_budget,
+                         precision=precision)
+    token_merge = token_merge_config(given or {})
     progress = None if json_out else (lambda line: err_console.print(line, markup=False))
-    result = benchmark(dense, compact, config, progress=progress)
+    result = benchmark(dense, compact if token_merge is None else with_token_merge(compact, token_merge), config,
+                       progress=progress)
     paths = write_report(result, out) if out is not None else {}
     if json_out:
         print_json({**result.to_dict(), "files": {k: str(v) for k, v in paths.items()}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -17,6 +18,8 @@ import vitcompact as vc
 from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import VitCompactError, one_line
 from vitcompact.validate import finite
+
+from .options import Fields, split
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +60,17 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, `timeout`, a scheduler stopping a job) end the command as Ctrl-C does,
+    through every `finally` (its default action kills the process where it stands): staging and
+    partial folders are removed, and the exit code is 143, as for a process the signal killed."""
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+        err_console.print("terminated", markup=False)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 class CommandGroup(TyperGroup):
     """The root command group (`typer.Typer(cls=CommandGroup)`): typer's own parameter errors (a
     value that is not a number, a missing option, an unknown command) become one `error:` line
@@ -95,6 +109,25 @@ PretrainedOption = typer.Option(False, "--pretrained", help="Start a timm model 
                                 "internet; offline, pass --checkpoint FILE).")
 ResetClassifierOption = typer.Option(False, "--reset-classifier", help="Give an artifact a new classifier when the "
                                      "data has another class count.")
+
+
+def token_merge_options(which: str) -> Fields:
+    """`--token-merge R` and `--token-merge-schedule` (TokenMergeConfig's `r` and `schedule`); `which`
+    says in the help which model merges."""
+    return Fields(vc.TokenMergeConfig, "token_merge.", names=("r", "schedule"),
+                  flags={"r": "--token-merge", "schedule": "--token-merge-schedule"},
+                  help={"r": f"Token merging (ToMe) on {which}: tokens merged per block, at most half a "
+                             "block's tokens (0: off)."})
+
+
+def token_merge_config(given: dict[str, Any]) -> vc.TokenMergeConfig | None:
+    """The TokenMergeConfig the `token_merge_options` given make; None when none was given."""
+    fields = split(given, "token_merge.")
+    if not fields:
+        return None
+    if "r" not in fields:
+        raise vc.ConfigError("--token-merge-schedule needs --token-merge R (tokens merged per block)")
+    return vc.TokenMergeConfig(**fields)
 
 
 def check_writable(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""`vitcompact export onnx|tensorrt`: the shipped files, verified."""
+"""`vitcompact export onnx|openvino|tensorrt`: the shipped files, verified."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ from rich.table import Table
 import vitcompact as vc
 from vitcompact.data import DATA_SOURCES
 from vitcompact.errors import ConfigError
-from vitcompact.export import (ExportConfig, ExportResult, Int8Config, ParityReport, TensorRTConfig, export_all,
-                               to_tensorrt)
+from vitcompact.export import (ExportConfig, ExportResult, Int8Config, OpenVINOConfig, OpenVINOResult, ParityReport,
+                               TensorRTConfig, export_all, to_openvino, to_tensorrt)
 from vitcompact.export.graph import GRAPHS
 from vitcompact.export.int8 import CALIBRATIONS, INT8_MODES
 from vitcompact.export.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
-from .common import JsonOption, console, print_json, user_errors
+from .common import (DataRootOption, JsonOption, console, print_json, token_merge_config, token_merge_options,
+                     user_errors)
+from .options import config_options
 
-export_app = typer.Typer(help="Export a model to ONNX (and ONNX to a TensorRT engine), verified.",
+export_app = typer.Typer(help="Export a model to ONNX or an OpenVINO IR (and ONNX to a TensorRT engine), verified.",
                          no_args_is_help=True)
 
 
@@ -31,6 +33,7 @@ def _parity_text(parity: ParityReport | None) -> str:
 
 @export_app.command("onnx")
 @user_errors
+@config_options(token_merge_options("the exported model (instead of what an artifact records)"))
 def onnx_cmd(
     model: str = typer.Argument(..., help="Artifact directory, preset name or timm ViT name."),
     out: Path = typer.Argument(..., help="The .onnx file to write."),
@@ -53,14 +56,17 @@ def onnx_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file against PyTorch."),
     optimize: str = typer.Option("auto", help="Graph optimisation: auto (keep if faster), on, off."),
     graph: str = typer.Option(ExportConfig.graph, help=f"Graph traced: {' or '.join(GRAPHS)} (README \"ONNX\")."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT (and its variants) where they exist."),
     json_out: bool = JsonOption,
+    given: dict | None = None,
 ) -> None:
     """Export to ONNX with a dynamic batch axis and metadata, verified against PyTorch.
 
     Example: vitcompact export onnx runs/demo/compact runs/demo/model.onnx --fp16
-    --int8 static --calib-data digits
+    --int8 static --calib-data digits --token-merge 2
     """
     config = ExportConfig(opset=opset, verify=verify, optimize=optimize, graph=graph)
+    token_merge = token_merge_config(given or {})
     int8_config = None
     if int8 is not None:
         int8_config = Int8Config(mode=int8, calibration=calib_method, calib_batches=calib_batches,
@@ -71,10 +77,12 @@ def onnx_cmd(
     elif calib_data is not None:
         raise ConfigError("--calib-data is for INT8; add --int8 static (or dynamic)")
     loaded = vc.create_model(model)
+    if token_merge is not None:
+        vc.merge_tokens(loaded, token_merge)
     # Unaugmented at the model's input: training split to calibrate, validation and test to measure.
     data = (vc.load_data_for(loaded, calib_data, data_root, batch_size=64, seed=seed, aug="none")
             if calib_data is not None else None)
-    results = export_all(loaded, out, config, fp16=fp16, int8=int8_config, data=data)
+    results = export_all(loaded, out, config, fp16=fp16, int8=int8_config, data=data, overwrite=overwrite)
     if json_out:
         print_json([r.to_dict() for r in results])
         return
@@ -96,6 +104,62 @@ def _int8_text(result: ExportResult) -> str:
     return "INT8 top-1 " + ", ".join(
         f"{split} {a['int8']:.4f} (fp32 {a['fp32']:.4f}, {-a['drop_points']:+.2f} points)"
         for split, a in acc.items())
+
+
+@export_app.command("openvino")
+@user_errors
+def openvino_cmd(
+    model: str = typer.Argument(..., help="Artifact directory, preset name, timm ViT name or fp32 .onnx file."),
+    out: Path = typer.Argument(..., help="The .xml file to write (its .bin goes beside it)."),
+    precision: str = typer.Option(OpenVINOConfig.precision, help="f32, bf16 or int8."),
+    int8_source: str = typer.Option(OpenVINOConfig.int8_source, help="INT8: nncf (NNCF post-training), qdq "
+                                    "(vitcompact's static INT8 ONNX, converted) or auto (both; keeps the faster)."),
+    calib_data: str | None = typer.Option(
+        None, help=f"Data source whose training split calibrates INT8 and whose validation split checks bf16 and "
+                   f"INT8 accuracy: {', '.join(DATA_SOURCES.names())}."),
+    data_root: Path | None = DataRootOption,
+    max_accuracy_drop: float = typer.Option(
+        OpenVINOConfig.max_accuracy_drop, help="bf16 / INT8: refuse an IR losing more validation top-1 points than this."),
+    threads: int | None = typer.Option(None, help="OpenVINO threads for the checks (default: its own)."),
+    seed: int = typer.Option(0, help="Seed of the validation split (the one the model was trained with)."),
+    graph: str = typer.Option(ExportConfig.graph, help=f"Graph traced: {' or '.join(GRAPHS)} (README \"ONNX\")."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the IR against the FP32 model."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Export to an OpenVINO IR (.xml + .bin; the openvino extra), checked against the FP32 model.
+
+    f32 must match it to the ONNX tolerance; bf16 and INT8 within a logits tolerance and a top-1
+    agreement, and with --calib-data their validation top-1 within --max-accuracy-drop points.
+
+    Example: vitcompact export openvino runs/demo/compact runs/demo/compact.xml --precision int8
+    --calib-data digits
+    """
+    if precision == "int8" and calib_data is None:
+        raise ConfigError("--precision int8 needs --calib-data SOURCE (training images to calibrate on)")
+    config = OpenVINOConfig(precision=precision, int8_source=int8_source, max_accuracy_drop=max_accuracy_drop,
+                            threads=threads, verify=verify)
+    source = Path(model) if model.endswith(".onnx") else vc.create_model(model)
+    if calib_data is not None and isinstance(source, Path):
+        raise ConfigError("--calib-data needs the model (artifact directory or name), not an ONNX file")
+    data = (vc.load_data_for(source, calib_data, data_root, batch_size=64, seed=seed, aug="none")
+            if calib_data is not None else None)
+    result = to_openvino(source, out, config, calibration=data, export_config=ExportConfig(graph=graph))
+    if json_out:
+        print_json(result.to_dict())
+        return
+    console.print(_openvino_text(result), markup=False, soft_wrap=True)
+    console.print(_parity_text(result.parity), markup=False)
+
+
+def _openvino_text(result: OpenVINOResult) -> str:
+    text = (f"{result.path} (+ {result.bin_path.name}): OpenVINO {result.precision}"
+            + (f" from {result.int8_source}" if result.int8_source else "")
+            + f", runs in {result.executed_precision} on this CPU, {result.seconds:.1f} s")
+    acc = result.accuracy
+    if acc:
+        text += (f"\nvalidation top-1 {acc['openvino']:.4f} (FP32 {acc['reference']:.4f}, "
+                 f"{0.0 - acc['drop_points']:+.2f} points, {acc['images']} images)")
+    return text
 
 
 @export_app.command("tensorrt")

@@ -18,7 +18,7 @@ from vitcompact.pipeline.config import DataConfig, with_overrides
 from vitcompact.pruning.configs import CONFIGS, PruneConfig
 from vitcompact.training import TrainConfig
 
-from .common import JsonOption, console, print_json, user_errors
+from .common import JsonOption, console, print_json, token_merge_options, user_errors
 from .options import Fields, config_options, split
 
 
@@ -56,6 +56,10 @@ def _run(config: PipelineConfig, json_out: bool) -> None:
     acc = s["accuracy"]
     console.print(f"test top-1: dense {acc['dense_test_top1']:.4f}, compact {acc['compact_test_top1']:.4f} "
                   f"(ONNX {acc['compact_onnx_test_top1']:.4f})")
+    merge = s.get("token_merge")
+    if merge:
+        console.print(f"token merging r={merge['r']} ({merge['schedule']}) on the compact model: test top-1 "
+                      f"{merge['test_top1']['without']:.4f} without, {merge['test_top1']['with']:.4f} with")
     int8 = s.get("int8") or {}
     if "accuracy" in int8:
         console.print(f"INT8 ({int8['mode']}) test top-1 {int8['accuracy']['test']['int8']:.4f} "
@@ -78,6 +82,8 @@ PIPELINE_OPTIONS = (
            help={"epochs": "Dense training epochs before pruning (0: none)."}),
     Fields(BudgetRequest, "budget.",
            help={"target_speedup": "Prune to this measured speed-up instead of the ratios ([budget] in a config file)."}),
+    token_merge_options("the compact model, in its artifact, ONNX and INT8 files and bench ([token_merge] in a "
+                        "config file)"),
     Fields(PipelineConfig, "", names=("out", "overwrite"), flags={"out": "--out -o"}),
 )
 
@@ -94,8 +100,8 @@ def pipeline(
 ) -> None:
     """Prune -> compact -> export -> INT8 -> verify -> bench, from flags or a TOML config file.
 
-    The file's sections (data, train, prune, export, int8, bench, budget) are the stages' configs,
-    with their field names; flags override the file.
+    The file's sections (data, train, prune, export, int8, bench, budget, token_merge) are the stages'
+    configs, with their field names; flags override the file.
 
     Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
     """

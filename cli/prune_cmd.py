@@ -11,13 +11,14 @@ import typer
 
 import vitcompact as vc
 from vitcompact import output_folder
-from vitcompact.latency import BudgetRequest
+from vitcompact.latency import MISS_TOLERANCE, BudgetRequest, budget_missed
+from vitcompact.latency.report import REPORT_MD
 from vitcompact.pruning.configs import CONFIGS, PruneConfig, RunFolder, foreign_setting, prune_config
 from vitcompact.pruning.loop import prune as prune_model
 from vitcompact.training import TrainConfig, distributed
 
 from .common import (AugOption, DataOption, DataRootOption, JsonOption, PretrainedOption, ResetClassifierOption,
-                     WorkersOption, check_writable, console, print_json, user_errors)
+                     WorkersOption, check_writable, console, err_console, print_json, user_errors)
 from .options import Fields, config_options, split
 
 
@@ -48,6 +49,20 @@ def config_from_options(method: str, given: dict[str, Any], progress: bool = Tru
         raise vc.ConfigError(f"--{name.replace('_', '-')} is a setting of {' and '.join(owners)}, not of {method}")
     return prune_config(method, **fields, train=TrainConfig(progress=progress, **split(given, "train.")),
                         budget=budget)
+
+
+def check_budget_met(report: dict[str, Any] | None, out: Path, allow: bool) -> None:
+    """Refuse to save a model whose measured speed-up misses its latency budget (beyond
+    `MISS_TOLERANCE`) unless `allow`; then it is said loudly, and saved."""
+    missed = budget_missed(report) if report is not None else None
+    if missed is None:
+        return
+    where = out / REPORT_MD
+    if allow:
+        err_console.print(f"warning: {missed}; saved anyway (--allow-missed-budget), see {where}", markup=False)
+        return
+    raise vc.ConfigError(f"{missed}; the model is not saved (the masks and {where} are): check the machine's "
+                         "load, or rerun with --resume --allow-missed-budget to save it as it is")
 
 
 def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path | None, batch_size: int,
@@ -82,6 +97,9 @@ def prune(
     out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, masks, pruned artifact)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last state."),
     wandb_project: str | None = typer.Option(None, "--wandb-project", help="Also log to wandb."),
+    allow_missed_budget: bool = typer.Option(
+        False, "--allow-missed-budget", help=f"Save the model even when the measured speed-up misses the latency "
+                                             f"budget by more than {MISS_TOLERANCE:.0%} (otherwise: exit code 2)."),
     json_out: bool = JsonOption,
     given: dict[str, Any] | None = None,
 ) -> None:
@@ -90,6 +108,8 @@ def prune(
     Example: vitcompact prune runs/dense --data digits --method rsst --head-ratio 0.3 --mlp-ratio 0.3 --out runs/rsst
     """
     config = config_from_options(method, given or {}, progress=not json_out)
+    if allow_missed_budget and config.budget is None:
+        raise vc.ConfigError("--allow-missed-budget is for a latency budget; add --target-speedup or --latency-ms")
     folder = RunFolder(out, resume, wandb_project,
                        run_inputs(model, checkpoint, data, data_root, batch_size, aug, pretrained))
     check_writable(out)
@@ -105,6 +125,7 @@ def prune(
             return
         budget = ({k: result.budget[k] for k in ("requested_speedup", "predicted", "measured")}
                   if result.budget is not None else None)
+        check_budget_met(result.budget, out, allow_missed_budget)
         vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
                                                "val": result.val, "test": result.test,
                                                "structure": result.structure.summary()})

@@ -10,11 +10,11 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import onnx
 
-from vitcompact.errors import ArtifactError
+from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.io import ensure_dir, temp_dir
 
 # Protobuf cannot serialise a message over 2 GiB; leave room for the graph itself.
@@ -49,13 +49,14 @@ def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = N
 
 
 @contextlib.contextmanager
-def staging(path: str | os.PathLike) -> Iterator[Path]:
-    """A private folder beside `path` for intermediate files; removed afterwards, whatever happens."""
+def staging(path: str | os.PathLike, suffix: str = ".onnx") -> Iterator[Path]:
+    """A private folder beside `path` (a file name ending in `suffix`) for intermediate files;
+    removed afterwards, whatever happens."""
     path = Path(path)
-    if path.suffix != ".onnx":
-        raise ArtifactError(f"{path}: the output file name must end in .onnx")
+    if path.suffix != suffix:
+        raise ArtifactError(f"{path}: the output file name must end in {suffix}")
     if path.is_dir():
-        raise ArtifactError(f"{path} is a folder; give the path of the .onnx file to write")
+        raise ArtifactError(f"{path} is a folder; give the path of the {suffix} file to write")
     ensure_dir(path.parent)
     stage = temp_dir(path.parent, f".{path.name}.tmp-")
     try:
@@ -64,6 +65,52 @@ def staging(path: str | os.PathLike) -> Iterator[Path]:
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def claim_outputs(paths: Sequence[Path], overwrite: bool = True) -> None:
+    """Refuse, before any work, ONNX outputs that cannot be written: a folder where a file or its
+    data file goes, or (unless `overwrite`) a file already there."""
+    for path in paths:
+        if path.is_dir():
+            raise ArtifactError(f"{path} is a folder; give the path of the .onnx file to write")
+        if data_file(path).is_dir():
+            raise ArtifactError(f"{data_file(path)} is a folder, where the weights of {path.name} may go; move it")
+        if path.exists() and not overwrite:
+            raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another file name")
+
+
+def publish_all(pairs: Sequence[tuple[Path, Path]], spare: Path) -> list[Path]:
+    """Move staged ONNX files (with their data files) to their destinations, all or none: what is
+    there is moved into `spare` (a new folder beside them) first, and put back if any move fails,
+    which raises an ArtifactError naming the destination that failed."""
+    moves = [(data_file(staged), data_file(path)) for staged, path in pairs if data_file(staged).exists()]
+    moves += list(pairs)
+    # A destination's old data file goes too when its new file keeps its weights inside.
+    stale = [data_file(path) for staged, path in pairs if not data_file(staged).exists()]
+    aside: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    current = pairs[0][1]
+    try:
+        ensure_dir(spare)
+        for i, target in enumerate([dst for _, dst in moves] + stale):
+            current = target
+            if target.exists() or target.is_symlink():
+                keep = spare / f"{i}-{target.name}"
+                os.replace(target, keep)
+                aside.append((target, keep))
+        for staged, path in moves:
+            current = path
+            os.replace(staged, path)
+            done.append(path)
+    except OSError as e:
+        for path in done:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for target, keep in reversed(aside):
+            with contextlib.suppress(OSError):
+                os.replace(keep, target)
+        raise ArtifactError(f"cannot write {current}: {e.strerror or e}") from None
+    return [path for _, path in pairs]
 
 
 def publish(staged: Path, path: Path) -> Path:

@@ -18,17 +18,24 @@ import vitcompact as vc
 from vitcompact.artifact import _data_config
 from vitcompact.errors import ArtifactError
 from vitcompact.models.record import get_record
+from vitcompact.models.token_merge import model_token_counts
 
 PRECISIONS = ("fp32", "fp16", "int8")
-JSON_KEYS = ("structure", "input_size", "mean", "std", "source", "optimization", "int8")
+JSON_KEYS = ("structure", "input_size", "mean", "std", "source", "optimization", "int8", "token_merge",
+             "block_tokens")
 INT_KEYS = ("params", "macs", "num_classes")
 
 
 def model_metadata(model: nn.Module, precision: str = "fp32") -> dict[str, str]:
-    """The metadata of an export of `model`: version, structure, size, input and source."""
+    """The metadata of an export of `model`: version, structure, size, input and source, and for a
+    model that merges tokens its setting (`token_merge`) and tokens per block (`block_tokens`: what
+    enters each block's attention, for the input size in `input_size`); MACs count the merged tokens."""
     data = _data_config(model)
     counted = vc.count(model)
     record = get_record(model)
+    merging = {} if record.token_merge is None else {
+        "token_merge": json.dumps(record.token_merge.to_dict()),
+        "block_tokens": json.dumps(model_token_counts(model))}
     return {
         "vitcompact_version": vc.__version__,
         "structure": json.dumps(record.structure if record.is_compact else None),
@@ -41,6 +48,7 @@ def model_metadata(model: nn.Module, precision: str = "fp32") -> dict[str, str]:
         # A model built outside vitcompact has no recorded source (null); it is exported anyway.
         "source": json.dumps(record.source()),
         "precision": precision,
+        **merging,
     }
 
 

@@ -25,6 +25,7 @@ from vitcompact.io import atomic_paths, json_text, read_json, scratch
 from vitcompact.validate import in_range, integer
 
 from .metadata import read_metadata
+from .onnx_input import read_onnx
 from .optimize import has_contrib_ops
 from .verify import ParityReport, check_onnx, compare, input_shape, onnx_runner, ort_session
 
@@ -210,6 +211,7 @@ def _source_metadata(onnx_path: Path, engine_path: Path) -> dict[str, Any]:
     """The metadata of an ONNX file TensorRT can be built from; refuses one it cannot, before building."""
     if engine_path.is_dir():
         raise ArtifactError(f"{engine_path} is a folder; give the path of the engine file to write")
+    read_onnx(onnx_path)
     check_onnx(onnx_path)
     metadata = read_metadata(onnx_path)
     if metadata.get("precision", "fp32") != "fp32":

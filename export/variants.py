@@ -22,6 +22,7 @@ from vitcompact.errors import ArtifactError, ConfigError
 from .files import data_file, publish, save_onnx, staging
 from .metadata import raw_metadata
 from .onnx import ExportResult, opset_of, restamp
+from .onnx_input import read_onnx
 from .verify import DEFAULT_BATCHES, check_onnx, verify_against_onnx
 
 # Loose sanity bounds on max abs logit difference against fp32, for the report's pass flag only.
@@ -33,10 +34,11 @@ def variant_path(src: Path, precision: str) -> Path:
 
 
 def fp32_source(src: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+    """The fp32 ONNX file a variant is made from (checked by `read_onnx`) and its metadata."""
     src = Path(src)
-    if not src.is_file():
+    if not src.exists():
         raise ArtifactError(f"{src} does not exist; export the fp32 model first (to_onnx)")
-    meta = raw_metadata(onnx.load(str(src), load_external_data=False))
+    meta = read_onnx(src).metadata
     if meta.get("precision", "fp32") != "fp32":
         raise ConfigError(f"{src} is already {meta['precision']}; convert the fp32 export instead")
     return src, meta

@@ -14,6 +14,7 @@ are those configs:
     [bench]   batch_sizes = [1, 32], time_budget_s = 10.0
     [budget]  target_speedup = 2.0, deploy_batch = 8   # optional: prune to a latency budget
               block_removal = "last-resort"           # or "free", "never": when whole blocks may go
+    [token_merge]  r = 8, schedule = "constant"       # optional: the compact model merges tokens
 
 One top-level `seed` drives the data split, the initial weights, training, pruning and the
 bench's inputs; the pipeline sets the prune stage's output folder itself.
@@ -34,6 +35,7 @@ from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import ConfigError
 from vitcompact.export import ExportConfig, Int8Config
 from vitcompact.knobs import knob
+from vitcompact.models.token_merge import TokenMergeConfig
 from vitcompact.pruning.configs import OneShotConfig, PruneConfig, foreign_setting, with_method
 from vitcompact.training import TrainConfig
 from vitcompact.validate import field_types, flag, integer, one_of, seed
@@ -115,6 +117,7 @@ class PipelineConfig:
     int8: Int8Config | None = field(default_factory=lambda: Int8Config(mode="static"))  # None: no INT8
     bench: BenchConfig = field(default_factory=_bench)
     budget: BudgetRequest | None = None  # prune to a latency budget instead of the prune ratios
+    token_merge: TokenMergeConfig | None = None  # the compact model merges tokens, in its artifact and exports
 
     def __post_init__(self) -> None:
         seed("seed", self.seed)
@@ -130,13 +133,18 @@ class PipelineConfig:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text())
+            # utf-8-sig: a byte-order mark (as some Windows editors write) is not a TOML statement.
+            raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} nests arrays or tables too deeply to be a pipeline config") from None
         try:
             return with_overrides(build(cls, raw), **overrides)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except RecursionError:  # a deeply nested value where a setting goes, shown in a message
+            raise ConfigError(f"{path} nests arrays or tables too deeply to be a pipeline config") from None
 
 
 def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None) -> Any:
@@ -215,6 +223,8 @@ def with_overrides(config: PipelineConfig, **overrides: Any) -> PipelineConfig:
         section, _, key = name.rpartition(".")
         if section == "int8" and config.int8 is None:
             config.int8 = Int8Config(mode="static")
+        if section == "token_merge" and config.token_merge is None:
+            config.token_merge = TokenMergeConfig()
         if section:
             setattr(config, section, dataclasses.replace(getattr(config, section), **{key: value}))
         else:

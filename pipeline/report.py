@@ -21,10 +21,26 @@ def _int8_lines(s: dict[str, Any]) -> list[str]:
             f"{acc['val']['fp32']:.4f}, test {acc['test']['int8']:.4f} against {acc['test']['fp32']:.4f}.", ""]
 
 
+def _compact_name(s: dict[str, Any]) -> str:
+    return "compact + token merging" if s.get("token_merge") else "compact"
+
+
+def _token_merge_lines(s: dict[str, Any]) -> list[str]:
+    merge = s.get("token_merge")
+    if not merge:
+        return []
+    top1, macs = merge["test_top1"], merge["macs"]
+    return [f"Token merging (ToMe) on the compact model: r={merge['r']} tokens per block ({merge['schedule']} "
+            f"schedule); test top-1 {top1['without']:.4f} without it, {top1['with']:.4f} with it; MACs / image "
+            f"{macs['without']:,} -> {macs['with']:,} ({macs['without'] / macs['with']:.2f}x ideal from merging "
+            "alone). The compact artifact, its ONNX and INT8 files and the latency below include it.", ""]
+
+
 def _latency_lines(s: dict[str, Any]) -> list[str]:
     stacked = "int8_p50_ms" in s["latency"][0]
-    lines = ["| batch | dense p50 (ms) | compact p50 (ms) | measured speed-up [95% CI] | ideal |"
-             + (" compact INT8 p50 (ms) | stacked speed-up [95% CI] |" if stacked else ""),
+    name = _compact_name(s)
+    lines = [f"| batch | dense p50 (ms) | {name} p50 (ms) | measured speed-up [95% CI] | ideal |"
+             + (f" {name} INT8 p50 (ms) | stacked speed-up [95% CI] |" if stacked else ""),
              "|---:|---:|---:|---:|---:|" + ("---:|---:|" if stacked else "")]
     for row in s["latency"]:
         lo, hi = row["speedup_ci"]
@@ -53,7 +69,7 @@ def render_report(s: dict[str, Any], plot: Path) -> str:
         f"Model `{config['model']}` on `{config['data']['source']}`, {prune['method']} pruning "
         f"(heads {prune['head_ratio']}, MLP {prune['mlp_ratio']}, criterion {prune['criteria']}): "
         f"{s['structure']}.", "",
-        "| | dense | compact |", "|---|---:|---:|",
+        f"| | dense | {_compact_name(s)} |", "|---|---:|---:|",
         f"| test top-1 (PyTorch) | {acc['dense_test_top1']:.4f} | {acc['compact_test_top1']:.4f} |",
         f"| test top-1 (ONNX, onnxruntime) | | {acc['compact_onnx_test_top1']:.4f} |",
         *([f"| test top-1 (ONNX INT8) | | {int8_test['int8']:.4f} |"] if int8_test else []),
@@ -62,7 +78,7 @@ def render_report(s: dict[str, Any], plot: Path) -> str:
         f"Compact vs masked model: max |Δlogits| = {s['compact_vs_masked_max_abs_diff']:.2e}. "
         f"Ideal speed-up (MACs): {s['ideal_speedup']:.2f}x. ONNX graphs "
         f"{'optimised' if s['onnx_graph_optimised'] else 'plain (the optimiser was not faster)'}, "
-        f"dense and compact alike.", "", *_int8_lines(s),
+        f"dense and compact alike.", "", *_token_merge_lines(s), *_int8_lines(s),
         f"## Latency ({config['bench']['backend']}, each file interleaved with the dense FP32 one)", "",
         *_latency_lines(s),
         "", f"![latency]({plot.as_posix()})", "", *_budget_lines(s), f"Total time: {s['seconds']} s.", "",

@@ -1,4 +1,5 @@
-"""`run(config)`: data -> train -> prune -> compact -> export -> INT8 -> verify -> bench -> report.
+"""`run(config)`: data -> train -> prune -> compact (-> merge tokens) -> export -> INT8 -> verify -> bench
+-> report.
 
 It ties the core, export and bench together (the core never imports those). Every stage writes
 into a hidden sibling folder that replaces `config.out` only when all stages succeed, so a failed
@@ -26,7 +27,8 @@ from vitcompact.data import DataBundle
 from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, ExportResult, to_int8, to_onnx
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
-from vitcompact.io import ensure_dir, temp_dir, write_json, write_text
+from vitcompact.io import ensure_dir, sweep_stale_any, temp_dir, write_json, write_text
+from vitcompact.models.token_merge import check_token_merge
 from vitcompact.pruning.configs import RunFolder
 from vitcompact.pruning.loop import prune
 from vitcompact.training import evaluate, train
@@ -34,6 +36,9 @@ from vitcompact.training import evaluate, train
 from .config import PipelineConfig, config_dict
 from .progress import Progress, Silent
 from .report import render_report
+
+
+PARTIAL = ".partial-"  # the work folder beside --out: .OUT.partial-PID-XXXX
 
 
 @dataclass
@@ -49,9 +54,10 @@ def run(config: PipelineConfig, progress: Progress | None = None) -> PipelineRes
     out = Path(config.out)
     _check_out(config)
     ensure_dir(out.parent)
+    sweep_stale_any(out.parent, PARTIAL)  # what runs killed outright (SIGKILL) left here, whatever their --out
     with output_folder.lock(out):
         _check_out(config)  # again, now as the folder's only writer
-        work = temp_dir(out.parent, f".{out.name}.partial-")
+        work = temp_dir(out.parent, f".{out.name}{PARTIAL}")
         try:
             result = _stages(config, work, progress)
             if out.exists():
@@ -81,10 +87,12 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
         pretrained=config.pretrained, reset_classifier=config.data.reset_classifier, seed=config.seed,
         batch_size=config.data.batch_size, aug=config.data.aug, workers=config.data.workers)
     _check_budget(model, config, progress)  # before training: a budget out of reach stops here
+    if config.token_merge is not None:  # an r too large for the input size, too
+        check_token_merge(model, config.token_merge)
     dense_test = _train_dense(model, bundle, config, progress)
     vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})
     pruned, masks, budget_report = _prune(model, bundle, config, out, progress)
-    small, compact_test, compact_gap = _compact(pruned, masks, bundle, config, out, progress)
+    small, compact_test, compact_gap, merging = _compact(pruned, masks, bundle, config, out, progress)
     dense_onnx, compact_onnx, onnx_top1 = _export(model, small, bundle, config, out, progress)
     int8, int8_refused = _int8(compact_onnx, bundle, config, progress)
     bench, stacked, plot = _bench(dense_onnx, compact_onnx, int8, config, out, progress)
@@ -99,6 +107,7 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
         "macs": {"dense": dense_count.macs, "compact": compact_count.macs},
         "ideal_speedup": dense_count.macs / compact_count.macs,
         "compact_vs_masked_max_abs_diff": compact_gap,
+        "token_merge": merging,
         "onnx_graph_optimised": bool(compact_onnx.optimized),
         "onnx_parity": {"dense": dense_onnx.parity.to_dict() if dense_onnx.parity else None,
                         "compact": compact_onnx.parity.to_dict() if compact_onnx.parity else None},
@@ -149,18 +158,31 @@ def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Pa
 
 
 def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfig, out: Path,
-             progress: Progress) -> tuple[nn.Module, dict, float]:
-    with progress.stage("compact and evaluate", total=2) as advance:
+             progress: Progress) -> tuple[nn.Module, dict, float, dict | None]:
+    """The compact model (merging tokens when `config.token_merge` says so), its test result, its
+    distance from the masked model, and the merging's summary (None without merging)."""
+    merge = config.token_merge if config.token_merge is not None and config.token_merge.enabled else None
+    what = "compact and evaluate" if merge is None else f"compact, merge tokens (r={merge.r}) and evaluate"
+    with progress.stage(what, total=2 if merge is None else 3) as advance:
         small = vc.compact(pruned, masks).eval()
         x = torch.randn(4, *vc.input_size(small))
         with torch.no_grad():
             gap = float((small(x) - pruned(x)).abs().max())
         advance()
         test = evaluate(small, bundle.test)
+        merging = None
+        if merge is not None:
+            unmerged = vc.count(small).macs
+            vc.merge_tokens(small, merge)
+            merged = evaluate(small, bundle.test)
+            merging = {**merge.to_dict(), "test_top1": {"without": test["top1"], "with": merged["top1"]},
+                       "macs": {"without": unmerged, "with": vc.count(small).macs}}
+            test = merged
+            advance()
         vc.save(small, out / "compact", provenance={"data": config.data.source, "method": config.prune.method,
                                                     "test": test})
         advance()
-    return small, test, gap
+    return small, test, gap, merging
 
 
 def _export(model: nn.Module, small: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Path,

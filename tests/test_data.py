@@ -33,7 +33,7 @@ def idx_folder(tmp_path):
 
 
 def test_registry_lists_every_source():
-    assert DATA_SOURCES.names() == ["cifar10", "cifar100", "digits", "fashion-mnist", "imagefolder", "mnist"]
+    assert DATA_SOURCES.names() == ["cifar10", "cifar100", "digits", "fashion-mnist", "imagefolder", "images", "mnist"]
 
 
 def test_digits_split_shapes_and_normalisation():

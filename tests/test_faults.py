@@ -189,7 +189,8 @@ def test_cli_export_on_a_full_disk_is_one_line_and_keeps_the_old_file(artifact, 
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"previous good file")
     monkeypatch.setattr(torch.onnx.ONNXProgram, "save", lambda self, path, *a, **k: enospc(path))
-    refused(["export", "onnx", artifact, onnx_path, "--no-verify"], f"cannot write {onnx_path}: No space left on device")
+    refused(["export", "onnx", artifact, onnx_path, "--no-verify", "--overwrite"],
+            f"cannot write {onnx_path}: No space left on device")
     assert snapshot(tmp_path) == {"model.onnx": b"previous good file"}
 
 
@@ -299,3 +300,107 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resul
     assert resumed.masks == whole.masks
     assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), model.state_dict().values()))
     assert sorted(p.name for p in state.iterdir() if p.name.startswith(".")) == []  # the dead writer's temporary went
+
+
+# ---------------------------------------------------------------- files written together (issue 29)
+
+EXPORT = ["export", "onnx", "--no-verify", "--optimize", "off", "--json"]
+HOLD_FILE = """
+import sys, time
+from vitcompact import output_folder
+with output_folder.lock_file(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_export_refuses_to_replace_an_existing_file_unless_overwrite(artifact, tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"someone else's file")
+    refused([*EXPORT, artifact, out], f"{out} already exists; pass --overwrite to replace it, or choose another file name")
+    assert snapshot(tmp_path) == {"model.onnx": b"someone else's file"}
+    result = runner.invoke(app, [*EXPORT, str(artifact), str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert vc.export.read_metadata(out)["precision"] == "fp32" and sorted(snapshot(tmp_path)) == ["model.onnx"]
+
+
+def test_export_variants_are_refused_before_work_where_a_folder_stands_in_the_way(artifact, tmp_path):
+    out = tmp_path / "model.onnx"
+    (tmp_path / "model.int8.onnx").mkdir()
+    refused([*EXPORT, artifact, out, "--int8", "dynamic"],
+            f"{tmp_path / 'model.int8.onnx'} is a folder; give the path of the .onnx file to write")
+    assert snapshot(tmp_path) == {} and [p.name for p in tmp_path.iterdir()] == ["model.int8.onnx"]
+
+
+def test_export_publishes_the_file_and_its_variants_together_or_not_at_all(artifact, tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous fp32")
+    (tmp_path / "model.fp16.onnx").write_bytes(b"previous fp16")
+    import vitcompact.export.files as export_files
+    real = os.replace
+
+    def refuse_int8(src, dst):
+        if str(dst).endswith("model.int8.onnx"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        real(src, dst)
+    monkeypatch.setattr(export_files.os, "replace", refuse_int8)
+    refused([*EXPORT, artifact, out, "--fp16", "--int8", "dynamic", "--overwrite"],
+            f"cannot write {tmp_path / 'model.int8.onnx'}: Permission denied")
+    monkeypatch.setattr(export_files.os, "replace", real)
+    # What was there is back, nothing new is published, and no staging folder or lock is left.
+    assert snapshot(tmp_path) == {"model.onnx": b"previous fp32", "model.fp16.onnx": b"previous fp16"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fp16.onnx", "model.onnx"]
+    result = runner.invoke(app, [*EXPORT, str(artifact), str(out), "--fp16", "--int8", "dynamic", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(snapshot(tmp_path)) == ["model.fp16.onnx", "model.int8.onnx", "model.onnx"]
+
+
+def test_a_second_export_to_the_same_file_is_refused_naming_the_writer(artifact, tmp_path):
+    out = tmp_path / "model.onnx"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused([*EXPORT, artifact, out], f"{out} is being written by another vitcompact process (PID {holder.pid})")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = runner.invoke(app, [*EXPORT, str(artifact), str(out)])  # the lock went with its process
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_during_pipeline_removes_its_partial_folder(tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "vitcompact.cli", "pipeline", "--out", str(out), "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    try:
+        assert _wait_for(lambda: any(tmp_path.glob(".run.partial-*")), 120), run.stderr.read() if run.poll() else ""
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == "terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_dead_writers_partial_folder_is_swept_by_the_next_run_in_that_folder(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(gone.stdout), os.getpid()
+    left = tmp_path / f".other.partial-{dead}-k1ll3d"
+    (left / "dense").mkdir(parents=True)
+    (left / "dense" / "model.safetensors").write_bytes(b"\0" * 1024)
+    running = tmp_path / f".another.partial-{alive}-w0rk1ng"
+    running.mkdir()
+    refused(["pipeline", "--model", "no-such-model", "--out", tmp_path / "new"], "no-such-model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name]

@@ -325,13 +325,17 @@ def _huge_1bit(path) -> None:
 IMAGE_CASES = [
     ("test-class-missing", lambda r: shutil.rmtree(r / "test" / "dog"),
      "must hold the same classes: not in test/: dog"),
-    ("test-class-extra", lambda r: (r / "test" / "bird").mkdir(), "not in train/: bird"),
+    ("test-class-extra", lambda r: ((r / "test" / "bird").mkdir(), _png(r / "test" / "bird" / "0.png")),
+     "not in train/: bird"),
     ("single-class", lambda r: [shutil.rmtree(r / s / "dog") for s in ("train", "test")],
      "holds 1 class folder(s); a classifier needs at least 2"),
     ("empty-train-class", lambda r: [p.unlink() for p in (r / "train" / "cat").iterdir()],
-     "train/cat holds no images"),
+     "class cat has no images: "),
     ("empty-test-class", lambda r: [p.unlink() for p in (r / "test" / "dog").iterdir()],
-     "test/dog holds no images"),
+     "class dog has no images: "),
+    # An empty folder is named as such, not as a class the other split lacks (issue 29).
+    ("empty-class-only-in-train", lambda r: (r / "train" / "bird").mkdir(), "class bird has no images: "),
+    ("empty-class-only-in-test", lambda r: (r / "test" / "bird").mkdir(), "class bird has no images: "),
     ("bomb", lambda r: _png_header_only(r / "train" / "cat" / "1.png", 20_000, 20_000),
      "cat/1.png is refused as a decompression bomb"),
     ("over-pixel-limit", lambda r: _png_header_only(r / "train" / "dog" / "0.png", 5000, 5000),
@@ -364,6 +368,14 @@ ARGUMENTS = [
     ("pipeline-ratio-nan", ["pipeline", "--head-ratio", "nan"], "--head-ratio must be a finite number"),
     ("bench-budget-nan", ["bench", "vit-digits", "vit-digits", "--time-budget", "nan"], "--time-budget must be a finite number"),
     ("bench-empty-batches", ["bench", "vit-digits", "vit-digits", "--batch-sizes", ""], "--batch-sizes takes positive integers"),
+    ("bench-threads", ["bench", "vit-digits", "vit-digits", "--threads", "999"],
+     "threads (--threads) must be in [1, "),
+    ("prune-threads", ["prune", "vit-digits", "--target-speedup", "2", "--threads", "999"],
+     "threads (--threads) must be in [1, "),
+    ("prune-deploy-batch", ["prune", "vit-digits", "--target-speedup", "2", "--deploy-batch", "100000"],
+     "deploy_batch (--deploy-batch) must be in [1, 4096], got 100000"),
+    ("train-epochs-huge", ["train", "vit-digits", "--epochs", "9223372036854775807"],
+     "epochs must be in [0, 100000], got 9223372036854775807"),
     ("head-ratio-text", ["prune", "vit-digits", "--head-ratio", "abc"], "Invalid value for '--head-ratio'"),
     ("epochs-float", ["train", "vit-digits", "--epochs", "2.5"], "Invalid value for '--epochs'"),
     ("missing-out", ["prune", "vit-digits"], "Missing option '--out'"),
@@ -402,6 +414,14 @@ def test_round_to_is_checked_before_run_json(tmp_path, round_to, message):
     ('[bench]\nbatch_sizes = "1,2"\n', "[bench] batch_sizes must be a list, got '1,2'"),
     ('[bench]\nbackend = "nope"\n', "unknown bench backend 'nope'"),
     ('[prune.train]\nlabel_smoothing = "some"\n', "[prune.train] label_smoothing must be a number"),
+    # Issue 29: every integer bounded, deep nesting refused in one line.
+    ("[train]\nepochs = 9223372036854775807\n",
+     "[train] epochs must be at most 4,294,967,295 in size, got 9223372036854775807"),
+    ("[train]\nepochs = 1000000\n", "[train] epochs must be in [0, 100000], got 1000000"),
+    ('[prune]\nmethod = "rsst"\nstates = 200000\n', "[prune] states must be in [1, 100000], got 200000"),
+    ("[bench]\nrounds = -9223372036854775808\n", "[bench] rounds must be at most 4,294,967,295 in size"),
+    ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nests arrays or tables too deeply to be a pipeline config"),
+    ("[bench]\nbatch_sizes = " + "[" * 5000 + "1" + "]" * 5000 + "\n", "nests arrays or tables too deeply"),
 ])
 def test_pipeline_toml_types_are_checked(tmp_path, toml, message):
     config = tmp_path / "p.toml"
@@ -478,3 +498,180 @@ def test_field_types_checks_a_toml_table_against_the_stage_configs():
 def test_a_diverging_run_stops_in_one_line_and_saves_nothing(tmp_path):
     refused(["train", "vit-digits", "--lr", "1e6", "--epochs", "1", "--json", "--out", tmp_path / "out"],
             "the training loss became nan in epoch 1", root=tmp_path)
+
+
+# ---------------------------------------------------------------- ONNX files (issue 29)
+
+def _onnx_file(path, inputs=(("images", "float", [1, 3, 8, 8]),), external=None, metadata=None) -> None:
+    """A small graph adding its inputs (and a weight, stored at the external location if given)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    kinds = {"float": TensorProto.FLOAT, "int64": TensorProto.INT64}
+    values = [helper.make_tensor_value_info(name, kinds[kind], shape) for name, kind, shape in inputs]
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.5])
+    if external is not None:
+        weight.ClearField("float_data")
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external), ("offset", "0"), ("length", "4")):
+            weight.external_data.add(key=key, value=value)
+    names = [name for name, _, _ in inputs]
+    nodes = [helper.make_node("Add", [names[0], "w"], ["sum0"])]
+    for i, name in enumerate(names[1:], 1):
+        nodes.append(helper.make_node("Add", [f"sum{i - 1}", name], [f"sum{i}"]))
+    out = helper.make_tensor_value_info(f"sum{len(names) - 1}", kinds[inputs[0][1]], None)
+    model = helper.make_model(helper.make_graph(nodes, "g", values, [out], [weight]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    path.write_bytes(model.SerializeToString())
+
+
+ONNX_CASES = [
+    ("empty", lambda p: p.write_bytes(b""), "model.onnx is empty (0 bytes), not an ONNX model"),
+    ("not-onnx", lambda p: p.write_bytes(b"\x00\xff garbage \x13" * 10), "model.onnx is not a readable ONNX file"),
+    ("two-inputs", lambda p: _onnx_file(p, (("a", "float", [1, 3, 8, 8]), ("b", "float", [1, 3, 8, 8]))),
+     "model.onnx has 2 inputs ('a', 'b'); vitcompact runs models with one image input"),
+    ("int64-input", lambda p: _onnx_file(p, (("ids", "int64", [1, 3, 8, 8]),)),
+     "model.onnx: input 'ids' is int64; vitcompact feeds float32 images"),
+    ("not-an-image", lambda p: _onnx_file(p, (("x", "float", [1, 64]),)),
+     "model.onnx: input 'x' has 2 dimensions; vitcompact feeds images as (batch, channels, height, width)"),
+    ("huge-side", lambda p: _onnx_file(p, (("x", "float", [1, 1, 100000, 100000]),)),
+     "model.onnx: input height 100000 is outside 1..8192"),
+    ("huge-image", lambda p: _onnx_file(p, (("x", "float", [1, 64, 8192, 8192]),)),
+     "model.onnx: an input image of 64x8192x8192 is 4,294,967,296 values, more than the 67,108,864"),
+    ("huge-metadata", lambda p: _onnx_file(p, (("x", "float", ["batch", 3, "h", "w"]),),
+                                           metadata={"input_size": "[3, 100000, 100000]"}),
+     "model.onnx: input height 100000 is outside 1..8192"),
+    ("metadata-vs-dims", lambda p: _onnx_file(p, metadata={"input_size": "[3, 16, 16]"}),
+     "model.onnx: metadata input_size [3, 16, 16] disagrees with the input's dims [3, 8, 8]"),
+    ("external-outside", lambda p: _onnx_file(p, external="../secret.bin"),
+     "model.onnx: tensor 'w' keeps its data in '../secret.bin', outside the model's folder"),
+    ("external-absolute", lambda p: _onnx_file(p, external=str(p.parent.parent / "secret.bin")),
+     "outside the model's folder"),
+    ("external-missing", lambda p: _onnx_file(p, external="weights.bin"),
+     "model.onnx: external data file 'weights.bin' of tensor 'w' is missing"),
+    ("external-short", lambda p: (_onnx_file(p, external="weights.bin"), (p.parent / "weights.bin").write_bytes(b"ab")),
+     "model.onnx: external data file 'weights.bin' holds 2 bytes, tensor 'w' needs 4"),
+]
+
+
+@pytest.mark.parametrize("name,write,message", ONNX_CASES, ids=[c[0] for c in ONNX_CASES])
+def test_bad_onnx_files_are_refused_where_they_are_read(tmp_path, name, write, message):
+    from vitcompact.export import to_int8
+    from vitcompact.export.onnx_input import read_onnx
+    from vitcompact.export.variants import fp32_source
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 16)  # what a hostile file would point at
+    path = folder / "model.onnx"
+    write(path)
+    refused(["bench", path, path, "--batch-sizes", "1", "--json"], message, root=tmp_path)
+    with pytest.raises(vc.ArtifactError, match=None) as e:
+        read_onnx(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+    # The variants (INT8, FP16) and OpenVINO read their source through the same check.
+    for read in (fp32_source, lambda p: to_int8(p, tmp_path / "out.int8.onnx")):
+        with pytest.raises(vc.ArtifactError, match=None) as e:
+            read(path)
+        assert message in str(e.value)
+    assert not (tmp_path / "out.int8.onnx").exists()
+
+
+def test_a_good_onnx_file_passes_the_check(tmp_path):
+    from vitcompact.bench.sources import resolve
+    from vitcompact.export.onnx_input import read_onnx
+
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x00\x00\x3f")
+    _onnx_file(tmp_path / "model.onnx", external="weights.bin")
+    checked = read_onnx(tmp_path / "model.onnx")
+    assert (checked.input_name, checked.input_size) == ("images", (3, 8, 8))
+    assert resolve(str(tmp_path / "model.onnx")).input_size == (3, 8, 8)
+
+
+def test_inspect_refuses_an_onnx_file_in_one_line(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"")
+    refused(["inspect", path], "model.onnx is a file; pass an artifact directory", root=tmp_path)
+
+
+def test_pipeline_toml_with_a_byte_order_mark_is_read(tmp_path):
+    from vitcompact.pipeline import PipelineConfig
+
+    path = tmp_path / "p.toml"
+    path.write_bytes("\ufeff".encode() + b'model = "vit-digits"\n[train]\nepochs = 3\n')
+    assert PipelineConfig.from_toml(path).train.epochs == 3
+
+
+# ---------------------------------------------------------------- checkpoints (issue 29)
+
+def _checkpoint(path, change):
+    torch.manual_seed(0)
+    state = vc.create_model("vit-digits").state_dict()
+    change(state)
+    torch.save(state, path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo never",))
+
+
+def _set(key, value):
+    def change(state):
+        state[key] = value(state[key])
+    return change
+
+
+CHECKPOINTS = [
+    ("bool", _set("blocks.0.attn.qkv.weight", lambda t: t > 0),
+     "blocks.0.attn.qkv.weight holds bool values, not floating-point weights"),
+    ("int8", _set("head.weight", lambda t: (t * 100).to(torch.int8)), "head.weight holds int8 values, not floating-point"),
+    ("nan", _set("blocks.1.mlp.fc1.weight", lambda t: t.index_fill(0, torch.tensor([3]), math.nan)),
+     "blocks.1.mlp.fc1.weight holds NaN; the checkpoint is damaged"),
+    ("inf", _set("norm.weight", lambda t: t.index_fill(0, torch.tensor([0]), math.inf)),
+     "norm.weight holds infinite values; the checkpoint is damaged"),
+    ("pickle", lambda state: state.update(extra=_RunsCode()),
+     "could not be read as a weights-only checkpoint: it holds the Python object "),
+]
+
+
+@pytest.mark.parametrize("name,change,message", CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, name, change, message):
+    path = tmp_path / "weights.pth"
+    _checkpoint(path, change)
+    refused(["compact", "vit-digits", "--checkpoint", path, "--out", tmp_path / "out"], message, root=tmp_path)
+    if name == "pickle":
+        result = runner.invoke(app, ["compact", "vit-digits", "--checkpoint", str(path), "--out", str(tmp_path / "o")])
+        line = result.output.strip()
+        assert "system" in line and "weights_only" not in line and len(line) < 300, line
+
+
+# ---------------------------------------------------------------- symlinks in a data folder (issue 29)
+
+def test_symlinks_inside_an_image_folder_are_followed_as_documented(image_root, tmp_path):
+    """The policy (README, Known limitations): links are followed, as torchvision's ImageFolder
+    does, to wherever they point; what they point at is checked as any image is."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    _png(outside / "far.png")
+    (image_root / "train" / "cat" / "linked.png").symlink_to(outside / "far.png")
+    (outside / "bird").mkdir()
+    for i in range(2):
+        _png(outside / "bird" / f"{i}.png")
+    for split in ("train", "test"):
+        (image_root / split / "bird").symlink_to(outside / "bird", target_is_directory=True)
+    data = vc.load_data("imagefolder", root=image_root, img_size=8, in_chans=3)
+    assert data.class_names == ["bird", "cat", "dog"]
+    (outside / "far.png").unlink()  # a link to nothing is named, as a missing image is
+    refused(train_on("imagefolder", image_root, tmp_path), "linked.png does not exist")
+
+
+def test_help_shows_the_budget_section_in_brackets():
+    """rich markup would swallow `[budget]` (issue 29): the generated options' help is escaped."""
+    for command in ("pipeline", "prune"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "--target-speedup" in result.output
+    text = " ".join(runner.invoke(app, ["pipeline", "--help"]).output.replace("│", " ").split())
+    assert "([budget] in a config file)" in text and "( in a config file)" not in text

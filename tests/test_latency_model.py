@@ -6,8 +6,10 @@ about speed beyond a loose sanity factor.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import os
 
 import pytest
 import torch
@@ -28,7 +30,9 @@ def model():
 
 
 def fake_table(key: dict, depth: int = 2) -> LatencyTable:
-    return LatencyTable(key, depth, 0.1, 0.01, (0.0, 0.05, 0.1), (0, 64, 128), (0.0, 0.04, 0.08), 0.5)
+    """A plausible table of the fixture's model at the widths `key` measures."""
+    widths = tuple(key.get("mlp_widths", (0, 64, 128)))
+    return LatencyTable(key, depth, 0.1, 0.01, (0.0, 0.05, 0.1), widths, tuple(0.08 * w / 128 for w in widths), 0.5)
 
 
 def test_measured_widths_are_an_even_subset_of_the_grid_with_both_ends():
@@ -138,3 +142,70 @@ def test_refuses_a_compact_or_irregular_model(model):
         lm.measure_table(small)
     with pytest.raises(vc.ConfigError, match="unknown bench backend"):
         lm.cache_key(model, "no-such-backend", 1, 1)
+
+
+def _tampered(table: LatencyTable, **fields) -> dict:
+    return {**table.to_dict(), **fields}
+
+
+# A cached table is trusted only while it can be this model's (issue 29): each of these is stale.
+TAMPERED_TABLES = [
+    ("nan-head", lambda t: _tampered(t, head_ms=[0.0, float("nan"), 0.1]), "holds head_ms nan"),
+    ("nan-fixed", lambda t: _tampered(t, fixed_ms=float("nan")), "holds fixed_ms nan"),
+    ("negative", lambda t: _tampered(t, mlp_ms=[0.0, -0.04, -0.08]), "holds mlp_ms -0.04"),
+    ("huge", lambda t: _tampered(t, mlp_ms=[0.0, 0.04, 1e308]), "holds mlp_ms 1e+308, not a latency in [0, 1e+06] ms"),
+    ("decreasing", lambda t: _tampered(t, head_ms=[0.0, 0.1, 0.05]), "holds a head_ms that falls as units are added"),
+    ("other-shape", lambda t: _tampered(t, depth=2, head_ms=[0.0] + [0.01 * h for h in range(1, 7)],
+                                        mlp_widths=[0, 512, 1024], mlp_ms=[0.0, 0.1, 0.2]),
+     "is for 2 blocks of 6 heads and MLP widths [0, 512, 1024], the model has 2 of 2 and [0, 64, 128]"),
+    ("off-the-dense-model", lambda t: _tampered(t, dense_ms=50.0),
+     "predicts 0.48 ms for the whole model, measured at 50"),
+    ("not-a-table", lambda t: {"depth": "two"}, "cannot be read (not a latency table"),
+]
+
+
+@pytest.mark.parametrize("name,tamper,reason", TAMPERED_TABLES, ids=[t[0] for t in TAMPERED_TABLES])
+def test_a_tampered_cached_table_is_stale_and_measured_again(model, monkeypatch, tmp_path, name, tamper, reason):
+    key = lm.cache_key(model, "ort-cpu", 1, 1, 64, 3)
+    good = fake_table(key)
+    assert lm.table_problem(good, key) is None
+    path = lm.cache_path(key, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "table": tamper(good)}))
+    calls, notes = [], []
+    monkeypatch.setattr(lm, "measure_table", lambda m, *a, **k: calls.append(a) or good)
+    assert lm.latency_table(model, "ort-cpu", 1, 1, 64, 3, cache_dir=tmp_path, progress=notes.append) == good
+    assert len(calls) == 1
+    assert len(notes) == 1 and notes[0].startswith(f"latency table {path} ") and reason in notes[0], notes
+    assert notes[0].endswith(": stale, measuring it again")
+    assert LatencyTable.from_dict(json.loads(path.read_text())["table"]) == good  # replaced by the measured one
+
+
+@pytest.mark.parametrize("kind", ["a-file", "read-only"])
+def test_an_unusable_cache_folder_is_found_before_measuring_and_the_run_goes_on(model, monkeypatch, tmp_path, kind):
+    key = lm.cache_key(model, "ort-cpu", 1, 1, 64, 3)
+    if kind == "a-file":
+        cache = tmp_path / "cache"
+        cache.write_text("not a folder")
+        expected = "cannot create output folder"
+    else:  # a read-only mount (root writes through a folder's mode bits, so the mount is simulated)
+        cache = tmp_path / "cache"
+        cache.mkdir()
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        monkeypatch.setattr(lm.tempfile, "NamedTemporaryFile", read_only)
+        expected = f"cannot write in {cache}: Read-only file system"
+    events = []
+    monkeypatch.setattr(lm, "measure_table", lambda m, *a, **k: events.append("measured") or fake_table(key))
+    table = lm.latency_table(model, "ort-cpu", 1, 1, 64, 3, cache_dir=cache, progress=events.append)
+    assert table == fake_table(key)
+    assert len(events) == 2 and events[1] == "measured"  # the note comes before the measuring
+    assert events[0].startswith("latency cache not usable (") and expected in events[0]
+    assert events[0].endswith("); measuring without caching")
+    if kind == "a-file":
+        assert cache.read_text() == "not a folder"
+
+
+def test_a_measured_table_never_gets_faster_with_more_units():
+    assert lm._rising((0.0, 0.3, 0.25, 0.4)) == (0.0, 0.3, 0.3, 0.4)

@@ -38,7 +38,7 @@ def test_wheel_installs_all_four_packages(tmp_path):
     assert out.stdout.strip() == "True"
 
 
-COMMANDS = ["train", "prune", "compact", "inspect", "bench", "pipeline", "demo", "export"]
+COMMANDS = ["train", "prune", "compact", "inspect", "bench", "deploy", "pipeline", "demo", "export"]
 
 
 def help_rows(text: str) -> dict[str, str]:
@@ -64,7 +64,7 @@ def test_version_and_help():
         assert own.exit_code == 0, command
         assert f"Usage: vitcompact {command} [OPTIONS]" in own.output, command
         assert description.endswith(".") and description in " ".join(own.output.split()), command
-    assert list(help_rows(runner.invoke(app, ["export", "--help"], terminal_width=200).output)) == ["onnx", "tensorrt"]
+    assert list(help_rows(runner.invoke(app, ["export", "--help"], terminal_width=200).output)) == ["onnx", "openvino", "tensorrt"]
 
 
 def test_inspect_preset_and_errors():

@@ -24,6 +24,7 @@ from .models.blocks import resize_blocks
 from .models.builder import build_model
 from .models.preprocess import data_config, set_data_config
 from .models.record import get_record, set_record
+from .models.token_merge import merge_tokens
 from .models.weights import load_state, read_state
 from .version import __version__
 
@@ -51,6 +52,8 @@ def model_config(model: nn.Module, provenance: dict[str, Any] | None = None) -> 
             "vitcompact.load so it can be saved and rebuilt")
     compact_count = count(model).to_dict()
     compact = record.is_compact
+    # Only a merging model has the key, so other artifacts are written as before.
+    merging = {"token_merge": record.token_merge.to_dict()} if record.token_merge is not None else {}
     return {
         "architecture": record.architecture,
         "model_args": dict(record.model_args),
@@ -61,7 +64,9 @@ def model_config(model: nn.Module, provenance: dict[str, Any] | None = None) -> 
             "preset": record.preset,
             "blocks": [b.to_dict() for b in record.blocks] if compact else None,
             "structure": record.structure if compact else None,
-            "accounting": {"dense": record.dense if compact else compact_count, "compact": compact_count},
+            **merging,
+            "accounting": {"dense": record.dense if compact else count(model, merged=False).to_dict(),
+                           "compact": compact_count},
             "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            "torch": torch.__version__, **(provenance or {})},
         },
@@ -85,6 +90,7 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     Every field of `config.json` is checked, and the model it describes is compared with the
     weights' shapes in the safetensors header, before any module is built (`artifact_config`).
+    A recorded token merging setting is applied again (`merge_tokens`).
     """
     path = Path(path)
     if not path.is_dir():
@@ -100,10 +106,12 @@ def load(path: str | os.PathLike) -> nn.Module:
     if blocks is not None:
         resize_blocks(skeleton, blocks)
     match_weights(skeleton, shapes, path / WEIGHTS, compact=blocks is not None)
+    merge_tokens(skeleton, config.token_merge)  # checked against the input size by check_against
     check_accounting(config, skeleton, path / CONFIG)
     model = build_model(config.architecture, config.model_args, blocks, preset=config.preset)
     if blocks is not None:
         set_record(model, structure=config.structure, dense=config.dense)
+    merge_tokens(model, config.token_merge)
     load_state(model, read_state(path / WEIGHTS), path / WEIGHTS)
     data = config.data
     if "crop_pct" in data:

@@ -23,7 +23,8 @@ from .models.adapter import input_size, vit_layout
 from .models.args import check_model_args
 from .models.blocks import CompactBlock
 from .models.preprocess import CROP_MODES, INTERPOLATIONS
-from .validate import finite, flag, in_range, integer
+from .models.token_merge import TokenMergeConfig, check_token_merge
+from .validate import field_types, finite, flag, in_range, integer
 
 FORMAT_VERSION = 1
 COUNT_KEYS = ("params", "macs", "heads", "neurons", "other_params", "other_macs")
@@ -42,6 +43,7 @@ class ArtifactConfig:
     dense: dict[str, Any] | None     # accounting of the dense model (what inspect compares with)
     compact: dict[str, Any] | None   # accounting of this model, as saved
     data: dict[str, Any]  # num_classes, img_size, in_chans, mean, std (+ preprocessing) as `save` wrote them
+    token_merge: TokenMergeConfig | None = None  # the model's token merging; absent: none
 
 
 def _dict(name: str, value: Any) -> dict[str, Any]:
@@ -152,7 +154,19 @@ def _parse(raw: Any) -> ArtifactConfig:
         compact = _count("vitcompact.accounting.compact", compact)
     if section.get("provenance") is not None:
         _dict("vitcompact.provenance", section["provenance"])
-    return ArtifactConfig(architecture, model_args, preset, blocks, structure, dense, compact, _data(raw))
+    return ArtifactConfig(architecture, model_args, preset, blocks, structure, dense, compact, _data(raw),
+                          _token_merge(section.get("token_merge")))
+
+
+def _token_merge(raw: Any) -> TokenMergeConfig | None:
+    """`vitcompact.token_merge`: written only for a model that merges tokens (`TokenMergeConfig`'s fields)."""
+    if raw is None:
+        return None
+    raw = _dict("vitcompact.token_merge", raw)
+    try:
+        return TokenMergeConfig(**field_types(TokenMergeConfig, raw))
+    except ConfigError as e:
+        raise ConfigError(f"vitcompact.token_merge: {e}") from None
 
 
 def read_config(path: Path) -> ArtifactConfig:
@@ -199,7 +213,7 @@ def _check_structure(structure: dict[str, Any], dense: nn.Module, compact: list[
 def check_against(config: ArtifactConfig, dense: nn.Module, path: Path) -> None:
     """The fields that only make sense against the model the config describes (`dense`, a meta
     skeleton built from architecture and model_args): data config, compact blocks within the dense
-    sizes, the structure and the accounting's block count."""
+    sizes, the structure, the accounting's block count and the token merging at the model's input size."""
     try:
         data = config.data
         in_chans, *img_size = input_size(dense)
@@ -221,6 +235,12 @@ def check_against(config: ArtifactConfig, dense: nn.Module, path: Path) -> None:
         if config.dense is not None and len(config.dense["blocks"]) != depth:
             raise ConfigError(f"vitcompact.accounting.dense.blocks has {len(config.dense['blocks'])} "
                               f"entries for {depth} blocks")
+        if config.token_merge is not None:
+            try:
+                check_token_merge(dense, config.token_merge)
+            except ConfigError as e:
+                raise ConfigError(f"vitcompact.token_merge does not fit the model ({img_size[0]}x{img_size[1]} "
+                                  f"input): {e}") from None
     except ConfigError as e:
         raise ArtifactError(f"{path}: {e}") from None
 

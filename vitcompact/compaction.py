@@ -102,7 +102,8 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
 
     `masks=None` reads the masks from the zero pattern of the weights (an already-masked model).
     The copy's record (`get_record`) gains its compact blocks, the structure kept (when the masks
-    are quasi-structured) and the dense model's accounting.
+    are quasi-structured) and the dense model's accounting (without token merging); a model that
+    merges tokens gives a copy that merges them alike.
     """
     if masks is None:
         masks = PruneMasks.from_weights(model)
@@ -138,6 +139,6 @@ def compact(model: nn.Module, masks: PruneMasks | None = None) -> nn.Module:
     structure = masks.structure() if quasi else None
     record = get_record(model)
     set_record(small, blocks=tuple(blocks), structure=structure.to_dict() if structure is not None else None,
-               dense=record.dense if record.is_compact else count(model).to_dict())
+               dense=record.dense if record.is_compact else count(model, merged=False).to_dict())
     vit_layout(small)
     return small

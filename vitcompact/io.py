@@ -93,7 +93,16 @@ def sweep_stale(parent: str | os.PathLike, prefix: str, suffix: str = "") -> lis
     A writer killed before its cleanup (SIGKILL, power loss) leaves them behind; a temporary whose
     PID is alive may still be in use and is kept.
     """
-    pattern = re.compile(re.escape(prefix) + r"(\d+)-[A-Za-z0-9_]+" + re.escape(suffix))
+    return _sweep(parent, re.compile(re.escape(prefix) + r"(\d+)-[A-Za-z0-9_]+" + re.escape(suffix)))
+
+
+def sweep_stale_any(parent: str | os.PathLike, infix: str) -> list[Path]:
+    """`sweep_stale` of `parent/.{name}{infix}{pid}-XXXX` temporaries made for any name: a killed
+    run's partial folder goes at the start of the next run in that folder, whatever its own name."""
+    return _sweep(parent, re.compile(r"\..+" + re.escape(infix) + r"(\d+)-[A-Za-z0-9_]+"))
+
+
+def _sweep(parent: str | os.PathLike, pattern: re.Pattern) -> list[Path]:
     removed = []
     try:
         entries = list(os.scandir(parent))

@@ -18,6 +18,9 @@ from .errors import ConfigError
 
 # The widest seed every RNG vitcompact seeds (Python, numpy, torch) accepts as it is.
 MAX_SEED = 2**32 - 1
+# Epochs (and states) of one run: far beyond any run vitcompact is for, and a typo's 2^63 refused
+# before training starts instead of training forever.
+MAX_EPOCHS = 100_000
 
 
 def _is_integer(value: Any) -> bool:
@@ -111,6 +114,9 @@ def _of_type(name: str, value: Any, kind: Any) -> Any:
     if kind is bool:
         return flag(name, value)
     if kind is int:
+        # No setting is wider than a seed; a file's 2^63 is a typo, refused whatever its field.
+        if _is_integer(value) and abs(value) > MAX_SEED:
+            raise ConfigError(f"{name} must be at most {MAX_SEED:,} in size, got {value}")
         return integer(name, value)
     if kind is float:
         return finite(name, value)

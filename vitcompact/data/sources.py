@@ -263,17 +263,24 @@ def _class_folders(split: Path) -> list[str]:
     return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _no_images(cls: str, folder: Path) -> DataError:
+    return DataError(f"class {cls} has no images: {folder} holds none ({', '.join(IMAGE_SUFFIXES)}); "
+                     "remove the folder or add images")
+
+
 def _read_folder(root: Path, classes: list[str]) -> FileSamples:
     """The files of one split, listed and their headers checked (`check_image`); decoding
     happens per sample, in the loader."""
     paths, labels = [], []
     for label, cls in enumerate(classes):
         folder = root / cls
-        files = sorted(p for p in folder.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        files = _images_in(folder)
         if not files:
-            raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); a class "
-                            "folder needs some: remove it or add images")
+            raise _no_images(cls, folder)
         for path in files:
             check_image(path)
         paths += files
@@ -286,6 +293,9 @@ def _same_classes(split: Path, train_dir: Path, classes: list[str]) -> None:
     if found != classes:
         missing = sorted(set(classes) - set(found))
         unknown = sorted(set(found) - set(classes))
+        empty = next((c for c in unknown if not _images_in(split / c)), None)
+        if empty is not None:  # a stray empty folder is named as such, not as a class train/ lacks
+            raise _no_images(empty, split / empty)
         raise DataError(f"{split} and {train_dir} must hold the same classes: "
                         + "; ".join(part for part in (
                             f"not in {split.name}/: {', '.join(missing)}" if missing else "",
@@ -306,6 +316,9 @@ def _imagefolder(root: Path | None) -> RawData:
     classes = _class_folders(train_dir)
     if len(classes) < 2:
         raise DataError(f"{train_dir} holds {len(classes)} class folder(s); a classifier needs at least 2")
+    empty = next((c for c in classes if not _images_in(train_dir / c)), None)
+    if empty is not None:  # before the splits are compared: an empty class folder is named as such
+        raise _no_images(empty, train_dir / empty)
     for split in splits.values():
         _same_classes(split, train_dir, classes)
     test_dir = splits.get("test", splits.get("val"))

@@ -9,7 +9,7 @@ budget a structure is pruned to, with the report of what it delivers.
 from .backends import BACKENDS, Backend, BackendOptions, backend_names, check_backend, make_backend
 from .budget import BLOCK_REMOVAL, Allocation, BudgetRequest, LatencyBudget, allocate
 from .environment import environment, physical_cores
-from .report import budget_report, measure_speedup, write_budget_report
+from .report import MISS_TOLERANCE, budget_missed, budget_report, measure_speedup, write_budget_report
 from .sources import BenchModel
 from .stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
 from .table import LatencyTable, TableTiming, latency_table, measure_table
@@ -17,7 +17,8 @@ from .timing import Timing, measure_pair
 
 __all__ = [
     "BACKENDS", "Backend", "BackendOptions", "backend_names", "check_backend", "make_backend", "BLOCK_REMOVAL", "Allocation",
-    "BudgetRequest", "LatencyBudget", "allocate", "environment", "physical_cores", "budget_report",
+    "BudgetRequest", "LatencyBudget", "allocate", "environment", "physical_cores", "MISS_TOLERANCE",
+    "budget_missed", "budget_report",
     "measure_speedup", "write_budget_report", "BenchModel", "LatencyStats", "SpeedUp", "latency_stats",
     "speedup_interval", "LatencyTable", "TableTiming", "latency_table", "measure_table", "Timing", "measure_pair",
 ]

@@ -42,6 +42,7 @@ class BackendOptions:
     graph_optimization: str = "all"
     onnx_optimize: str = "off"  # the exporter's transformer fusion: off, on, auto
     seed: int = 0
+    precision: str | None = None  # backends that set the precision themselves (openvino); None: theirs
 
 
 BACKENDS: Registry[Callable[[BackendOptions], Backend]] = Registry("bench backend")

@@ -42,9 +42,11 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..knobs import knob
 from ..validate import in_range, integer, one_of
+from .environment import check_threads
 from .table import LatencyTable, Progress, latency_table
 
 TARGET_KINDS = ("speedup", "ms")
+MAX_DEPLOY_BATCH = 4096  # the exporter's verification limit; a larger batch is an allocation, not a deployment
 BLOCK_REMOVAL = ("last-resort", "free", "never")
 
 
@@ -82,6 +84,22 @@ class LatencyBudget:
         start = self.table.reference_ms
         return start * (self.budget_ms / start) ** (state / states)
 
+    def check_reachable(self, prune_heads: bool, prune_mlp: bool, round_to: int = 1, free: bool = False) -> None:
+        """Refuse a budget the allocator cannot meet, before any pruning: below what the model takes
+        with every pruned branch at its last head and narrowest width (at none if `free`: a model that
+        arrives pruned holds units scoring 0, which go freely), or every block removed where whole
+        blocks may go."""
+        if prune_heads and prune_mlp and self.block_removal != "never":
+            return  # every block can go, and the floor was checked on construction
+        heads = (0 if free else 1) if prune_heads else self.table.num_heads
+        width = (0 if free else min(round_to, self.table.hidden)) if prune_mlp else self.table.hidden
+        least = self.table.predict([(heads, width)] * self.table.depth)
+        if self.budget_ms < least - 1e-9:
+            hint = ("remove whole blocks (block removal last-resort), " if prune_heads and prune_mlp
+                    else "prune both heads and MLP, ")
+            raise ConfigError(f"the budget {self.budget_ms:.3f} ms cannot be met by removing the prunable units "
+                              f"(the least is {least:.3f} ms); {hint}or ask for less")
+
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "kind": self.kind, "budget_ms": self.budget_ms,
                 "block_removal": self.block_removal, "table": self.table.to_dict()}
@@ -108,12 +126,13 @@ class BudgetRequest:
             in_range("target speed-up", self.target_speedup, 1.0, low_open=True)
         if self.latency_ms is not None:
             in_range("latency budget (ms)", self.latency_ms, 0.0, low_open=True)
-        integer("deploy batch", self.deploy_batch, 1)
-        integer("threads", self.threads, 1)
+        integer("deploy_batch (--deploy-batch)", self.deploy_batch, 1, MAX_DEPLOY_BATCH)
+        integer("threads (--threads)", self.threads, 1)
 
     def budget(self, model: nn.Module, round_to: int = 1, progress: Progress | None = None,
                cache_dir: str | os.PathLike | None = None) -> LatencyBudget:
         """The budget on `model`'s latency table at this deployment (measured, or from the cache)."""
+        check_threads(self.threads)  # measured here: more threads than CPUs would time contention
         table = latency_table(model, self.backend, self.deploy_batch, self.threads, round_to=round_to,
                               cache_dir=cache_dir, progress=progress)
         if self.target_speedup is not None:

@@ -1,4 +1,5 @@
-"""What a timing depends on: library versions, CPU, cores and GPU, recorded beside every result."""
+"""What a timing depends on: library versions, CPU (and its instruction sets), cores and GPU, recorded
+beside every result."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..cpu_features import cpu_features
+from ..validate import integer
 from ..version import __version__
 
 
@@ -19,19 +22,21 @@ def _version(package: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one): the most
+    threads a timing can use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> int:
+    """`threads` for a timing on this machine: at most `usable_cpus()`, since more would time the
+    threads' contention (and take minutes doing so)."""
+    return integer("threads (--threads)", threads, 1, usable_cpus(), note="the CPUs this process may use")
 
 
 def physical_cores() -> int:
     """Cores this process may use, counting each physical core once (SMT siblings excluded)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = usable_cpus()
     try:
         info = Path("/proc/cpuinfo").read_text()
         siblings = int(next(l for l in info.splitlines() if l.startswith("siblings")).split(":")[1])
@@ -47,6 +52,7 @@ def gpu_name() -> str | None:
 
 
 def environment(backend_settings: dict) -> dict:
+    features = cpu_features()
     return {
         "vitcompact": __version__,
         "python": platform.python_version(),
@@ -55,8 +61,10 @@ def environment(backend_settings: dict) -> dict:
         "onnx": _version("onnx"),
         "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "tensorrt": _version("tensorrt"),
+        "openvino": _version("openvino"),
         "platform": platform.platform(),
-        "cpu": cpu_model(),
+        "cpu": features.model,
+        "cpu_features": features.to_dict(),  # AMX, AVX-512 VNNI / BF16, AVX2: they decide the fastest precision
         "logical_cpus": os.cpu_count(),
         "physical_cores": physical_cores(),
         "gpu": gpu_name(),

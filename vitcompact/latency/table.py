@@ -23,9 +23,12 @@ from __future__ import annotations
 import bisect
 import copy
 import hashlib
+import itertools
 import json
+import math
 import os
 import statistics
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -51,6 +54,10 @@ DEFAULT_MLP_POINTS = 9
 GRAPH_OPTIMIZATION, ONNX_OPTIMIZE = "all", "off"
 VERSION_KEYS = ("vitcompact", "torch", "timm", "onnx", "onnxruntime", "cpu")
 GPU_KEYS = ("gpu", "tensorrt")
+# What a cached table may hold: each number at most this many ms (a batch that takes over 16 minutes
+# is no measurement), and its whole-model prediction within this factor of the dense model's time.
+MAX_TABLE_MS = 1e6
+TABLE_SPREAD = 3.0
 
 Progress = Callable[[str], None]
 Blocks = list[tuple[int, int]]  # (heads, MLP width) per block
@@ -273,7 +280,14 @@ def measure_table(model: nn.Module, backend: str = "ort-cpu", batch: int = 1, th
     # Noise can make a small difference negative; a branch never saves time by running.
     per_block = [max(0.0, (t - empty_ms) / depth) for t in rest]
     return LatencyTable(key, depth, fixed_ms, max(0.0, (empty_ms - fixed_ms) / depth),
-                        (0.0, *per_block[:heads]), tuple(widths), (0.0, *per_block[heads:]), dense_ms)
+                        _rising((0.0, *per_block[:heads])), tuple(widths), _rising((0.0, *per_block[heads:])),
+                        dense_ms)
+
+
+def _rising(values: Sequence[float]) -> tuple[float, ...]:
+    """`values` made non-decreasing (each the largest so far): more units never take less time, and
+    noise that says otherwise would let the allocator buy time by keeping units."""
+    return tuple(itertools.accumulate(values, max))
 
 
 def versions(backend_on_gpu: bool = False) -> dict[str, Any]:
@@ -315,32 +329,83 @@ def cache_path(key: dict[str, Any], cache_dir: str | os.PathLike | None = None) 
     return Path(cache_dir or default_cache_dir()) / f"{digest}.json"
 
 
-def _cached(path: Path, key: dict[str, Any]) -> LatencyTable | None:
-    """The table stored at `path` if its key is `key`; None when missing, stale or unreadable."""
+def table_problem(table: LatencyTable, key: dict[str, Any]) -> str | None:
+    """Why `table` cannot be the table of `key`'s model (None when it can): a shape other than the
+    model's, a number that is not finite, negative or beyond `MAX_TABLE_MS`, a branch that gets
+    faster with more units, or a whole-model prediction more than `TABLE_SPREAD` times off the dense
+    model measured with it. A cached file that fails is measured again, never trusted."""
+    model = key.get("model", {})
+    if (table.depth, table.num_heads) != (model.get("depth"), model.get("num_heads")) \
+            or list(table.mlp_widths) != list(key.get("mlp_widths", [])):
+        return (f"is for {table.depth} blocks of {table.num_heads} heads and MLP widths {list(table.mlp_widths)}, "
+                f"the model has {model.get('depth')} of {model.get('num_heads')} and {key.get('mlp_widths')}")
+    numbers = {"fixed_ms": [table.fixed_ms], "base_ms": [table.base_ms], "dense_ms": [table.dense_ms],
+               "head_ms": list(table.head_ms), "mlp_ms": list(table.mlp_ms)}
+    for name, values in numbers.items():
+        bad = next((v for v in values if not (math.isfinite(v) and 0.0 <= v <= MAX_TABLE_MS)), None)
+        if bad is not None:
+            return f"holds {name} {bad!r}, not a latency in [0, {MAX_TABLE_MS:g}] ms"
+        if any(b < a for a, b in zip(values, values[1:])):
+            return f"holds a {name} that falls as units are added ({', '.join(f'{v:.4g}' for v in values)})"
+    if table.dense_ms <= 0 or not 1 / TABLE_SPREAD <= table.full_ms / table.dense_ms <= TABLE_SPREAD:
+        return (f"predicts {table.full_ms:.4g} ms for the whole model, measured at {table.dense_ms:.4g} ms "
+                "in the same run")
+    return None
+
+
+def _cached(path: Path, key: dict[str, Any]) -> tuple[LatencyTable | None, str | None]:
+    """The table stored at `path` if its key is `key` and its numbers can be this model's; else None,
+    with why when a file is there but cannot be used."""
     if not path.is_file():
-        return None
+        return None, None
     try:
         stored = read_json(path)
         if stored.get("key") != json.loads(json.dumps(key)):
-            return None
-        return LatencyTable.from_dict(stored["table"])
-    except (ArtifactError, ConfigError, AttributeError, KeyError):
-        return None
+            return None, "was stored for another model, backend or machine"
+        table = LatencyTable.from_dict(stored["table"])
+    except (ArtifactError, ConfigError, AttributeError, KeyError, TypeError) as e:
+        return None, f"cannot be read ({e})"
+    problem = table_problem(table, key)
+    return (None, problem) if problem is not None else (table, None)
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """Why `folder` cannot hold the cache (None when it can), found before minutes of measuring: it
+    cannot be made (a file stands in the way) or written (a read-only mount)."""
+    try:
+        ensure_dir(folder)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except ArtifactError as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot write in {folder}: {e.strerror or e}"
+    return None
 
 
 def latency_table(model: nn.Module, backend: str = "ort-cpu", batch: int = 1, threads: int = 1,
                   round_to: int = 1, mlp_points: int | None = None, cache_dir: str | os.PathLike | None = None,
                   refresh: bool = False, progress: Progress | None = None) -> LatencyTable:
     """`measure_table`, cached as JSON under `cache_dir` (default `default_cache_dir()`) by a hash
-    of `cache_key`; a stored table is used only if its key equals the current one."""
+    of `cache_key`; a stored table is used only if its key equals the current one and its numbers
+    pass `table_problem` (otherwise it is measured again, with a note to `progress`). A cache folder
+    that cannot be written is found before measuring: the table is then measured and not kept."""
+    say = progress or (lambda line: None)
     key = cache_key(model, backend, batch, threads, round_to, mlp_points)
     path = cache_path(key, cache_dir)
-    table = None if refresh else _cached(path, key)
+    table, stale = (None, None) if refresh else _cached(path, key)
     if table is not None:
-        if progress:
-            progress(f"latency table from {path}")
+        say(f"latency table from {path}")
         return table
+    if stale is not None:
+        say(f"latency table {path} {stale}: stale, measuring it again")
+    unusable = _cache_problem(path.parent)
+    if unusable is not None:
+        say(f"latency cache not usable ({unusable}); measuring without caching")
     table = measure_table(model, backend, batch, threads, round_to, mlp_points, progress=progress)
-    ensure_dir(path.parent)
-    write_json(path, {"key": key, "table": table.to_dict()})
+    if unusable is None:
+        try:
+            write_json(path, {"key": key, "table": table.to_dict()})
+        except ArtifactError as e:
+            say(f"latency table not cached ({e})")
     return table

@@ -1,6 +1,7 @@
-"""The one timing loop: two runners warmed up, then timed in alternating rounds (A B A B ...), so
-drift of a shared machine hits both alike. The benchmark, the latency table and the export
-optimiser's check all time through `measure_pair`.
+"""The one timing loop: runners warmed up, then timed in alternating rounds (A B A B ...), so drift
+of a shared machine hits them alike. The benchmark, the latency table and the export optimiser's
+check time pairs through `measure_pair`; deploy's choice times one runner at a time (`median_ms`)
+and interleaves the candidates itself.
 
 The number of rounds is capped by a time budget (estimated from the last warm-up run) but never
 below `min_rounds`.
@@ -12,7 +13,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 Runner = Callable[[], object]
 
@@ -53,26 +54,37 @@ def plan_rounds(config: Rounds, seconds_per_round: float | None) -> int:
     return max(min(config.min_rounds, config.rounds), min(config.rounds, fit))
 
 
+def measure_rounds(runners: Sequence[Runner], config: Rounds) -> list[list[list[float]]]:
+    """Warm up every runner, then time them in alternating rounds: [runner][round][run] ms."""
+    last = [0.0] * len(runners)
+    for _ in range(config.warmup):
+        for i, run in enumerate(runners):
+            last[i] = time_ms(run)
+    per_round_s = sum(last) * config.runs_per_round / 1000.0
+    rounds = plan_rounds(config, per_round_s if config.warmup else None)
+    times: list[list[list[float]]] = [[] for _ in runners]
+    for _ in range(rounds):
+        for i, run in enumerate(runners):
+            times[i].append([time_ms(run) for _ in range(config.runs_per_round)])
+    return times
+
+
 def measure_pair(first: Runner, second: Runner, batch: int, config: Rounds,
                  order: list[tuple[str, int]]) -> tuple[list[list[float]], list[list[float]]]:
     """Warm up both, then time them in alternating rounds ([round][run] ms each); appends the run
     order to `order` ("dense" for the first runner, "compact" for the second)."""
-    last = {"dense": 0.0, "compact": 0.0}
-    for _ in range(config.warmup):
-        last["dense"] = time_ms(first)
-        last["compact"] = time_ms(second)
-    per_round_s = (last["dense"] + last["compact"]) * config.runs_per_round / 1000.0
-    rounds = plan_rounds(config, per_round_s if config.warmup else None)
-    first_ms, second_ms = [], []
-    for _ in range(rounds):
-        first_ms.append([time_ms(first) for _ in range(config.runs_per_round)])
-        order.append(("dense", batch))
-        second_ms.append([time_ms(second) for _ in range(config.runs_per_round)])
-        order.append(("compact", batch))
+    first_ms, second_ms = measure_rounds([first, second], config)
+    order.extend([("dense", batch), ("compact", batch)] * len(first_ms))
     return first_ms, second_ms
 
 
 def median_pair(first: Runner, second: Runner, config: Rounds) -> tuple[float, float]:
     """Median ms per run of the two runners, timed by `measure_pair`."""
-    first_ms, second_ms = measure_pair(first, second, 0, config, [])
-    return (statistics.median(t for r in first_ms for t in r), statistics.median(t for r in second_ms for t in r))
+    first_ms, second_ms = measure_rounds([first, second], config)
+    return statistics.median(t for r in first_ms for t in r), statistics.median(t for r in second_ms for t in r)
+
+
+def median_ms(run: Runner, config: Rounds) -> float:
+    """Median ms per run of one runner, timed by the same loop."""
+    (times,) = measure_rounds([run], config)
+    return statistics.median(t for r in times for t in r)

@@ -2,8 +2,9 @@
 
 One attribute, `model.vitcompact_cfg`, as timm keeps `model.pretrained_cfg`: how to rebuild the
 model (architecture, arguments, preset), its compact block shapes and structure, the dense model's
-accounting, and whether its preprocessing is known. `save` writes it to `config.json`, `load` and
-the builder set it, `compact` extends it; nothing else sets attributes on a model.
+accounting, whether its preprocessing is known, and its token merging setting. `save` writes it to
+`config.json`, `load` and the builder set it, `compact` extends it, `merge_tokens` sets its merging;
+nothing else sets attributes on a model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch.nn as nn
 
 from .blocks import CompactBlock
+from .merge_config import TokenMergeConfig
+
 
 RECORD_ATTR = "vitcompact_cfg"
 
@@ -29,6 +32,7 @@ class ModelRecord:
     structure: dict[str, Any] | None = None  # kept heads and neurons (Structure.to_dict()), when quasi-structured
     dense: dict[str, Any] | None = None      # accounting of the dense model (Count.to_dict()), for a compact one
     preprocessing_known: bool = False        # see `models.preprocess`
+    token_merge: TokenMergeConfig | None = None  # set by `merge_tokens`; None: the model merges no tokens
 
     @property
     def is_compact(self) -> bool:
@@ -51,7 +55,8 @@ def set_record(model: nn.Module, record: ModelRecord | None = None, **changes: A
     record = replace(record if record is not None else get_record(model), **changes)
     # Own copies, so that no two models share (and one cannot change) the other's arguments.
     record = replace(record, model_args=dict(record.model_args),
-                     blocks=tuple(record.blocks) if record.blocks is not None else None)
+                     blocks=tuple(record.blocks) if record.blocks is not None else None,
+                     token_merge=replace(record.token_merge) if record.token_merge is not None else None)
     setattr(model, RECORD_ATTR, record)  # a plain attribute: copied by deepcopy, never in the state dict
     return record
 

@@ -16,62 +16,18 @@ and a one-hot matrix product, without scatter reductions, so TensorRT takes the 
 from __future__ import annotations
 
 import types
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, UnsupportedModelError
-from ..validate import field_types, flag, integer, one_of
+from ..validate import integer
 from .adapter import check_vit
 from .layers import ConstantBranch
-
-SCHEDULES = ("constant", "decreasing")
-TOKEN_MERGE_ATTR = "vitcompact_token_merge"
-
-
-@dataclass
-class TokenMergeConfig:
-    """How many tokens each block merges away.
-
-    `r`: tokens merged per block (0 turns merging off). `schedule`: "constant" merges `r` in every
-    block; "decreasing" merges `2r` in the first block, then linearly fewer, 0 in the last (ToMe's
-    schedule with inflection -1; about the same total as "constant"), see `merge_schedule`.
-    `protect_cls`: keep the prefix tokens (class, distillation, registers) out of matching; a model
-    that has any needs it, since its head reads them at fixed positions. `proportional_attention`:
-    add `log(size)` to the attention logits of merged tokens.
-    """
-
-    r: int = 0
-    schedule: str = "constant"
-    protect_cls: bool = True
-    proportional_attention: bool = True
-
-    def __post_init__(self) -> None:
-        integer("token merge r", self.r, 0, note="tokens merged per block; 0 turns merging off")
-        one_of("token merge schedule", self.schedule, SCHEDULES)
-        flag("protect_cls", self.protect_cls)
-        flag("proportional_attention", self.proportional_attention)
-
-    @property
-    def enabled(self) -> bool:
-        return self.r > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TokenMergeConfig":
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"token merge setting must be a table of r, schedule, protect_cls and "
-                              f"proportional_attention, got {values!r}")
-        try:
-            return cls(**field_types(cls, values))
-        except ConfigError as e:
-            raise ConfigError(f"token merge setting: {e}") from None
-
+from .merge_config import TokenMergeConfig  # noqa: F401  (re-exported)
+from .record import get_record, set_record
 
 def merge_schedule(depth: int, config: TokenMergeConfig) -> list[int]:
     """Tokens merged in each of `depth` blocks.
@@ -126,16 +82,15 @@ def token_counts(num_tokens: int, depth: int, config: TokenMergeConfig | None,
 
 
 def get_token_merge(model: nn.Module) -> TokenMergeConfig | None:
-    """The model's token merging setting; None when it merges no tokens."""
-    return getattr(model, TOKEN_MERGE_ATTR, None)
+    """The model's token merging setting (from its `ModelRecord`); None when it merges no tokens."""
+    return get_record(model).token_merge
 
 
 def set_token_merge(model: nn.Module, config: TokenMergeConfig | None) -> None:
-    """Record the setting on the model (None or r=0: off). `merge_tokens` is the door for users."""
-    if config is None or not config.enabled:
-        vars(model).pop(TOKEN_MERGE_ATTR, None)
-    else:
-        setattr(model, TOKEN_MERGE_ATTR, config)
+    """Record the setting in the model's record (None or r=0: off). `merge_tokens` is the door for users."""
+    config = config if config is not None and config.enabled else None
+    if config != get_token_merge(model):  # turning merging off gives a foreign model no record
+        set_record(model, token_merge=config)
 
 
 def model_token_counts(model: nn.Module, config: TokenMergeConfig | None = None) -> list[int]:
@@ -291,6 +246,16 @@ def _installed(model: nn.Module) -> bool:
     return getattr(vars(model).get("forward_features"), "__func__", None) is _merging_forward_features
 
 
+def check_token_merge(model: nn.Module, config: TokenMergeConfig) -> None:
+    """Raise ConfigError when `model`, at its input size, cannot merge as `config` says: a block
+    left with fewer than 2r mergeable tokens, or prefix tokens its head reads given up to merging."""
+    if config.enabled and not config.protect_cls and model.num_prefix_tokens:
+        raise ConfigError(f"protect_cls=False would merge the model's {model.num_prefix_tokens} prefix token(s) "
+                          "(class, distillation, registers), which its head reads at fixed positions; "
+                          "keep protect_cls=True")
+    model_token_counts(model, config)
+
+
 def merge_tokens(model: nn.Module, config: TokenMergeConfig | None) -> nn.Module:
     """Make `model` (a dense or compact timm VisionTransformer) merge tokens as `config` says, in
     place; None or r=0 turns merging off and leaves exactly the model's own forward.
@@ -305,11 +270,7 @@ def merge_tokens(model: nn.Module, config: TokenMergeConfig | None) -> nn.Module
         if _installed(model):
             del model.forward_features
         return model
-    if not config.protect_cls and model.num_prefix_tokens:
-        raise ConfigError(f"protect_cls=False would merge the model's {model.num_prefix_tokens} prefix token(s) "
-                          "(class, distillation, registers), which its head reads at fixed positions; "
-                          "keep protect_cls=True")
-    model_token_counts(model, config)
+    check_token_merge(model, config)
     set_token_merge(model, config)
     if not _installed(model):
         model.forward_features = types.MethodType(_merging_forward_features, model)

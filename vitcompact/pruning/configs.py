@@ -24,7 +24,7 @@ from ..knobs import knob
 from ..latency.budget import BudgetRequest
 from ..registry import Registry
 from ..training.trainer import TrainConfig
-from ..validate import flag, in_range, integer, one_of, ratio, seed
+from ..validate import MAX_EPOCHS, flag, in_range, integer, one_of, ratio, seed
 from .criteria import CRITERIA
 from .penalty import PENALTIES
 from .refit import TARGETS as REFIT_TARGETS, RefitSettings
@@ -98,7 +98,7 @@ class OneShotConfig(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        integer("finetune_epochs", self.finetune_epochs, 0)
+        integer("finetune_epochs", self.finetune_epochs, 0, MAX_EPOCHS)
         if self.prune_rate is not None:
             ratio("prune_rate", self.prune_rate)
 
@@ -118,9 +118,9 @@ class IterativeConfig(PruneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        integer("states", self.states, 1)
+        integer("states", self.states, 1, MAX_EPOCHS)
         for name in ("epochs_per_state", "finetune_epochs", "dense_epochs"):
-            integer(name, getattr(self, name), 0)
+            integer(name, getattr(self, name), 0, MAX_EPOCHS)
         if self.prune_rate is not None:
             ratio("prune_rate", self.prune_rate)
 
@@ -137,7 +137,7 @@ class RefillConfig(IterativeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("rewind", self.rewind, REWINDS)
-        integer("rewind_epoch", self.rewind_epoch, 0)
+        integer("rewind_epoch", self.rewind_epoch, 0, MAX_EPOCHS)
         if self.rewind != "none" and self.dense_epochs < 1:
             raise ConfigError(f"rewind={self.rewind!r} needs dense_epochs >= 1 (the weights to rewind "
                               "to come from dense training inside the loop); or use rewind='none'")
@@ -193,7 +193,7 @@ class RefitConfig(PruneConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         integer("calib_images", self.calib_images, 1)
-        integer("finetune_epochs", self.finetune_epochs, 0)
+        integer("finetune_epochs", self.finetune_epochs, 0, MAX_EPOCHS)
         self.settings()
 
     def settings(self, batch_size: int = 32) -> RefitSettings:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError, TrainingError
 from ..knobs import knob
-from ..validate import in_range, integer, one_of, seed
+from ..validate import MAX_EPOCHS, in_range, integer, one_of, seed
 from . import distributed
 from .seeding import seed_everything
 
@@ -76,7 +76,7 @@ class TrainConfig:
     progress: bool = knob(True, "Show progress bars.")
 
     def __post_init__(self) -> None:
-        integer("epochs", self.epochs, 0)
+        integer("epochs", self.epochs, 0, MAX_EPOCHS)
         in_range("lr", self.lr, 0.0, low_open=True)
         in_range("min_lr", self.min_lr, 0.0)
         in_range("weight_decay", self.weight_decay, 0.0)
