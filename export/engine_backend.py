@@ -10,7 +10,7 @@ from vitcompact.errors import ArtifactError, BackendUnavailableError, ConfigErro
 from vitcompact.latency.backends import BACKENDS, BackendOptions, Loaded, Runner, random_batch
 from vitcompact.latency.sources import BenchModel
 
-from .tensorrt import EngineRunner, info_path, require_tensorrt
+from . import tensorrt as trt  # read at call time: tests stand in for TensorRT there
 
 
 class TensorRTEngineBackend:
@@ -21,7 +21,7 @@ class TensorRTEngineBackend:
 
     def __init__(self, options: BackendOptions):
         try:
-            self.tensorrt = require_tensorrt()
+            self.tensorrt = trt.require_tensorrt()
         except BackendUnavailableError as e:
             raise BackendUnavailableError(f"backend {self.name}: {e}") from None
         self.options = options
@@ -31,10 +31,10 @@ class TensorRTEngineBackend:
             raise ConfigError(f"{model.label}: backend {self.name} times TensorRT engine files (.engine, "
                               ".plan) built by `vitcompact export tensorrt`; give one for both models, or "
                               "use --backend tensorrt (onnxruntime's TensorRT provider) for other models")
-        runner = EngineRunner(model.engine_path)
+        runner = trt.EngineRunner(model.engine_path)
         if runner.image_shape != tuple(model.input_size):
             raise ArtifactError(f"{model.engine_path} takes images {list(runner.image_shape)} but "
-                                f"{info_path(model.engine_path).name} says {list(model.input_size)}; build "
+                                f"{trt.info_path(model.engine_path).name} says {list(model.input_size)}; build "
                                 "the engine again with `vitcompact export tensorrt`")
         low, high = runner.batch_range
 
