@@ -18,7 +18,7 @@ from vitcompact.latency.backends import BackendOptions, make_backend
 from vitcompact.latency.environment import check_threads, environment, physical_cores
 from vitcompact.latency.sources import BenchModel, check_pair, ideal_speedup
 from vitcompact.latency.stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
-from vitcompact.latency.timing import measure_pair, plan_rounds  # noqa: F401  (plan_rounds: re-exported)
+from vitcompact.latency.timing import measure_pair
 from vitcompact.validate import in_range, integer, seed
 
 from .sources import ModelSource, resolve

@@ -16,7 +16,7 @@ from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.export.onnx_input import read_onnx
 from vitcompact.export.tensorrt import ENGINE_SUFFIXES, EngineInfo
 from vitcompact.io import regular_file
-from vitcompact.latency.sources import BenchModel, check_pair, ideal_speedup  # noqa: F401  (re-exported)
+from vitcompact.latency.sources import BenchModel
 from vitcompact.models.token_merge import TokenMergeConfig, merge_tokens
 
 ModelSource = Union[nn.Module, str, os.PathLike, BenchModel]
