@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vitcompact.export.deployment import table_of
 from vitcompact.io import ensure_dir, save_figure, write_json, write_text
 
 from .harness import BenchResult
@@ -49,7 +50,19 @@ def to_markdown(result: BenchResult) -> str:
                       "(export it with `vitcompact export`)."]
     lines += ["", "Speed-up: dense p50 / compact p50. Interval: paired bootstrap over rounds of the "
                   "ratio of medians. Ideal: dense MACs / compact MACs per image.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + (_auto_section(result.auto) if result.auto is not None else []))
+
+
+def _auto_section(auto: dict) -> list[str]:
+    """Backend auto: what it chose and the table of every candidate, as deploy.md has it."""
+    guard = auto["max_accuracy_drop"]
+    return ["## Measured choice (backend auto)", "",
+            f"Chosen: **{auto['chosen']}** (backend `{auto['backend']}`), the fastest of {len(auto['candidates'])} "
+            "candidates timed on the compact model"
+            + (" (no accuracy guard)." if guard is None else f" within {guard:g} points of validation top-1 of "
+               f"onnxruntime FP32 ({auto['reference_accuracy']:.4f}).")
+            + (f" {auto['note']}." if auto.get("note") else ""), "",
+            table_of(auto)]
 
 
 def _batch_ticks(ax, sizes: list[int]) -> None:

@@ -124,6 +124,7 @@ def openvino_cmd(
     seed: int = typer.Option(0, help="Seed of the validation split (the one the model was trained with)."),
     graph: str = typer.Option(ExportConfig.graph, help=f"Graph traced: {' or '.join(GRAPHS)} (README \"ONNX\")."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the IR against the FP32 model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT (and its .bin) where they exist."),
     json_out: bool = JsonOption,
 ) -> None:
     """Export to an OpenVINO IR (.xml + .bin; the openvino extra), checked against the FP32 model.
@@ -143,7 +144,8 @@ def openvino_cmd(
         raise ConfigError("--calib-data needs the model (artifact directory or name), not an ONNX file")
     data = (vc.load_data_for(source, calib_data, data_root, batch_size=64, seed=seed, aug="none")
             if calib_data is not None else None)
-    result = to_openvino(source, out, config, calibration=data, export_config=ExportConfig(graph=graph))
+    result = to_openvino(source, out, config, calibration=data, export_config=ExportConfig(graph=graph),
+                         overwrite=overwrite)
     if json_out:
         print_json(result.to_dict())
         return
@@ -172,6 +174,7 @@ def tensorrt_cmd(
     opt_batch: int = typer.Option(8, help="Batch the engine is tuned for."),
     max_batch: int = typer.Option(64, help="Largest batch the engine accepts."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the engine against onnxruntime."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT (and its .json) where they exist."),
     json_out: bool = JsonOption,
 ) -> None:
     """Build a TensorRT engine (NVIDIA GPU and the tensorrt extra needed), verified against onnxruntime.
@@ -180,7 +183,7 @@ def tensorrt_cmd(
     """
     config = TensorRTConfig(precision="fp16" if fp16 else "fp32", min_batch=min_batch,
                             opt_batch=opt_batch, max_batch=max_batch, verify=verify)
-    result = to_tensorrt(onnx_file, out, config)
+    result = to_tensorrt(onnx_file, out, config, overwrite=overwrite)
     if json_out:
         print_json(result.to_dict())
         return

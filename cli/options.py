@@ -21,14 +21,15 @@ from typing import Any, Callable
 
 import typer
 
-from vitcompact.knobs import help_of
+from vitcompact.knobs import flag_of, help_of
 
 
 @dataclass(frozen=True)
 class Fields:
     """The fields of `config` a command offers: `names` (default: every field that is not itself a
     config), minus `exclude`, under `prefix` (e.g. "prune.") in the dotted names it receives;
-    `flags` renames an option (field name -> its flags, e.g. {"epochs": "--train-epochs"}, {"out": "--out -o"})."""
+    `flags` renames an option (field name -> its flags, e.g. {"epochs": "--train-epochs"}, {"out": "--out -o"});
+    a field may name its own flag (`knob(flag=...)`), used wherever it is offered."""
 
     config: type
     prefix: str = ""
@@ -43,7 +44,8 @@ class Fields:
         fields = {f.name: f for f in dataclasses.fields(self.config)}
         names = self.names if self.names is not None else [
             n for n in fields if not _is_config(hints[n])]
-        return [(self.prefix + n, self.flags.get(n, "--" + n.replace("_", "-")), _option_type(hints[n]),
+        return [(self.prefix + n, self.flags.get(n) or flag_of(self.config, n) or "--" + n.replace("_", "-"),
+                 _option_type(hints[n]),
                  self.help.get(n) or help_of(self.config, n))
                 for n in names if n not in self.exclude]
 

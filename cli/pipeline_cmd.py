@@ -48,29 +48,32 @@ class RichProgress:
 def _run(config: PipelineConfig, json_out: bool) -> None:
     result = run(config, progress=None if json_out else RichProgress())
     if json_out:
-        print_json({"out": str(result.out), "files": result.files, **result.summary})
+        print_json({"out": str(result.out), "files": result.files, **result.summary.to_dict()})
         return
     s = result.summary
-    console.print(f"\n[bold]{s['structure']}[/bold]; params {s['params']['dense']:,} -> {s['params']['compact']:,}, "
-                  f"MACs {s['macs']['dense']:,} -> {s['macs']['compact']:,} (ideal {s['ideal_speedup']:.2f}x)")
-    acc = s["accuracy"]
-    console.print(f"test top-1: dense {acc['dense_test_top1']:.4f}, compact {acc['compact_test_top1']:.4f} "
-                  f"(ONNX {acc['compact_onnx_test_top1']:.4f})")
-    merge = s.get("token_merge")
-    if merge:
-        console.print(f"token merging r={merge['r']} ({merge['schedule']}) on the compact model: test top-1 "
-                      f"{merge['test_top1']['without']:.4f} without, {merge['test_top1']['with']:.4f} with")
-    int8 = s.get("int8") or {}
-    if "accuracy" in int8:
-        console.print(f"INT8 ({int8['mode']}) test top-1 {int8['accuracy']['test']['int8']:.4f} "
-                      f"(FP32 compact {int8['accuracy']['test']['fp32']:.4f})")
-    elif int8.get("refused"):
-        console.print(f"INT8 not written: {int8['refused']}", markup=False)
-    for row in s["latency"]:
-        stacked = f", compact INT8 {row['int8_speedup']:.2f}x" if "int8_speedup" in row else ""
-        console.print(f"batch {row['batch']:>4}: dense {row['dense_p50_ms']:.3f} ms, compact "
-                      f"{row['compact_p50_ms']:.3f} ms, speed-up {row['speedup']:.2f}x (ideal {row['ideal']:.2f}x)"
+    console.print(f"\n[bold]{s.structure}[/bold]; params {s.params.dense:,} -> {s.params.compact:,}, "
+                  f"MACs {s.macs.dense:,} -> {s.macs.compact:,} (ideal {s.ideal_speedup:.2f}x)")
+    acc = s.accuracy
+    console.print(f"test top-1: dense {acc.dense_test_top1:.4f}, compact {acc.compact_test_top1:.4f} "
+                  f"(ONNX {acc.compact_onnx_test_top1:.4f})")
+    merge = s.token_merge
+    if merge is not None:
+        console.print(f"token merging r={merge.config.r} ({merge.config.schedule}) on the compact model: test top-1 "
+                      f"{merge.test_top1_without:.4f} without, {merge.test_top1_with:.4f} with")
+    int8 = s.int8
+    if int8 is not None and "test" in int8.accuracy:
+        console.print(f"INT8 ({int8.mode}) test top-1 {int8.accuracy['test'].int8:.4f} "
+                      f"(FP32 compact {int8.accuracy['test'].fp32:.4f})")
+    elif int8 is not None and int8.refused:
+        console.print(f"INT8 not written: {int8.refused}", markup=False)
+    for row in s.latency:
+        stacked = f", compact INT8 {row.int8_speedup:.2f}x" if row.stacked else ""
+        console.print(f"batch {row.batch:>4}: dense {row.dense_p50_ms:.3f} ms, compact "
+                      f"{row.compact_p50_ms:.3f} ms, speed-up {row.speedup:.2f}x (ideal {row.ideal:.2f}x)"
                       f"{stacked}")
+    if s.deploy is not None:
+        console.print(f"deploy: {s.deploy.chosen} chosen, in {result.files['deploy']}" if s.deploy.report
+                      else f"deploy not run: {s.deploy.skipped}", markup=False)
     console.print(f"report: {result.files['report']}  plot: {result.files['plot']}  onnx: {result.files['onnx']}")
 
 
@@ -95,12 +98,16 @@ def pipeline(
     method: str | None = typer.Option(None, help=f"Pruning method: {', '.join(CONFIGS)}."),
     int8: str | None = typer.Option(None, help="INT8 file stacked on the compact one: static (default, "
                                                "calibrated on training images), dynamic or none."),
+    deploy: bool | None = typer.Option(None, "--deploy/--no-deploy",
+                                       help="Measure every runtime and precision on the compact model and report the "
+                                            "fastest within the accuracy guard (default: on where OpenVINO is "
+                                            "installed; \\[deploy] in a config file)."),
     json_out: bool = JsonOption,
     given: dict[str, Any] | None = None,
 ) -> None:
-    """Prune -> compact -> export -> INT8 -> verify -> bench, from flags or a TOML config file.
+    """Prune -> compact -> export -> INT8 -> verify -> bench -> deploy, from flags or a TOML config file.
 
-    The file's sections (data, train, prune, export, int8, bench, budget, token_merge) are the stages'
+    The file's sections (data, train, prune, export, int8, bench, budget, token_merge, deploy) are the stages'
     configs, with their field names; flags override the file.
 
     Example: vitcompact pipeline --config examples/pipeline.toml --out runs/mine
@@ -108,7 +115,7 @@ def pipeline(
     given = dict(given or {})
     budget = {k: given.pop(k) for k in list(given) if k.startswith("budget.")}
     base = PipelineConfig.from_toml(config) if config is not None else PipelineConfig()
-    overrides = {"prune.method": method, **given, "int8.mode": int8,
+    overrides = {"prune.method": method, **given, "int8.mode": int8, "deploy.enabled": deploy,
                  "budget": budget_with_flags(base.budget, **split(budget, "budget."))}
     _run(with_overrides(base, **overrides), json_out)
 

@@ -13,12 +13,14 @@ import vitcompact as vc
 from vitcompact import output_folder
 from vitcompact.latency import MISS_TOLERANCE, BudgetRequest, budget_missed
 from vitcompact.latency.report import REPORT_MD
+from vitcompact.models.token_merge import check_token_merge
 from vitcompact.pruning.configs import CONFIGS, PruneConfig, RunFolder, foreign_setting, prune_config
 from vitcompact.pruning.loop import prune as prune_model
 from vitcompact.training import TrainConfig, distributed
 
 from .common import (AugOption, DataOption, DataRootOption, JsonOption, PretrainedOption, ResetClassifierOption,
-                     WorkersOption, check_writable, console, err_console, print_json, user_errors)
+                     WorkersOption, check_writable, console, err_console, print_json, token_merge_config,
+                     token_merge_options, user_errors)
 from .options import Fields, config_options, split
 
 
@@ -35,8 +37,8 @@ def method_fields(prefix: str, exclude: tuple[str, ...] = ()) -> list[Fields]:
 
 
 def config_from_options(method: str, given: dict[str, Any], progress: bool = True) -> PruneConfig:
-    """`method`'s config from the options given (`prune.`, `train.` and `budget.` names); an option
-    of another method, or the ratios beside a latency budget, are refused."""
+    """`method`'s config from the options given (`prune.`, `train.`, `budget.` and `token_merge.`
+    names); an option of another method, or the ratios beside a latency budget, are refused."""
     budget_fields = split(given, "budget.")
     budget = BudgetRequest(**budget_fields) if budget_fields else None
     fields = split(given, "prune.")
@@ -48,7 +50,7 @@ def config_from_options(method: str, given: dict[str, Any], progress: bool = Tru
         name, owners = foreign
         raise vc.ConfigError(f"--{name.replace('_', '-')} is a setting of {' and '.join(owners)}, not of {method}")
     return prune_config(method, **fields, train=TrainConfig(progress=progress, **split(given, "train.")),
-                        budget=budget)
+                        budget=budget, token_merge=token_merge_config(given))
 
 
 def check_budget_met(report: dict[str, Any] | None, out: Path, allow: bool) -> None:
@@ -75,9 +77,11 @@ def run_inputs(model: str, checkpoint: Path | None, data: str, data_root: Path |
             "data_root": named(data_root), "batch_size": batch_size, "aug": aug}
 
 
-PRUNE_OPTIONS = (*method_fields(prefix="prune.", exclude=("train", "budget")),
+PRUNE_OPTIONS = (*method_fields(prefix="prune.", exclude=("train", "budget", "token_merge")),
                  Fields(TrainConfig, "train.", exclude=("epochs", "lr", "seed", "progress")),
-                 Fields(BudgetRequest, "budget."))
+                 Fields(BudgetRequest, "budget."),
+                 token_merge_options("the pruned model (recorded in its artifact; val and test top-1 reported "
+                                     "without and with it)"))
 
 
 @user_errors
@@ -118,6 +122,8 @@ def prune(
     m, bundle = vc.model_and_data(model, data, data_root, checkpoint=checkpoint, pretrained=pretrained,
                                   reset_classifier=reset_classifier, seed=config.seed, batch_size=batch_size,
                                   aug=aug, workers=workers)
+    if config.merging is not None:  # an r too large for the model's tokens: refused before the folder is made
+        check_token_merge(m, config.merging)
     say = (lambda line: None) if json_out else (lambda line: console.print(line, markup=False))
     with output_folder.lock(out, enabled=distributed.is_main()):
         result = prune_model(m, bundle, config, folder, notes=say)
@@ -126,18 +132,32 @@ def prune(
         budget = ({k: result.budget[k] for k in ("requested_speedup", "predicted", "measured")}
                   if result.budget is not None else None)
         check_budget_met(result.budget, out, allow_missed_budget)
+        merging = {"token_merge": result.token_merge} if result.token_merge is not None else {}
         vc.save(result.model, out, provenance={"stage": "prune", "data": data, "prune": config.to_dict(),
                                                "val": result.val, "test": result.test,
-                                               "structure": result.structure.summary()})
+                                               "structure": result.structure.summary(), **merging})
     summary = {"out": str(out), "structure": result.structure.summary(), "val": result.val, "test": result.test,
-               **({"latency_budget": budget} if budget is not None else {})}
+               **merging, **({"latency_budget": budget} if budget is not None else {})}
     if json_out:
         print_json(summary)
         return
+    print_summary(summary, config)
+
+
+def print_summary(summary: dict[str, Any], config: PruneConfig) -> None:
+    """The prune summary as lines: the latency budget's speed-ups, the token merging's accuracy
+    without and with it, then the structure and the final model's accuracy."""
+    budget, merge = summary.get("latency_budget"), summary.get("token_merge")
     if budget is not None:
         request = config.budget
         console.print(f"speed-up at batch {request.deploy_batch} ({request.backend}): requested "
-                      f"{budget['requested_speedup']:.2f}x, predicted {budget['predicted']['speedup']:.2f}x, measured {budget['measured']['speedup']:.2f}x "
-                      f"(see {out / 'latency_budget.md'})")
-    console.print(f"{result.structure.summary()}  val top1 {result.val['top1']:.4f}  "
-                  f"test top1 {result.test['top1']:.4f}  saved to {out}")
+                      f"{budget['requested_speedup']:.2f}x, predicted {budget['predicted']['speedup']:.2f}x, "
+                      f"measured {budget['measured']['speedup']:.2f}x "
+                      f"(see {Path(summary['out']) / 'latency_budget.md'})")
+    if merge is not None:
+        trained = ", fine-tuned with it" if merge["finetuned_with_merging"] else ""
+        console.print(f"token merging r={merge['r']} ({merge['schedule']}{trained}): "
+                      f"val top1 {merge['val_top1']['without']:.4f} without, {merge['val_top1']['with']:.4f} with; "
+                      f"test top1 {merge['test_top1']['without']:.4f} without, {merge['test_top1']['with']:.4f} with")
+    console.print(f"{summary['structure']}  val top1 {summary['val']['top1']:.4f}  "
+                  f"test top1 {summary['test']['top1']:.4f}  saved to {summary['out']}")

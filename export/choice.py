@@ -64,6 +64,13 @@ class Measurement:
                 "drop_points": None if self.drop_points is None else round(self.drop_points, 4),
                 "latency_ms": self.latency_ms, "first_ms": self.first_ms, "retimed_ms": list(self.retimed_ms)}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "Measurement":
+        """A measurement as `to_dict` wrote it (its latency follows from the timings)."""
+        return cls(Candidate(values["runtime"], values["precision"]), values["status"], values.get("reason", ""),
+                   values.get("accuracy"), values.get("drop_points"), values.get("first_ms"),
+                   list(values.get("retimed_ms") or []))
+
 
 @dataclass
 class Choice:
@@ -86,6 +93,14 @@ class Choice:
         return {"chosen": self.chosen.candidate.label, "reference_accuracy": self.reference_accuracy,
                 "max_accuracy_drop": self.max_accuracy_drop, "retime_rounds": self.rounds,
                 "candidates": [m.to_dict() for m in self.table]}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Choice":
+        """A choice as `to_dict` wrote it (deploy.json holds one)."""
+        table = [Measurement.from_dict(m) for m in values["candidates"]]
+        chosen = next(m for m in table if m.candidate.label == values["chosen"])
+        return cls(chosen, table, values.get("reference_accuracy"), values.get("max_accuracy_drop"),
+                   values.get("retime_rounds", 0))
 
     def to_markdown(self, columns: dict[str, Callable[[Measurement], str]] | None = None,
                     latency: str = "latency ms") -> str:

@@ -22,13 +22,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch.nn as nn
 
 from vitcompact.accounting import count
 from vitcompact.data import DataBundle
-from vitcompact.errors import ConfigError
+from vitcompact.errors import BackendUnavailableError, ConfigError
 from vitcompact.io import ensure_dir, scratch, write_json, write_text
 from vitcompact.latency.backends import Backend, BackendOptions, Loaded, Runner, make_backend
 from vitcompact.latency.environment import environment, physical_cores
@@ -43,7 +43,7 @@ from .int8 import Int8Config, to_int8
 from .onnx import ExportConfig, to_onnx
 from .openvino import publish_ir, to_openvino
 from .openvino_config import INT8_SOURCES, OpenVINOConfig
-from .openvino_runtime import compile_ir, runner
+from .openvino_runtime import compile_ir, require_openvino, runner
 from .verify import loader_top1, onnx_runner, ort_session
 
 SCHEMA = "vitcompact.deploy/1"
@@ -95,68 +95,110 @@ def geomean(values: Any) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-class _Candidates:
-    """Each candidate's files, accuracy and timings, made on first need (what `choose` calls)."""
+def available_candidates(candidates: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """`candidates` less the OpenVINO ones where OpenVINO is not installed, with the line saying so
+    (None when nothing was left out, or when nothing else would be left)."""
+    try:
+        require_openvino()
+    except BackendUnavailableError as e:
+        kept = tuple(name for name in candidates if not name.startswith("openvino "))
+        if kept and kept != candidates:
+            return kept, f"{e}; choosing among {', '.join(kept)} only"
+    return candidates, None
+
+
+class Candidates:
+    """Each candidate's files, accuracy and timings, made on first need (what `choose` calls).
+
+    `verify=False` skips each exporter's checks: for a file made only to be timed (the bench's dense
+    model, exported the way the compact one was chosen to run)."""
 
     def __init__(self, fp32: Path, stage: Path, data: DataBundle, config: DeployConfig, threads: int,
-                 image_size: tuple[int, int, int], progress: Callable[[str], None]):
+                 image_size: tuple[int, int, int], progress: Callable[[str], None], verify: bool = True):
         self.fp32, self.stage, self.data, self.config = fp32, stage, data, config
-        self.threads, self.image_size, self.progress = threads, image_size, progress
+        self.threads, self.image_size, self.progress, self.verify = threads, image_size, progress, verify
         self.files: dict[str, list[Path]] = {}
+        self.int8_sources: dict[str, str | None] = {}  # OpenVINO candidate -> the INT8 source it was made from
         self.backends: dict[str, Backend] = {}
         self.loaded: dict[str, Loaded] = {}
         self.runners: dict[tuple[str, int], Runner] = {}
         self.timings: dict[str, list[dict[int, float]]] = {}
         self.top1: dict[Path, float] = {}
 
-    def _build(self, c: Candidate) -> Path:
-        """The candidate's file, exported and checked by its exporter (its refusal raises)."""
+    @classmethod
+    def export(cls, model: nn.Module, stage: Path, data: DataBundle, config: DeployConfig, threads: int,
+               progress: Callable[[str], None] | None = None, verify: bool = True) -> "Candidates":
+        """The candidates of `model`, starting from its plain FP32 ONNX export in `stage`."""
+        ensure_dir(stage)
+        fp32 = to_onnx(model, stage / "model.onnx", ExportConfig(optimize="off", verify=verify)).path
+        return cls(fp32, stage, data, config, threads, input_size(model), progress or (lambda line: None), verify)
+
+    def made(self, c: Candidate) -> list[Path]:
+        """The candidate's files (the one a runtime loads first), exported and checked by its exporter on
+        first need (its refusal raises)."""
+        if c.label in self.files:
+            return self.files[c.label]
         if c.label == REFERENCE:
             self.files[c.label] = [self.fp32]
         elif c.runtime == "onnxruntime":
             path = to_int8(self.fp32, self.stage / "model.int8.onnx", Int8Config(mode="static", max_accuracy_drop=None),
-                           self.data).path
+                           self.data, verify=self.verify).path
             self.files[c.label] = [path, *([data_file(path)] if data_file(path).exists() else [])]
         else:
             result = to_openvino(self.fp32, self.stage / f"model.{c.precision}.xml",
                                  OpenVINOConfig(precision=c.precision, int8_source=self.config.int8_source,
-                                                max_accuracy_drop=None, threads=self.threads), calibration=self.data)
+                                                max_accuracy_drop=None, threads=self.threads, verify=self.verify),
+                                 calibration=self.data)
             self.files[c.label] = [result.path, result.bin_path]
-        return self.files[c.label][0]
+            self.int8_sources[c.label] = result.int8_source
+        return self.files[c.label]
 
     def accuracy(self, c: Candidate) -> float:
         """Validation top-1 of the candidate's file on its runtime."""
-        path = self.files[c.label][0] if c.label in self.files else self._build(c)
+        path = self.made(c)[0]
         if path not in self.top1:
             run = (onnx_runner(ort_session(path, self.threads)) if c.runtime == "onnxruntime"
                    else runner(compile_ir(path, threads=self.threads)))
             self.top1[path] = loader_top1(run, self.data.val)
-        self.progress(f"{c.label}: validation top-1 {self.top1[path]:.4f}")
+            self.progress(f"{c.label}: validation top-1 {self.top1[path]:.4f}")
         return self.top1[path]
 
     def reference_accuracy(self) -> float:
         return self.accuracy(Candidate(*REFERENCE.split()))
 
-    def _runner(self, c: Candidate, batch: int) -> Runner:
+    def backend(self, runtime: str) -> Backend:
+        """The core's latency backend that times `runtime`'s files, with this choice's threads."""
+        name = BACKEND_OF[runtime]
+        if name not in self.backends:
+            self.backends[name] = make_backend(name, BackendOptions(self.threads, seed=self.config.seed))
+        return self.backends[name]
+
+    def runner(self, c: Candidate, batch: int) -> Runner:
+        """One inference of the candidate's file at `batch`, by its latency backend."""
         if c.label not in self.loaded:
-            name = BACKEND_OF[c.runtime]
-            if name not in self.backends:
-                self.backends[name] = make_backend(name, BackendOptions(self.threads, seed=self.config.seed))
-            path = self.files[c.label][0]
-            self.loaded[c.label] = (self.backends[name].load_ir(path) if c.runtime == "openvino" else
-                                    self.backends[name].load(BenchModel(c.label, self.image_size, None, onnx_path=path,
-                                                                        precision=c.precision)))
+            path = self.made(c)[0]
+            backend = self.backend(c.runtime)
+            self.loaded[c.label] = (backend.load_ir(path) if c.runtime == "openvino" else
+                                    backend.load(BenchModel(c.label, self.image_size, None, onnx_path=path,
+                                                            precision=c.precision)))
         if (c.label, batch) not in self.runners:
             self.runners[c.label, batch] = self.loaded[c.label](batch)
         return self.runners[c.label, batch]
 
     def time(self, c: Candidate) -> float:
         """Median ms at each batch size (recorded); the ranking latency is their geometric mean."""
-        ms = {b: median_ms(self._runner(c, b), self.config.timing) for b in self.config.batch_sizes}
+        ms = {b: median_ms(self.runner(c, b), self.config.timing) for b in self.config.batch_sizes}
         self.timings.setdefault(c.label, []).append(ms)
         if len(self.timings[c.label]) == 1:
             self.progress(f"{c.label}: " + ", ".join(f"batch {b} {t:.2f} ms" for b, t in ms.items()))
         return geomean(ms.values())
+
+    def choose(self) -> Choice:
+        """The fastest of the configured candidates within the accuracy guard (`choice.choose`)."""
+        config = self.config
+        return choose([Candidate(*name.split()) for name in config.candidates], self.time, self.accuracy,
+                      config.max_accuracy_drop, reference_accuracy=self.reference_accuracy(),
+                      retime_top=config.retime_top, rounds=config.retime_rounds)
 
     def batch_ms(self) -> dict[str, dict[int, float]]:
         """Per candidate and batch size, the median of the re-timings where there are some (as
@@ -166,6 +208,15 @@ class _Candidates:
             used = timings[1:] or timings
             out[label] = {b: statistics.median(t[b] for t in used) for b in self.config.batch_sizes}
         return out
+
+
+def choice_record(choice: Choice, batch_ms: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """`choice.to_dict()` with each candidate's median ms per batch size (what deploy.json and the
+    bench's JSON record)."""
+    record = choice.to_dict()
+    for c in record["candidates"]:
+        c["batch_ms"] = batch_ms.get(f"{c['runtime']} {c['precision']}")
+    return record
 
 
 @dataclass
@@ -188,13 +239,10 @@ class DeployResult:
 
     def speedup(self, label: str, batch: int) -> float | None:
         """`label`'s speed-up over onnxruntime FP32 at `batch`, where both were timed."""
-        mine, base = self.batch_ms.get(label, {}).get(batch), self.batch_ms.get(REFERENCE, {}).get(batch)
-        return base / mine if mine and base else None
+        return _speedup(self.batch_ms, label, batch)
 
     def to_dict(self) -> dict[str, Any]:
-        choice = self.choice.to_dict()
-        for c in choice["candidates"]:
-            c["batch_ms"] = self.batch_ms.get(f"{c['runtime']} {c['precision']}")
+        choice = choice_record(self.choice, self.batch_ms)
         return {"schema": SCHEMA, "chosen": self.chosen, "files": [p.name for p in self.files], "model": self.model,
                 "batch_sizes": list(self.config.batch_sizes), "threads": self.threads, **choice,
                 "environment": self.environment, "seconds": round(self.seconds, 1)}
@@ -202,7 +250,6 @@ class DeployResult:
     def to_markdown(self) -> str:
         cpu = self.environment["cpu_features"]
         guard = self.config.max_accuracy_drop
-        columns = {f"batch {b} ms (speed-up)": self._cell(b) for b in self.config.batch_sizes}
         return "\n".join([
             f"# Deployment of {self.model['label']}", "",
             f"Chosen: **{self.chosen}** ({', '.join(p.name for p in self.files)}), the fastest of "
@@ -215,13 +262,33 @@ class DeployResult:
             "Latency: median ms per batch, speed-up over onnxruntime FP32 at that batch; the ranking is their "
             f"geometric mean, the fastest {self.config.retime_top} timed again in {self.choice.rounds} "
             "interleaved rounds.", "",
-            self.choice.to_markdown(columns, latency="geo-mean ms")])
+            candidates_table(self.choice, self.batch_ms, self.config.batch_sizes)])
 
-    def _cell(self, batch: int) -> Callable[[Measurement], str]:
-        def cell(m: Measurement) -> str:
-            ms, speedup = self.batch_ms.get(m.candidate.label, {}).get(batch), self.speedup(m.candidate.label, batch)
-            return "-" if ms is None else f"{ms:.2f}" + (f" ({speedup:.2f}x)" if speedup else "")
-        return cell
+
+def candidates_table(choice: Choice, batch_ms: Mapping[str, Mapping[int, float]], batch_sizes: Sequence[int]) -> str:
+    """Every candidate, fastest first: median ms and speed-up over onnxruntime FP32 at each batch
+    size, the ranking latency, accuracy, drop and status (deploy.md's table)."""
+    columns = {f"batch {b} ms (speed-up)": _cell(batch_ms, b) for b in batch_sizes}
+    return choice.to_markdown(columns, latency="geo-mean ms")
+
+
+def table_of(report: Mapping[str, Any]) -> str:
+    """`candidates_table` of a deploy.json (`DeployResult.to_dict()`), e.g. in a pipeline's summary."""
+    batch_ms = {f"{c['runtime']} {c['precision']}": {int(b): ms for b, ms in (c.get("batch_ms") or {}).items()}
+                for c in report["candidates"]}
+    return candidates_table(Choice.from_dict(report), batch_ms, report["batch_sizes"])
+
+
+def _speedup(batch_ms: Mapping[str, Mapping[int, float]], label: str, batch: int) -> float | None:
+    mine, base = batch_ms.get(label, {}).get(batch), batch_ms.get(REFERENCE, {}).get(batch)
+    return base / mine if mine and base else None
+
+
+def _cell(batch_ms: Mapping[str, Mapping[int, float]], batch: int) -> Callable[[Measurement], str]:
+    def cell(m: Measurement) -> str:
+        ms, speedup = batch_ms.get(m.candidate.label, {}).get(batch), _speedup(batch_ms, m.candidate.label, batch)
+        return "-" if ms is None else f"{ms:.2f}" + (f" ({speedup:.2f}x)" if speedup else "")
+    return cell
 
 
 def _yes(flag: bool) -> str:
@@ -254,12 +321,9 @@ def deploy(model: nn.Module, out: str | os.PathLike, config: DeployConfig | None
     start, threads = time.perf_counter(), config.threads or physical_cores()
     ensure_dir(out.parent)
     with scratch(f".{out.name}.tmp-", out.parent) as stage:
-        fp32 = to_onnx(model, stage / "model.onnx", ExportConfig(optimize="off")).path
-        runs = _Candidates(fp32, stage, data, config, threads, input_size(model), progress or (lambda line: None))
-        choice = choose([Candidate(*name.split()) for name in config.candidates], runs.time, runs.accuracy,
-                        config.max_accuracy_drop, reference_accuracy=runs.reference_accuracy(),
-                        retime_top=config.retime_top, rounds=config.retime_rounds)
-        files = _publish(runs.files[choice.chosen.candidate.label], out)
+        runs = Candidates.export(model, stage, data, config, threads, progress)
+        choice = runs.choose()
+        files = _publish(runs.made(choice.chosen.candidate), out)
     counted = count(model)
     described = {"label": module_label(model), "params": counted.params, "macs": counted.macs,
                  "input_size": list(input_size(model)), "validation_images": len(data.val.dataset)}

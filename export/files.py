@@ -1,7 +1,9 @@
-"""Writing ONNX files atomically, with their external-data file when there is one.
+"""Writing exported files atomically, with the file that goes beside each (an ONNX file's external
+data, an OpenVINO IR's `.bin`, a TensorRT engine's `.json`).
 
 Work happens in a hidden staging folder beside the destination; only a finished, verified file is
-moved into place (its `.data` file first, so the `.onnx` never points at missing weights).
+moved into place (its `.data` file first, so the `.onnx` never points at missing weights). `claimed`
+is what every exporter holds while it writes: one writer per file, and no file replaced unless asked.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import onnx
 
+from vitcompact import output_folder
 from vitcompact.errors import ArtifactError, ConfigError
 from vitcompact.io import ensure_dir, temp_dir
 
@@ -67,16 +70,34 @@ def staging(path: str | os.PathLike, suffix: str = ".onnx") -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def claim_outputs(paths: Sequence[Path], overwrite: bool = True) -> None:
-    """Refuse, before any work, ONNX outputs that cannot be written: a folder where a file or its
-    data file goes, or (unless `overwrite`) a file already there."""
+def claim_outputs(paths: Sequence[Path], overwrite: bool = True,
+                  beside: Callable[[Path], Path] = data_file) -> None:
+    """Refuse, before any work, output files that cannot be written: a folder where a file or the
+    file written beside it (`beside(path)`: by default an ONNX file's data file) goes, or (unless
+    `overwrite`) either of them already there."""
     for path in paths:
+        companion = beside(path)
         if path.is_dir():
-            raise ArtifactError(f"{path} is a folder; give the path of the .onnx file to write")
-        if data_file(path).is_dir():
-            raise ArtifactError(f"{data_file(path)} is a folder, where the weights of {path.name} may go; move it")
-        if path.exists() and not overwrite:
-            raise ConfigError(f"{path} already exists; pass --overwrite to replace it, or choose another file name")
+            raise ArtifactError(f"{path} is a folder; give the path of the {path.suffix} file to write")
+        if companion.is_dir():
+            raise ArtifactError(f"{companion} is a folder, where {path.name} writes its {companion.suffix} "
+                                "file; move it")
+        existing = next((p for p in (path, companion) if p.exists()), None)
+        if existing is not None and not overwrite:
+            raise ConfigError(f"{existing} already exists; pass --overwrite to replace it, or choose another "
+                              "file name")
+
+
+@contextlib.contextmanager
+def claimed(path: Path, outputs: Sequence[Path] | None = None, overwrite: bool = True,
+            beside: Callable[[Path], Path] = data_file) -> Iterator[Path]:
+    """Hold `path` as its only writer (`output_folder.lock_file`) for the block, once `outputs`
+    (default: `path` alone) and the files beside them are claimed (`claim_outputs`). Every exporter
+    writes inside one, before it checks its runtime is installed, so a refusal does not depend on
+    the machine."""
+    with output_folder.lock_file(path):
+        claim_outputs([path] if outputs is None else outputs, overwrite, beside)
+        yield path
 
 
 def publish_all(pairs: Sequence[tuple[Path, Path]], spare: Path) -> list[Path]:

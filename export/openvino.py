@@ -31,7 +31,7 @@ from vitcompact.errors import ConfigError
 from vitcompact.latency.timing import median_ms
 
 from .choice import Candidate, Choice, choose
-from .files import staging
+from .files import claimed, staging
 from .int8 import Int8Config, to_int8
 from .onnx import ExportConfig
 from .openvino_checks import Images, Reference, check_reduced, reference_of, verify_ir
@@ -42,6 +42,12 @@ from .verify import ParityReport, sample_inputs
 
 __all__ = ["OpenVINOConfig", "OpenVINOResult", "to_openvino", "compile_ir", "read_ir", "read_ir_metadata",
            "require_openvino", "PRECISIONS"]
+
+
+def ir_bin(path: Path) -> Path:
+    """The weights file an IR's `.xml` names: its `.bin`, beside it."""
+    return path.with_suffix(".bin")
+
 
 @dataclass
 class OpenVINOResult:
@@ -60,7 +66,7 @@ class OpenVINOResult:
 
     @property
     def bin_path(self) -> Path:
-        return self.path.with_suffix(".bin")
+        return ir_bin(self.path)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "bin": str(self.bin_path), "precision": self.precision,
@@ -72,7 +78,7 @@ class OpenVINOResult:
 
 def publish_ir(staged: Path, path: Path) -> None:
     """Move a staged .xml and .bin into place: weights first, so the .xml never names missing ones."""
-    os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(ir_bin(staged), ir_bin(path))
     os.replace(staged, path)
 
 
@@ -158,38 +164,42 @@ def _models(onnx_path: Path, stage: Path, calib: Images | None, calibration: Any
 
 def to_openvino(source: nn.Module | str | os.PathLike, out_xml: str | os.PathLike,
                 config: OpenVINOConfig | None = None, calibration: DataBundle | Iterable[Any] | None = None,
-                validation: Iterable[Any] | None = None, export_config: ExportConfig | None = None) -> OpenVINOResult:
+                validation: Iterable[Any] | None = None, export_config: ExportConfig | None = None,
+                overwrite: bool = True) -> OpenVINOResult:
     """Write the OpenVINO IR of `source` (a model, exported to ONNX first with `export_config`, or an
     FP32 ONNX file) to `out_xml` and its `.bin`, checked against the FP32 reference.
 
     `calibration`: a DataBundle (its unaugmented training split calibrates INT8, its validation split
     checks) or batches of images / (images, labels). `validation`: batches of (images, labels), or
     images alone (agreement only, no accuracy guard). Raises ParityError / AccuracyDropError when a
-    check fails; nothing is written then.
+    check fails; nothing is written then. One writer at a time, and `overwrite=False` refuses an IR
+    (or a `.bin`) already there (`files.claimed`), before OpenVINO is looked for.
     """
     config = config or OpenVINOConfig()
-    ov = require_openvino()
-    start = time.perf_counter()
     out = Path(out_xml)
-    calib, check = _inputs(calibration, validation, config)
-    with staging(out, ".xml") as stage:
-        onnx_path, metadata, ref = reference_of(source, stage, export_config)
-        metadata["precision"] = METADATA_PRECISION[config.precision]
-        staged = {}
-        for name, model in _models(onnx_path, stage, calib, calibration, config):
-            _stamp(model, metadata, config.inference_precision)
-            staged[name] = _save(model, stage / name / out.name)
-        choice = _pick_int8(staged, ref, check or calib, config) if len(staged) > 1 else None
-        name = choice.chosen.candidate.artifact if choice else next(iter(staged))
-        model = read_ir(staged[name])
-        compiled = compile_ir(model, threads=config.threads)
-        parity, accuracy = verify_ir(out, runner(compiled), ref, check or calib, config) if config.verify else (None, None)
-        int8_source = name if config.precision == "int8" else None
-        metadata["openvino"] = json.dumps({
-            "openvino": ov.__version__, "inference_precision": config.inference_precision,
-            "int8_source": int8_source, "parity": parity.to_dict() if parity else None, "accuracy": accuracy,
-            "int8_candidates": choice.to_dict() if choice else None, "config": asdict(config)})
-        model.set_rt_info(metadata["openvino"], [SECTION, "openvino"])
-        publish_ir(_save(model, stage / "final" / out.name), out)
+    with claimed(out, overwrite=overwrite, beside=ir_bin):
+        ov = require_openvino()
+        start = time.perf_counter()
+        calib, check = _inputs(calibration, validation, config)
+        with staging(out, ".xml") as stage:
+            onnx_path, metadata, ref = reference_of(source, stage, export_config)
+            metadata["precision"] = METADATA_PRECISION[config.precision]
+            staged = {}
+            for name, model in _models(onnx_path, stage, calib, calibration, config):
+                _stamp(model, metadata, config.inference_precision)
+                staged[name] = _save(model, stage / name / out.name)
+            choice = _pick_int8(staged, ref, check or calib, config) if len(staged) > 1 else None
+            name = choice.chosen.candidate.artifact if choice else next(iter(staged))
+            model = read_ir(staged[name])
+            compiled = compile_ir(model, threads=config.threads)
+            parity, accuracy = (verify_ir(out, runner(compiled), ref, check or calib, config) if config.verify
+                                else (None, None))
+            int8_source = name if config.precision == "int8" else None
+            metadata["openvino"] = json.dumps({
+                "openvino": ov.__version__, "inference_precision": config.inference_precision,
+                "int8_source": int8_source, "parity": parity.to_dict() if parity else None, "accuracy": accuracy,
+                "int8_candidates": choice.to_dict() if choice else None, "config": asdict(config)})
+            model.set_rt_info(metadata["openvino"], [SECTION, "openvino"])
+            publish_ir(_save(model, stage / "final" / out.name), out)
     return OpenVINOResult(out, config.precision, config.inference_precision, executed_precision(compiled),
                           int8_source, parity, accuracy, choice, metadata, time.perf_counter() - start)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from vitcompact import output_folder
 from vitcompact.data import DataBundle
 from vitcompact.errors import ArtifactError
 
-from .files import claim_outputs, publish_all, staging
+from .files import claimed, publish_all, staging
 from .int8 import Int8Config, to_int8
 from .onnx import ExportConfig, ExportResult, to_onnx
 from .variants import to_fp16, variant_path
@@ -24,13 +23,12 @@ def export_all(model: nn.Module, path: str | os.PathLike, config: ExportConfig |
     """`to_onnx` to `path`, then the FP16 and INT8 variants beside it, as asked. With variants, every
     file is made in a staging folder and moved into place only when all are done: a refused INT8
     file (`AccuracyDropError`) leaves nothing behind, not even the fp32 file, and a file that cannot
-    be moved into place puts back what was there. One writer at a time (`output_folder.lock_file`);
-    `overwrite=False` refuses files already there."""
+    be moved into place puts back what was there. One writer at a time, and `overwrite=False`
+    refuses files already there (`files.claimed`)."""
     config, path = config or ExportConfig(), Path(path)
     outputs = ([path] + ([variant_path(path, "fp16")] if fp16 else [])
                + ([variant_path(path, "int8")] if int8 is not None else []))
-    with output_folder.lock_file(path):
-        claim_outputs(outputs, overwrite)
+    with claimed(path, outputs, overwrite):
         if not fp16 and int8 is None:
             return [to_onnx(model, path, config)]
         with staging(path) as stage:

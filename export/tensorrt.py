@@ -24,6 +24,7 @@ from vitcompact.errors import ArtifactError, BackendUnavailableError, ConfigErro
 from vitcompact.io import atomic_paths, json_text, read_json, scratch
 from vitcompact.validate import in_range, integer
 
+from .files import claimed
 from .metadata import read_metadata
 from .onnx_input import read_onnx
 from .optimize import has_contrib_ops
@@ -207,10 +208,8 @@ def _build(trt: Any, onnx_path: Path, config: TensorRTConfig) -> bytes:
     return bytes(serialized)
 
 
-def _source_metadata(onnx_path: Path, engine_path: Path) -> dict[str, Any]:
+def _source_metadata(onnx_path: Path) -> dict[str, Any]:
     """The metadata of an ONNX file TensorRT can be built from; refuses one it cannot, before building."""
-    if engine_path.is_dir():
-        raise ArtifactError(f"{engine_path} is a folder; give the path of the engine file to write")
     read_onnx(onnx_path)
     check_onnx(onnx_path)
     metadata = read_metadata(onnx_path)
@@ -224,32 +223,34 @@ def _source_metadata(onnx_path: Path, engine_path: Path) -> dict[str, Any]:
 
 
 def to_tensorrt(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
-                config: TensorRTConfig | None = None) -> EngineResult:
+                config: TensorRTConfig | None = None, overwrite: bool = True) -> EngineResult:
     """Build a serialised engine with a dynamic-batch profile from the fp32 ONNX file `onnx_path`.
 
     The engine is written beside `engine_path` under a temporary name and verified there; only then
     are it and its `<engine>.json` renamed into place, so a failed check leaves no engine behind and
-    an earlier engine (with its JSON) as it was.
+    an earlier engine (with its JSON) as it was. One writer at a time, and `overwrite=False` refuses
+    an engine (or its JSON) already there (`files.claimed`), before TensorRT is looked for.
     """
-    trt = require_tensorrt()
     config = config or TensorRTConfig()
-    start = time.perf_counter()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    info = EngineInfo.for_build(onnx_path, _source_metadata(onnx_path, engine_path), config, trt.__version__)
-    with scratch("vitcompact-trt-") as tmp:
-        source = onnx_path
-        if config.precision == "fp16":
-            from .variants import to_fp16
+    with claimed(engine_path, overwrite=overwrite, beside=info_path):
+        trt = require_tensorrt()
+        start = time.perf_counter()
+        info = EngineInfo.for_build(onnx_path, _source_metadata(onnx_path), config, trt.__version__)
+        with scratch("vitcompact-trt-") as tmp:
+            source = onnx_path
+            if config.precision == "fp16":
+                from .variants import to_fp16
 
-            source = to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx", verify=False).path
-        engine = _build(trt, source, config)
-    parity = None
-    with atomic_paths(engine_path, info_path(engine_path)) as (staged, staged_info):
-        staged.write_bytes(engine)
-        if config.verify:
-            parity = verify_tensorrt(staged, onnx_path, config.check_batches, config.tolerance,
-                                     report_path=engine_path).raise_if_failed()
-        staged_info.write_text(json_text(info.to_dict()))
+                source = to_fp16(onnx_path, Path(tmp) / "model.fp16.onnx", verify=False).path
+            engine = _build(trt, source, config)
+        parity = None
+        with atomic_paths(engine_path, info_path(engine_path)) as (staged, staged_info):
+            staged.write_bytes(engine)
+            if config.verify:
+                parity = verify_tensorrt(staged, onnx_path, config.check_batches, config.tolerance,
+                                         report_path=engine_path).raise_if_failed()
+            staged_info.write_text(json_text(info.to_dict()))
     return EngineResult(engine_path, onnx_path, config.precision, info.profile, trt.__version__, parity,
                         time.perf_counter() - start)
 

@@ -15,6 +15,7 @@ are those configs:
     [budget]  target_speedup = 2.0, deploy_batch = 8   # optional: prune to a latency budget
               block_removal = "last-resort"           # or "free", "never": when whole blocks may go
     [token_merge]  r = 8, schedule = "constant"       # optional: the compact model merges tokens
+    [deploy]  enabled = true, batch_sizes = [1, 8]    # the measured choice of runtime and precision
 
 One top-level `seed` drives the data split, the initial weights, training, pruning and the
 bench's inputs; the pipeline sets the prune stage's output folder itself.
@@ -33,7 +34,7 @@ from vitcompact.bench import BenchConfig
 from vitcompact.latency import BudgetRequest, check_backend
 from vitcompact.data import AUGMENTATIONS, DATA_SOURCES
 from vitcompact.errors import ConfigError
-from vitcompact.export import ExportConfig, Int8Config
+from vitcompact.export import DeployConfig, ExportConfig, Int8Config
 from vitcompact.knobs import knob
 from vitcompact.models.token_merge import TokenMergeConfig
 from vitcompact.pruning.configs import OneShotConfig, PruneConfig, foreign_setting, with_method
@@ -82,12 +83,19 @@ def _bench() -> BenchConfig:
     return BenchConfig(batch_sizes=(1, 32, 256), threads=1, time_budget_s=10.0)
 
 
+def _deploy() -> DeployConfig:
+    # A quick look (half a second per candidate, batch size and timing); `vitcompact deploy` takes longer.
+    return DeployConfig(batch_sizes=(1, 8), time_budget_s=0.5)
+
+
 # Set by the pipeline itself; a config file that sets them is refused, naming the reason.
 PIPELINE_SETS = {"seed": "set `seed` at the top level: one seed drives every stage",
                  "out_dir": "the pipeline prunes into <out>/prune",
                  "resume": "a pipeline run starts afresh (use `vitcompact prune --resume`)",
                  "inputs": "the pipeline records its inputs itself",
                  "budget": "set a latency budget in the [budget] section",
+                 "token_merge": "set token merging in the [token_merge] section ([prune] finetune_token_merge = "
+                                "true fine-tunes with it)",
                  "progress": "progress display follows the command (off under --json)"}
 # Flat keys of the pipeline's first TOML format, and where they live now.
 MOVED = {"train_epochs": "[train] epochs", "lr": "[train] lr and [prune] lr", "data": "[data] source",
@@ -118,12 +126,24 @@ class PipelineConfig:
     bench: BenchConfig = field(default_factory=_bench)
     budget: BudgetRequest | None = None  # prune to a latency budget instead of the prune ratios
     token_merge: TokenMergeConfig | None = None  # the compact model merges tokens, in its artifact and exports
+    # The measured choice of runtime and precision for the compact model, run where OpenVINO is
+    # installed (skipped with a note elsewhere); None (`[deploy] enabled = false`): off.
+    deploy: DeployConfig | None = field(default_factory=_deploy)
 
     def __post_init__(self) -> None:
         seed("seed", self.seed)
         flag("overwrite", self.overwrite)
         flag("pretrained", self.pretrained)
         check_backend(self.bench.backend)
+        if self.budget is not None and self.budget.merges_tokens and self.token_merge is not None \
+                and self.token_merge.enabled:
+            raise ConfigError("a [budget] with axes heads,mlp,tokens chooses the token merging r itself; drop "
+                              "[token_merge] (--token-merge), or use budget axes heads,mlp")
+        if self.prune.token_merge is not None:
+            raise ConfigError(f"[prune] token_merge cannot be set here: {PIPELINE_SETS['token_merge']}")
+        if self.prune.finetune_token_merge and (self.token_merge is None or not self.token_merge.enabled):
+            raise ConfigError("[prune] finetune_token_merge needs token merging: [token_merge] r >= 1 "
+                              "(--token-merge R)")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
@@ -166,6 +186,12 @@ def build(cls: type, values: dict[str, Any], section: str = "", base: Any = None
                 nested[key] = None
                 continue
             inner = getattr(base if base is not None else cls(), key, None)
+            if kind is DeployConfig:  # [deploy] enabled = false turns the stage off
+                value = dict(value)
+                if not flag("[deploy] enabled", value.pop("enabled", True)):
+                    nested[key] = None
+                    continue
+                inner = inner if inner is not None else _deploy()
             if isinstance(inner, PruneConfig):  # [prune] method = "..." chooses the method's config
                 value = dict(value)
                 inner = with_method(inner, value.pop("method", inner.method))
@@ -208,7 +234,8 @@ def _dataclass_of(kind: Any) -> type | None:
 
 
 def with_overrides(config: PipelineConfig, **overrides: Any) -> PipelineConfig:
-    """`config` with dotted-name overrides applied (None values skipped); `int8="none"` drops INT8."""
+    """`config` with dotted-name overrides applied (None values skipped); `int8.mode="none"` drops INT8,
+    `deploy.enabled=False` the deploy stage."""
     config = dataclasses.replace(config)
     if overrides.get("prune.method") is not None:  # first: the other prune overrides go to its config
         config.prune = with_method(config.prune, overrides["prune.method"])
@@ -223,6 +250,11 @@ def with_overrides(config: PipelineConfig, **overrides: Any) -> PipelineConfig:
         section, _, key = name.rpartition(".")
         if section == "int8" and config.int8 is None:
             config.int8 = Int8Config(mode="static")
+        if name == "deploy.enabled":
+            config.deploy = (config.deploy or _deploy()) if value else None
+            continue
+        if section == "deploy" and config.deploy is None:
+            config.deploy = _deploy()
         if section == "token_merge" and config.token_merge is None:
             config.token_merge = TokenMergeConfig()
         if section:

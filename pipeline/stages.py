@@ -1,5 +1,5 @@
 """`run(config)`: data -> train -> prune -> compact (-> merge tokens) -> export -> INT8 -> verify -> bench
--> report.
+(-> deploy) -> report.
 
 It ties the core, export and bench together (the core never imports those). Every stage writes
 into a hidden sibling folder that replaces `config.out` only when all stages succeed, so a failed
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,10 +24,12 @@ import vitcompact as vc
 from vitcompact import output_folder
 from vitcompact.bench import BenchResult, benchmark, resolve, write_report
 from vitcompact.data import DataBundle
-from vitcompact.errors import ConfigError
-from vitcompact.export import AccuracyDropError, ExportResult, to_int8, to_onnx
+from vitcompact.errors import BackendUnavailableError, ConfigError
+from vitcompact.export import AccuracyDropError, ExportResult, deploy, to_int8, to_onnx
+from vitcompact.export.openvino_runtime import require_openvino
 from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.io import ensure_dir, sweep_stale_any, temp_dir, write_json, write_text
+from vitcompact.models.merge_config import TokenMergeConfig
 from vitcompact.models.token_merge import check_token_merge
 from vitcompact.pruning.configs import RunFolder
 from vitcompact.pruning.loop import prune
@@ -36,6 +38,8 @@ from vitcompact.training import evaluate, train
 from .config import PipelineConfig, config_dict
 from .progress import Progress, Silent
 from .report import render_report
+from .summary import (Accuracy, DenseCompact, DeploySummary, Int8Summary, LatencyRow, PipelineSummary,
+                      TokenMergeSummary)
 
 
 PARTIAL = ".partial-"  # the work folder beside --out: .OUT.partial-PID-XXXX
@@ -44,7 +48,7 @@ PARTIAL = ".partial-"  # the work folder beside --out: .OUT.partial-PID-XXXX
 @dataclass
 class PipelineResult:
     out: Path
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: PipelineSummary
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -68,7 +72,7 @@ def run(config: PipelineConfig, progress: Progress | None = None) -> PipelineRes
             raise
     result.out = out
     result.files = {k: str(out / Path(v).relative_to(work)) for k, v in result.files.items()}
-    result.summary["config"]["out"] = str(out)
+    result.summary.config["out"] = str(out)
     return result
 
 
@@ -92,37 +96,37 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
     dense_test = _train_dense(model, bundle, config, progress)
     vc.save(model, out / "dense", provenance={"data": config.data.source, "test": dense_test})
     pruned, masks, budget_report = _prune(model, bundle, config, out, progress)
-    small, compact_test, compact_gap, merging = _compact(pruned, masks, bundle, config, out, progress)
+    small, compact_test, compact_gap, merging = _compact(pruned, masks, bundle, config, _merge(config, budget_report),
+                                                         out, progress)
     dense_onnx, compact_onnx, onnx_top1 = _export(model, small, bundle, config, out, progress)
     int8, int8_refused = _int8(compact_onnx, bundle, config, progress)
     bench, stacked, plot = _bench(dense_onnx, compact_onnx, int8, config, out, progress)
+    deployed = _deploy(small, bundle, config, out, progress)
 
     dense_count, compact_count = vc.count(model), vc.count(small)
-    summary = {
-        "config": config_dict(config),
-        "accuracy": {"dense_test_top1": dense_test["top1"], "compact_test_top1": compact_test["top1"],
-                     "compact_onnx_test_top1": onnx_top1},
-        "structure": masks.structure().summary(),
-        "params": {"dense": dense_count.params, "compact": compact_count.params},
-        "macs": {"dense": dense_count.macs, "compact": compact_count.macs},
-        "ideal_speedup": dense_count.macs / compact_count.macs,
-        "compact_vs_masked_max_abs_diff": compact_gap,
-        "token_merge": merging,
-        "onnx_graph_optimised": bool(compact_onnx.optimized),
-        "onnx_parity": {"dense": dense_onnx.parity.to_dict() if dense_onnx.parity else None,
-                        "compact": compact_onnx.parity.to_dict() if compact_onnx.parity else None},
-        "int8": ({**int8.int8, "file": int8.path.name} if int8 is not None else
-                 {"mode": config.int8.mode, "refused": int8_refused} if int8_refused else None),
-        "latency": [{"batch": b.batch_size, "dense_p50_ms": b.dense.p50, "compact_p50_ms": b.compact.p50,
-                     "speedup": b.speedup.value, "speedup_ci": [b.speedup.low, b.speedup.high],
-                     "ideal": b.ideal_speedup, **_stacked_row(stacked, i)} for i, b in enumerate(bench.batches)],
-        "latency_budget": budget_report,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    summary = PipelineSummary(
+        config=config_dict(config),
+        accuracy=Accuracy(dense_test["top1"], compact_test["top1"], onnx_top1),
+        structure=masks.structure().summary(),
+        params=DenseCompact(dense_count.params, compact_count.params),
+        macs=DenseCompact(dense_count.macs, compact_count.macs),
+        ideal_speedup=dense_count.macs / compact_count.macs,
+        compact_vs_masked_max_abs_diff=compact_gap,
+        latency=_latency_rows(bench, stacked),
+        seconds=round(time.perf_counter() - started, 1),
+        token_merge=merging,
+        onnx_graph_optimised=bool(compact_onnx.optimized),
+        onnx_parity={"dense": dense_onnx.parity.to_dict() if dense_onnx.parity else None,
+                     "compact": compact_onnx.parity.to_dict() if compact_onnx.parity else None},
+        int8=_int8_summary(int8, int8_refused, config),
+        latency_budget=budget_report,
+        deploy=deployed,
+    )
     files = {"report": str(out / "report.md"), "plot": str(plot), "onnx": str(compact_onnx.path),
              "compact": str(out / "compact"), "dense": str(out / "dense"),
-             **({"int8_onnx": str(int8.path)} if int8 is not None else {})}
-    write_json(out / "summary.json", summary)
+             **({"int8_onnx": str(int8.path)} if int8 is not None else {}),
+             **({"deploy": str(out / "deploy")} if deployed is not None and deployed.report else {})}
+    write_json(out / "summary.json", summary.to_dict())
     write_text(out / "report.md", render_report(summary, plot.relative_to(out)))
     return PipelineResult(out, summary, files)
 
@@ -148,20 +152,31 @@ def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Pa
     """Prune a copy of the dense model (to the ratios, or to the `[budget]`, whose speed-up report
     the prune stage writes beside its masks)."""
     p = config.prune
-    prune_config = dataclasses.replace(p, seed=config.seed, budget=config.budget,
+    # The [token_merge] section is the one merge; `finetune_token_merge` fine-tunes with it on.
+    merge = config.token_merge if p.finetune_token_merge else None
+    prune_config = dataclasses.replace(p, seed=config.seed, budget=config.budget, token_merge=merge,
                                        train=dataclasses.replace(p.train, progress=progress.bars))
     what = (f"heads {p.head_ratio}, MLP {p.mlp_ratio}" if config.budget is None else
             f"to a latency budget at batch {config.budget.deploy_batch}")
     with progress.stage(f"{p.method} pruning ({what})"):
         result = prune(copy.deepcopy(model), bundle, prune_config, RunFolder(out / "prune"), notes=progress.note)
-    return result.model.eval(), result.masks, result.budget
+    # The compact stage merges the compact model itself (with [token_merge], or the r a budget with
+    # the token axis chose), measuring it with and without merging.
+    return vc.merge_tokens(result.model, None).eval(), result.masks, result.budget
 
 
-def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfig, out: Path,
-             progress: Progress) -> tuple[nn.Module, dict, float, dict | None]:
-    """The compact model (merging tokens when `config.token_merge` says so), its test result, its
-    distance from the masked model, and the merging's summary (None without merging)."""
-    merge = config.token_merge if config.token_merge is not None and config.token_merge.enabled else None
+def _merge(config: PipelineConfig, budget_report: dict | None) -> TokenMergeConfig | None:
+    """The compact model's token merging: the `[token_merge]` section's, else the budget's choice."""
+    if config.token_merge is not None and config.token_merge.enabled:
+        return config.token_merge
+    chosen = (budget_report or {}).get("token_merge")
+    return TokenMergeConfig(r=chosen["r"], schedule=chosen["schedule"]) if chosen else None
+
+
+def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfig, merge: TokenMergeConfig | None,
+             out: Path, progress: Progress) -> tuple[nn.Module, dict, float, TokenMergeSummary | None]:
+    """The compact model (merging tokens as `merge` says), its test result, its distance from the
+    masked model, and the merging's summary (None without merging)."""
     what = "compact and evaluate" if merge is None else f"compact, merge tokens (r={merge.r}) and evaluate"
     with progress.stage(what, total=2 if merge is None else 3) as advance:
         small = vc.compact(pruned, masks).eval()
@@ -175,8 +190,7 @@ def _compact(pruned: nn.Module, masks, bundle: DataBundle, config: PipelineConfi
             unmerged = vc.count(small).macs
             vc.merge_tokens(small, merge)
             merged = evaluate(small, bundle.test)
-            merging = {**merge.to_dict(), "test_top1": {"without": test["top1"], "with": merged["top1"]},
-                       "macs": {"without": unmerged, "with": vc.count(small).macs}}
+            merging = TokenMergeSummary(merge, test["top1"], merged["top1"], unmerged, vc.count(small).macs)
             test = merged
             advance()
         vc.save(small, out / "compact", provenance={"data": config.data.source, "method": config.prune.method,
@@ -233,10 +247,43 @@ def _bench(dense_onnx: ExportResult, compact_onnx: ExportResult, int8: ExportRes
     return bench, stacked, Path(bench_files["png"])
 
 
-def _stacked_row(stacked: BenchResult | None, i: int) -> dict[str, Any]:
-    """The compact INT8 file's latency at one batch size, timed against the same dense file."""
-    if stacked is None:
-        return {}
-    b = stacked.batches[i]
-    return {"int8_p50_ms": b.compact.p50, "int8_speedup": b.speedup.value,
-            "int8_speedup_ci": [b.speedup.low, b.speedup.high]}
+def _latency_rows(bench: BenchResult, stacked: BenchResult | None) -> list[LatencyRow]:
+    """Dense vs compact at each batch size, with the compact INT8 file's latency (timed against the
+    same dense file) where there is one."""
+    rows = []
+    for i, b in enumerate(bench.batches):
+        row = LatencyRow(b.batch_size, b.dense.p50, b.compact.p50, b.speedup.value, (b.speedup.low, b.speedup.high),
+                         b.ideal_speedup)
+        if stacked is not None:
+            int8 = stacked.batches[i]
+            row.int8_p50_ms, row.int8_speedup = int8.compact.p50, int8.speedup.value
+            row.int8_speedup_ci = (int8.speedup.low, int8.speedup.high)
+        rows.append(row)
+    return rows
+
+
+def _int8_summary(int8: ExportResult | None, refused: str | None, config: PipelineConfig) -> Int8Summary | None:
+    if int8 is not None:
+        return Int8Summary.from_dict({**int8.int8, "file": int8.path.name})
+    return Int8Summary(config.int8.mode, refused=refused) if refused else None
+
+
+def _deploy(small: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Path,
+            progress: Progress) -> DeploySummary | None:
+    """The measured choice of runtime and precision for the compact model, into out/deploy, where
+    OpenVINO is installed (elsewhere the summary says why it did not run)."""
+    if config.deploy is None:
+        return None
+    try:
+        require_openvino()
+    except BackendUnavailableError as e:
+        progress.note(f"deploy skipped: {e}")
+        return DeploySummary(skipped=str(e))
+    deploy_config = dataclasses.replace(config.deploy, seed=config.seed)
+    with progress.stage(f"measured choice of runtime and precision ({len(deploy_config.candidates)} candidates)"):
+        try:
+            result = deploy(small, out / "deploy", deploy_config, bundle, progress=progress.note)
+        except AccuracyDropError as e:  # every candidate over the guard: the run goes on, saying so
+            progress.note(f"deploy refused: {e}")
+            return DeploySummary(skipped=str(e))
+    return DeploySummary(report=json.loads((result.out / "deploy.json").read_text()))  # as the file says

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -30,6 +33,13 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(int(os.environ.get("VITCOMPACT_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latency_cache(tmp_path_factory):
+    """Latency tables are cached in a folder of this session (of each xdist worker), never in the
+    user's ~/.cache: a test sees only tables measured in this run."""
+    os.environ["VITCOMPACT_CACHE"] = str(tmp_path_factory.mktemp("vitcompact-cache"))
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -83,3 +93,26 @@ def one_line_error(result, expected: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert expected in lines[0], lines[0]
     assert "Traceback" not in result.output
+
+
+HOLD_FILE = """
+import sys, time
+from vitcompact import output_folder
+with output_folder.lock_file(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def file_held(path: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the output file `path` as its writer (`output_folder.lock_file`) for
+    the block; the lock goes with the process."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import vitcompact as vc
-from vitcompact.bench import (SCHEMA, BenchConfig, benchmark, latency_stats, resolve,
+from vitcompact.bench import (SCHEMA, BenchConfig, BenchModel, benchmark, latency_stats, resolve,
                               speedup_interval, write_report)
 from vitcompact.bench.harness import summarise
 from vitcompact.latency.timing import measure_pair, plan_rounds
@@ -242,3 +243,70 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     r = CliRunner().invoke(app, ["bench", *args])
     assert r.exit_code == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# --backend auto: deploy's measured choice for the compact model, then the pair timed the chosen way.
+
+AUTO = ["--backend", "auto", "--data", "digits", "--batch-sizes", "1,4", "--threads", "1", "--rounds", "2",
+        "--runs-per-round", "1", "--time-budget", "0.01", "--max-accuracy-drop", "50"]
+
+
+@pytest.fixture(scope="module")
+def compact_dir(pair, tmp_path_factory):
+    path = tmp_path_factory.mktemp("auto") / "compact"
+    vc.save(pair[1], path)
+    return path
+
+
+def test_cli_bench_auto_records_the_choice_and_times_the_pair_that_way(compact_dir, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (vitcompact[openvino])")
+    from vitcompact.export.deployment import BACKEND_OF
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["bench", "vit-digits", str(compact_dir), *AUTO, "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    auto = report["auto"]
+    table = {f"{c['runtime']} {c['precision']}": c for c in auto["candidates"]}
+    assert set(table) == {"onnxruntime fp32", "onnxruntime int8", "openvino f32", "openvino bf16", "openvino int8"}
+    chosen = table[auto["chosen"]]
+    assert chosen["status"] == "chosen" and set(chosen["batch_ms"]) == {"1", "4"} and auto["note"] is None
+    # The pair is timed on the chosen runtime and precision; the bench's own rows follow.
+    runtime, precision = auto["chosen"].split()
+    assert report["config"]["backend"] == "auto" and report["environment"]["backend"] == BACKEND_OF[runtime]
+    assert report["dense"]["precision"] == report["compact"]["precision"] == precision
+    assert [b["batch_size"] for b in report["batches"]] == [1, 4]
+    markdown = (out / "bench.md").read_text()
+    assert "## Measured choice (backend auto)" in markdown and f"**{auto['chosen']}**" in markdown
+    assert markdown.count("| onnxruntime |") == 2 and markdown.count("| openvino |") == 3
+
+
+def test_cli_bench_auto_without_openvino_chooses_among_onnxruntime_and_says_so(compact_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    r = CliRunner().invoke(app, ["bench", "vit-digits", str(compact_dir), *AUTO])
+    assert r.exit_code == 0, r.output
+    said = [line for line in r.stderr.splitlines() if "OpenVINO" in line]
+    assert said == ["backend auto: OpenVINO is not installed; pip install 'vitcompact[openvino]'; choosing among "
+                    "onnxruntime fp32, onnxruntime int8 only"]
+    assert "backend auto chose onnxruntime " in r.stdout and "| openvino |" not in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "auto"], "--backend auto measures each candidate's accuracy, as deploy does: pass --data"),
+    (["--backend", "auto", "--data", "digits", "--precision", "int8"], "backend auto chooses the precision"),
+    (["--data", "digits"], "--data and --max-accuracy-drop are for --backend auto"),
+    (["--backend", "auto", "--data", "digits", "--max-accuracy-drop", "-1"], "max_accuracy_drop must be >= 0"),
+])
+def test_cli_bench_auto_bad_input_is_one_line(args, message):
+    r = CliRunner().invoke(app, ["bench", "vit-digits", "vit-digits", *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_auto_refuses_exported_files_and_needs_data(pair, bundle, tmp_path):
+    exported = BenchModel("compact.onnx", (1, 8, 8), None, onnx_path=tmp_path / "compact.onnx")
+    with pytest.raises(vc.ConfigError, match="compact.onnx: backend auto exports every candidate from the model"):
+        benchmark(pair[0], exported, BenchConfig(backend="auto", **FAST), data=bundle)
+    with pytest.raises(vc.ConfigError, match="backend auto measures each candidate's accuracy"):
+        benchmark(pair[0], pair[1], BenchConfig(backend="auto", **FAST))
+    with pytest.raises(vc.ConfigError, match="data is for backend auto"):
+        benchmark(pair[0], pair[1], BenchConfig(backend="torch", **FAST), data=bundle)

@@ -49,7 +49,7 @@ def measured(monkeypatch):
     `test_prune_to_a_speedup_writes_the_budget_report`'s business)."""
     value = {"speedup": 2.0}
 
-    def measure(dense, compact, backend, batch, threads, timing=None, seed=0):
+    def measure(dense, compact, backend, batch, threads, timing=None, seed=0, precision=None):
         s = value["speedup"]
         return 1.0, 1.0 / s, SpeedUp(s, 0.98 * s, 1.02 * s, 0.95)
     monkeypatch.setattr(latency_report, "measure_speedup", measure)
@@ -69,7 +69,9 @@ def test_prune_to_a_speedup_writes_the_budget_report(tmp_path, synthetic_table):
     assert synthetic_table == [("ort-cpu", 4, 1, 32)]
     report = json.loads((tmp_path / "run" / "latency_budget.json").read_text())
     assert report["request"] == {"kind": "speedup", "target": 2.0, "budget_ms": TABLE.reference_ms / 2, "deploy_batch": 4,
-                                 "backend": "ort-cpu", "threads": 1, "block_removal": "last-resort"}
+                                 "backend": "ort-cpu", "threads": 1, "block_removal": "last-resort",
+                                 "axes": "heads,mlp", "precision": None}
+    assert report["token_merge"] is None
     structure = vc.Structure.load(tmp_path / "run" / "structure.json")
     blocks = structure.shape()
     assert report["predicted"]["ms"] == pytest.approx(TABLE.predict(blocks)) and report["predicted"]["ms"] <= TABLE.reference_ms / 2
@@ -101,7 +103,7 @@ def test_a_budget_below_the_fixed_cost_is_refused_and_nothing_is_written(tmp_pat
 def test_pipeline_prunes_to_a_budget_and_reports_it(tmp_path, synthetic_table):
     config = tiny(tmp_path / "run", budget=BudgetRequest(target_speedup=1.5, deploy_batch=2))
     result = run(config)
-    report = result.summary["latency_budget"]
+    report = result.summary.latency_budget
     assert report["requested_speedup"] == pytest.approx(1.5) and report["predicted"]["speedup"] >= 1.5
     # The prune stage writes the budget's report beside its masks, as `vitcompact prune` does.
     assert (tmp_path / "run" / "prune" / "latency_budget.png").exists()

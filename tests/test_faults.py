@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import file_held, tiny
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -305,13 +305,6 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_to_the_uninterrupted_resul
 # ---------------------------------------------------------------- files written together (issue 29)
 
 EXPORT = ["export", "onnx", "--no-verify", "--optimize", "off", "--json"]
-HOLD_FILE = """
-import sys, time
-from vitcompact import output_folder
-with output_folder.lock_file(sys.argv[1]):
-    print("held", flush=True)
-    time.sleep(120)
-"""
 
 
 def test_export_refuses_to_replace_an_existing_file_unless_overwrite(artifact, tmp_path):
@@ -357,14 +350,9 @@ def test_export_publishes_the_file_and_its_variants_together_or_not_at_all(artif
 
 def test_a_second_export_to_the_same_file_is_refused_naming_the_writer(artifact, tmp_path):
     out = tmp_path / "model.onnx"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with file_held(out) as holder:
         refused([*EXPORT, artifact, out], f"{out} is being written by another vitcompact process (PID {holder.pid})")
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     result = runner.invoke(app, [*EXPORT, str(artifact), str(out)])  # the lock went with its process
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

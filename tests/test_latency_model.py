@@ -78,7 +78,7 @@ def test_cache_key_names_the_model_config(model):
 def test_cached_table_is_reused_and_a_stale_one_measured_again(model, monkeypatch, tmp_path):
     calls = []
 
-    def measure(m, backend, batch, threads, round_to, mlp_points, progress=None):
+    def measure(m, backend, batch, threads, round_to, mlp_points, progress=None, **_):
         calls.append((backend, batch, threads))
         return fake_table(lm.cache_key(m, backend, batch, threads, round_to, mlp_points))
     monkeypatch.setattr(lm, "measure_table", measure)
@@ -209,3 +209,53 @@ def test_an_unusable_cache_folder_is_found_before_measuring_and_the_run_goes_on(
 
 def test_a_measured_table_never_gets_faster_with_more_units():
     assert lm._rising((0.0, 0.3, 0.25, 0.4)) == (0.0, 0.3, 0.3, 0.4)
+
+
+def test_the_backend_precision_is_part_of_the_key(model):
+    """Issue 27: an OpenVINO bf16 table is never read for f32 (f32 is the default)."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (vitcompact[openvino])")
+    f32, bf16 = (lm.cache_key(model, "openvino", 1, 1, 64, 3, precision=p) for p in ("f32", "bf16"))
+    assert (f32["precision"], bf16["precision"]) == ("f32", "bf16") and "openvino" in f32["versions"]
+    assert lm.cache_path(f32, "c") != lm.cache_path(bf16, "c")
+    assert lm.cache_key(model, "openvino", 1, 1, 64, 3) == f32
+    assert lm.cache_key(model, "ort-cpu", 1, 1)["precision"] is None
+    with pytest.raises(vc.ConfigError, match=r"^precision is set by backend openvino only; backend ort-cpu runs"):
+        lm.cache_key(model, "ort-cpu", 1, 1, precision="bf16")
+    with pytest.raises(vc.ConfigError, match="OpenVINO precision"):
+        lm.cache_key(model, "openvino", 1, 1, precision="fp8")
+
+
+def test_the_token_axis_is_part_of_the_key(model):
+    plain, tokens = lm.cache_key(model, "ort-cpu", 1, 1), lm.cache_key(model, "ort-cpu", 1, 1, tokens=True)
+    assert plain["tokens"] is None and tokens["tokens"] == {"counts": [7, 10, 14, 17], "merge_r": [1, 2, 4, 5],
+                                                            "prefix_tokens": 1, "schedule": "constant"}
+    assert lm.cache_path(plain, "c") != lm.cache_path(tokens, "c") and plain["schema"] == "vitcompact.latency-table/2"
+
+
+def test_a_cache_file_of_the_older_schema_is_measured_again(model, monkeypatch, tmp_path):
+    """A /1 file (no precision, no token axis in its key) sits at another path; were it at this
+    path, its key would differ: either way it is measured again, never read."""
+    key = lm.cache_key(model, "ort-cpu", 1, 1, 64, 3)
+    old = {k: v for k, v in key.items() if k not in ("precision", "tokens")} | {"schema": "vitcompact.latency-table/1"}
+    path = lm.cache_path(key, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": old, "table": fake_table(old).to_dict() | {"tokens": None}}))
+    calls, notes = [], []
+    monkeypatch.setattr(lm, "measure_table", lambda m, *a, **k: calls.append(a) or fake_table(key))
+    lm.latency_table(model, "ort-cpu", 1, 1, 64, 3, cache_dir=tmp_path, progress=notes.append)
+    assert len(calls) == 1 and "was stored for another model, backend or machine" in notes[0]
+
+
+@pytest.mark.slow
+def test_a_table_measures_on_openvino_and_is_cached_by_precision(model, monkeypatch, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (vitcompact[openvino])")
+    monkeypatch.setattr(lm, "TableTiming", lambda: FAST)
+    notes = []
+    table = lm.latency_table(model, "openvino", 1, 1, 64, 2, cache_dir=tmp_path, precision="f32",
+                             progress=notes.append)
+    assert table.key["precision"] == "f32" and table.key["backend"] == "openvino"
+    assert table.num_heads == 2 and table.mlp_widths == (0, 128) and table.dense_ms > 0
+    assert lm.table_problem(table, table.key) is None
+    assert lm.cache_path(table.key, tmp_path).is_file()
+    assert lm.latency_table(model, "openvino", 1, 1, 64, 2, cache_dir=tmp_path, progress=notes.append) == table
+    assert notes[-1].startswith("latency table from ")

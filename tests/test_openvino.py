@@ -21,7 +21,7 @@ from vitcompact.export.openvino import OpenVINOConfig, read_ir_metadata, require
 from vitcompact.export.openvino_checks import Images, Reference, check_reduced
 from vitcompact.export.verify import ParityError
 
-from conftest import one_line_error
+from conftest import file_held, one_line_error
 
 GRAPHS = ("token-matrix", "timm")
 # Random weights give near-tied logits, whose top-1 a reduced precision may flip on another CPU; the
@@ -298,6 +298,33 @@ def test_cli_export_openvino_bad_input_is_one_line(tmp_path, args, message):
     one_line_error(cli("export", "openvino", "vit-digits", str(tmp_path / "m.xml"), *args), message)
 
 
+@pytest.mark.parametrize("existing", ["m.xml", "m.bin"])
+def test_cli_export_openvino_refuses_an_existing_ir_unless_overwrite(tmp_path, existing):
+    """Refused before OpenVINO is looked for, so the same on every machine; nothing is touched."""
+    (tmp_path / existing).write_bytes(b"someone else's file")
+    one_line_error(cli("export", "openvino", "vit-digits", str(tmp_path / "m.xml")),
+                   f"{tmp_path / existing} already exists; pass --overwrite to replace it")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {existing: b"someone else's file"}
+
+
+def test_cli_export_openvino_overwrite_replaces_the_ir(openvino, tmp_path):
+    out = tmp_path / "m.xml"
+    out.write_bytes(b"old")
+    out.with_suffix(".bin").write_bytes(b"old weights")
+    result = cli("export", "openvino", "vit-digits", str(out), "--overwrite", "--json")
+    assert result.exit_code == 0, result.output
+    assert read_ir_metadata(out)["precision"] == "fp32" and out.with_suffix(".bin").read_bytes() != b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
+
+
+def test_cli_export_openvino_refuses_a_file_another_export_writes(tmp_path):
+    out = tmp_path / "m.xml"
+    with file_held(out) as holder:
+        one_line_error(cli("export", "openvino", "vit-digits", str(out), "--overwrite"),
+                       f"{out} is being written by another vitcompact process (PID {holder.pid})")
+        assert [p.name for p in tmp_path.iterdir()] == [".m.xml.lock"]  # the holder's, nothing else
+
+
 def test_cli_bench_openvino_records_its_settings_and_the_cpu(openvino, tmp_path):
     result = cli("bench", "vit-digits", "vit-digits", "--backend", "openvino", "--precision", "bf16",
                  "--batch-sizes", "2", "--threads", "1", "--rounds", "2", "--time-budget", "0.01", "--json")
@@ -345,15 +372,15 @@ def test_deploy_writes_the_chosen_artifact_and_the_table(deployed):
 def test_deploy_refuses_a_candidate_over_the_guard(tmp_path, digits, monkeypatch):
     """A candidate whose accuracy is over the guard stays in the table and is not chosen, however fast."""
     from vitcompact.export import DeployConfig, deploy
-    from vitcompact.export.deployment import _Candidates
+    from vitcompact.export.deployment import Candidates
 
-    real = _Candidates.accuracy
+    real = Candidates.accuracy
 
     def accuracy(self, c):
         top1 = real(self, c)
         return top1 - 0.2 if c.label == "onnxruntime int8" else top1
-    monkeypatch.setattr(_Candidates, "accuracy", accuracy)
-    monkeypatch.setattr(_Candidates, "time", lambda self, c: 1.0 if c.label == "onnxruntime int8" else 5.0)
+    monkeypatch.setattr(Candidates, "accuracy", accuracy)
+    monkeypatch.setattr(Candidates, "time", lambda self, c: 1.0 if c.label == "onnxruntime int8" else 5.0)
     result = deploy(dense_model(), tmp_path / "out", DeployConfig(candidates=("onnxruntime fp32", "onnxruntime int8"),
                                                                   time_budget_s=0.01), digits)
     assert result.chosen == "onnxruntime fp32" and [p.name for p in result.files] == ["model.onnx"]

@@ -129,3 +129,33 @@ def test_rsst_ablation_reports_validation_only_for_every_variant_and_seed(tmp_pa
         assert len(row["val_top1"]) == 2 and row["mean"] == pytest.approx(sum(row["val_top1"]) / 2)
     table = (tmp_path / "ablation.md").read_text()
     assert "| 0.7/0.7 | short fade |" in table and "test" not in table
+
+
+def test_refit_series_and_their_targets(tmp_path):
+    """Issue 26's Fashion-MNIST study runs through this file: refit (no training) and refit + one
+    epoch beside magnitude, with the three refit targets judged from their own points."""
+    report = pareto.main([
+        "--data", "digits", "--model", "vit-digits", "--dense-epochs", "1", "--limit", "256",
+        "--test-limit", "120", "--batch-size", "64", "--methods", "magnitude,refit,refit-ft",
+        "--ratios", "0.3/0.3,0.5/0.5", "--global-at", "none", "--distill-at", "none", "--seeds", "0",
+        "--refit-finetune", "1", "--calib-images", "32", "--states", "1", "--epochs-per-state", "1",
+        "--finetune-epochs", "0", "--bench-seconds", "0.3", "--bench-min-rounds", "1", "--out", str(tmp_path)])
+    rows = report["runs"]
+    assert sorted((r["series"], r["head_ratio"], r["seed"]) for r in rows if r["method"] != "magnitude") == sorted(
+        (m, ratio, seed) for m in ("refit", "refit-ft") for ratio in (0.3, 0.5) for seed in (0,))
+    # Layer-wise: refit keeps floor(n (1 - r)) heads and neurons in every block, as magnitude does.
+    for r in rows:
+        assert r["heads_per_block"] == [layer_wise_keep(HEADS, r["head_ratio"])] * BLOCKS
+        assert r["neurons_per_block"] == [layer_wise_keep(NEURONS, r["mlp_ratio"])] * BLOCKS
+    targets = report["targets"]
+    near, above, near_ft = (targets[k] for k in ("refit_near_dense_at_0.3/0.3", "refit_above_magnitude_at_0.5/0.5",
+                                                 "refit_ft_near_dense_at_0.3/0.3"))
+    refit_low = pareto.find(report["aggregates"], "refit", (0.3, 0.3))["mean"]
+    assert near["mean"] == refit_low and near["met"] == (refit_low >= report["dense"]["test_top1"] - 0.03 - 1e-9)
+    magnitude = pareto.find(report["aggregates"], "magnitude", (0.5, 0.5))["mean"]
+    assert above["margin_pt"] == pytest.approx(100 * (pareto.find(report["aggregates"], "refit", (0.5, 0.5))["mean"]
+                                                      - magnitude))
+    assert near_ft["series"] == "refit-ft" and near_ft["needs_pt"] == pytest.approx(0.5)
+    markdown = (tmp_path / "pareto.md").read_text()
+    assert "| refit (no training) | 0.3/0.3 |" in markdown and "| refit + fine-tune | 0.5/0.5 |" in markdown
+    assert "refit_above_magnitude_at_0.5/0.5: " in markdown

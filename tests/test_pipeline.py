@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -15,8 +17,11 @@ import vitcompact as vc
 from vitcompact.bench import BenchConfig
 from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
-from vitcompact.export import AccuracyDropError, Int8Config
-from vitcompact.pipeline import DataConfig, PipelineConfig, PipelineResult, run
+from vitcompact.export import AccuracyDropError, DeployConfig, Int8Config
+from vitcompact.export.int8 import SplitAccuracy
+from vitcompact.pipeline import DataConfig, PipelineConfig, PipelineResult, PipelineSummary, run
+from vitcompact.pipeline.config import config_dict
+from vitcompact.models.merge_config import TokenMergeConfig
 from vitcompact.pruning.configs import OneShotConfig
 
 from conftest import one_line_error
@@ -26,16 +31,17 @@ runner = CliRunner()
 TINY_TOML = (
     'model = "vit-digits"\n[train]\nepochs = 1\n[prune]\nmethod = "rsst"\nhead_ratio = 0.5\n'
     "mlp_ratio = 0.5\nstates = 1\nepochs_per_state = 1\nfinetune_epochs = 0\n"
-    "[int8]\ncalib_batches = 2\nmax_accuracy_drop = 100.0\n[bench]\nbatch_sizes = [2]\ntime_budget_s = 0.5\n")
+    "[int8]\ncalib_batches = 2\nmax_accuracy_drop = 100.0\n[bench]\nbatch_sizes = [2]\ntime_budget_s = 0.5\n"
+    "[deploy]\nenabled = false\n")
 
 
 def tiny(out, **changes) -> PipelineConfig:
-    """A pipeline run of a few seconds: one training epoch, one pruning state, a short bench."""
+    """A pipeline run of a few seconds: one training epoch, one pruning state, a short bench, no deploy stage."""
     config = PipelineConfig(
         out=str(out), train=vc.TrainConfig(epochs=1, lr=3e-3),
         prune=OneShotConfig(head_ratio=0.5, mlp_ratio=0.5, finetune_epochs=1),
         int8=Int8Config(mode="static", calib_batches=2, max_accuracy_drop=None),
-        bench=BenchConfig(batch_sizes=(2,), threads=1, time_budget_s=0.5))
+        bench=BenchConfig(batch_sizes=(2,), threads=1, time_budget_s=0.5), deploy=None)
     return dataclasses.replace(config, **changes)
 
 
@@ -84,8 +90,12 @@ def test_library_run_reaches_every_nested_setting(tmp_path):
     assert progress.steps["compact and evaluate"] == 2 and progress.steps["export ONNX, verify, evaluate"] == 3
     assert progress.steps["benchmark dense vs compact (ort-cpu)"] == 2  # one batch size, two files
     summary = result.summary
-    assert summary["config"]["prune"]["lambda_schedule"] == "x^2" and summary["config"]["out"] == str(result.out)
-    assert json.loads((result.out / "summary.json").read_text()) == summary
+    assert summary.config["prune"]["lambda_schedule"] == "x^2" and summary.config["out"] == str(result.out)
+    written = json.loads((result.out / "summary.json").read_text())
+    assert written == summary.to_dict() and PipelineSummary.from_dict(written) == summary
+    assert PipelineSummary.read(result.out / "summary.json") == summary
+    assert PipelineSummary.from_dict(summary.to_dict()) == summary
+    assert summary.int8.accuracy["val"].images > 0 and summary.latency[0].stacked and summary.deploy is None
 
 
 def test_pipeline_runs_end_to_end_from_a_config_file(tmp_path):
@@ -134,23 +144,31 @@ def test_pipeline_overwrite_replaces_the_folder_whole(tmp_path):
     (out / "old-file.txt").write_text("from an earlier run")
     result = run(tiny(out, int8=None, overwrite=True))
     assert not (out / "old-file.txt").exists()
-    assert result.summary["int8"] is None and not (out / "compact.int8.onnx").exists()
-    assert "int8_p50_ms" not in result.summary["latency"][0]
+    assert result.summary.int8 is None and not (out / "compact.int8.onnx").exists()
+    assert not result.summary.latency[0].stacked
+    assert "int8_p50_ms" not in json.loads((out / "summary.json").read_text())["latency"][0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_pipeline_goes_on_without_a_refused_int8_file(tmp_path, monkeypatch):
+def test_pipeline_goes_on_without_a_refused_int8_file_or_openvino(tmp_path, monkeypatch):
     from vitcompact.pipeline import stages
 
     def refuse(src, config=None, data=None, **_):
         raise AccuracyDropError("static INT8 loses 3.00 points of validation top-1, more than the allowed 1")
     monkeypatch.setattr(stages, "to_int8", refuse)
+    monkeypatch.setitem(sys.modules, "openvino", None)
     progress = Recorder()
-    result = run(tiny(tmp_path / "run", train=vc.TrainConfig(epochs=0)), progress=progress)
+    # The default deploy stage, on a machine without OpenVINO: skipped, saying so.
+    result = run(tiny(tmp_path / "run", train=vc.TrainConfig(epochs=0), deploy=PipelineConfig().deploy),
+                 progress=progress)
     message = "static INT8 loses 3.00 points of validation top-1, more than the allowed 1"
-    assert result.summary["int8"] == {"mode": "static", "refused": message}
-    assert progress.notes == [f"INT8 refused: {message}"]
-    assert "int8_p50_ms" not in result.summary["latency"][0] and "int8_onnx" not in result.files
+    no_openvino = "OpenVINO is not installed; pip install 'vitcompact[openvino]'"
+    assert result.summary.to_dict()["int8"] == {"mode": "static", "refused": message}
+    assert result.summary.to_dict()["deploy"] == {"skipped": no_openvino}
+    assert progress.notes == [f"INT8 refused: {message}", f"deploy skipped: {no_openvino}"]
+    assert not (result.out / "deploy").exists() and "deploy" not in result.files
+    assert f"Not run: {no_openvino}" in (result.out / "report.md").read_text()
+    assert not result.summary.latency[0].stacked and "int8_onnx" not in result.files
     assert not (result.out / "compact.int8.onnx").exists() and not (result.out / "bench-int8").exists()
     assert f"INT8 (static) not written: {message}" in (result.out / "report.md").read_text()
 
@@ -166,7 +184,14 @@ def test_config_file_errors(tmp_path):
             ("[prune]\nout_dir = 'x'\n", "[prune] out_dir cannot be set here: the pipeline prunes into <out>/prune"),
             ("[prune]\nstates = 2\n", "[prune] states is a setting of rsst and refill, not of oneshot (set method first)"),
             ("[int8]\nmode = 'fast'\n", "[int8] unknown int8 mode 'fast'"),
-            ("[data]\nsource = 'nosuch'\n", "[data] unknown data source 'nosuch'")):
+            ("[data]\nsource = 'nosuch'\n", "[data] unknown data source 'nosuch'"),
+            ("[deploy]\nenabled = 'yes'\n", "[deploy] enabled must be true or false, got 'yes'"),
+            ("[deploy]\nseed = 3\n", "[deploy] seed cannot be set here: set `seed` at the top level"),
+            ("[deploy]\ncandidates = ['tensorrt fp16']\n", "[deploy] unknown deploy candidate 'tensorrt fp16'"),
+            ("[prune.token_merge]\nr = 2\n", "[prune] token_merge cannot be set here: set token merging in the "
+                                              "[token_merge] section"),
+            ("[prune]\nfinetune_token_merge = true\n",
+             "[prune] finetune_token_merge needs token merging: [token_merge] r >= 1")):
         bad.write_text(text)
         one_line_error(runner.invoke(app, ["pipeline", "--config", str(bad)]), message)
     one_line_error(runner.invoke(app, ["pipeline", "--config", str(tmp_path / "nope.toml")]), "does not exist")
@@ -195,6 +220,56 @@ def test_config_file_builds_nested_configs_and_flags_override_it(tmp_path):
         with_overrides(config, **{"prune.head_ratio": 1.5})
 
 
+def test_the_prune_fine_tunes_with_the_pipelines_one_merge(tmp_path, monkeypatch):
+    """`[prune] finetune_token_merge` hands the `[token_merge]` setting to the prune; the compact
+    stage gets a model without it and merges the compact model itself (measured with and without)."""
+    from vitcompact.pipeline import stages
+    path = tmp_path / "p.toml"
+    path.write_text('[prune]\nfinetune_token_merge = true\n[token_merge]\nr = 2\n')
+    config = PipelineConfig.from_toml(path)
+    assert config.prune.finetune_token_merge and config.prune.token_merge is None
+    seen = []
+
+    def fake_prune(model, bundle, prune_config, run, notes=None):
+        seen.append(prune_config.token_merge)
+        vc.merge_tokens(model, prune_config.token_merge)
+        return types.SimpleNamespace(model=model, masks=vc.PruneMasks.ones(model), budget=None)
+
+    monkeypatch.setattr(stages, "prune", fake_prune)
+    model = vc.create_model("vit-digits", depth=2)
+    pruned, _, _ = stages._prune(model, None, config, tmp_path, stages.Silent())
+    assert seen == [TokenMergeConfig(r=2)] and vc.get_record(pruned).token_merge is None
+
+
+def test_the_compact_model_merges_as_the_section_or_the_budget_says():
+    from vitcompact.latency import BudgetRequest
+    from vitcompact.pipeline.stages import _merge
+    chose = {"token_merge": {"r": 3, "schedule": "constant"}}
+    assert _merge(PipelineConfig(), None) is None and _merge(PipelineConfig(), {"token_merge": None}) is None
+    assert _merge(PipelineConfig(), chose) == TokenMergeConfig(r=3)
+    assert _merge(PipelineConfig(token_merge=TokenMergeConfig(r=2)), None) == TokenMergeConfig(r=2)
+    with pytest.raises(ConfigError, match="chooses the token merging r itself; drop \\[token_merge\\]"):
+        PipelineConfig(token_merge=TokenMergeConfig(r=2),
+                       budget=BudgetRequest(target_speedup=2.0, axes="heads,mlp,tokens"))
+
+
+def test_deploy_section_and_flag():
+    """`[deploy]` is DeployConfig's keys and `enabled`; the pipeline's default is a quick measurement."""
+    from vitcompact.pipeline.config import build, with_overrides
+    default = PipelineConfig().deploy
+    assert default == DeployConfig(batch_sizes=(1, 8), time_budget_s=0.5)
+    assert build(PipelineConfig, {"deploy": {"enabled": False}}).deploy is None
+    assert build(PipelineConfig, {"deploy": {"enabled": True, "batch_sizes": [4]}}).deploy == \
+        DeployConfig(batch_sizes=(4,), time_budget_s=0.5)
+    off = with_overrides(PipelineConfig(), **{"deploy.enabled": False})
+    assert off.deploy is None and with_overrides(off, **{"deploy.enabled": True}).deploy == default
+    assert with_overrides(off, **{"deploy.threads": 2}).deploy == DeployConfig(batch_sizes=(1, 8), time_budget_s=0.5,
+                                                                                threads=2)
+    assert with_overrides(off, **{"deploy.enabled": None}).deploy is None
+    text = " ".join(runner.invoke(app, ["pipeline", "--help"]).output.replace("│", " ").split())
+    assert "--no-deploy" in text and "[deploy] in a config file" in text  # not swallowed by rich markup
+
+
 def test_the_example_config_is_the_demo_configuration():
     from pathlib import Path
     example = PipelineConfig.from_toml(Path(__file__).parents[1] / "examples" / "pipeline.toml")
@@ -210,6 +285,102 @@ def test_pipeline_bad_flags(tmp_path):
                    "not a timm VisionTransformer")
     one_line_error(runner.invoke(app, ["pipeline", "--data", "imagefolder", "--data-root", str(tmp_path / "nope"),
                                        "--out", str(tmp_path / "r")]), "nope")
-    one_line_error(runner.invoke(app, ["pipeline", "--int8", "fast", "--out", str(tmp_path / "r")]),
+    one_line_error(runner.invoke(app, ["pipeline", "--int8", "fast", "--no-deploy", "--out", str(tmp_path / "r")]),
                    "unknown int8 mode 'fast'")
     assert not (tmp_path / "r").exists()
+
+
+# The summary: typed, written as summary.json, read back (older files too)
+
+def full_summary() -> PipelineSummary:
+    """A summary with every optional part, as a run with token merging, INT8 and a budget writes it."""
+    from vitcompact.models.token_merge import TokenMergeConfig
+    from vitcompact.pipeline.summary import (Accuracy, DenseCompact, DeploySummary, Int8Summary, LatencyRow,
+                                             TokenMergeSummary)
+    return PipelineSummary(
+        config=config_dict(PipelineConfig()), accuracy=Accuracy(0.9, 0.85, 0.8499),
+        structure="8/16 heads, 256/512 neurons kept", params=DenseCompact(100, 60), macs=DenseCompact(1000, 500),
+        ideal_speedup=2.0, compact_vs_masked_max_abs_diff=3e-7,
+        latency=[LatencyRow(1, 1.0, 0.6, 1.66, (1.5, 1.8), 2.0, 0.4, 2.5, (2.2, 2.7)),
+                 LatencyRow(32, 10.0, 5.5, 1.81, (1.7, 1.9), 2.0, 4.0, 2.5, (2.4, 2.6))],
+        seconds=12.5, token_merge=TokenMergeSummary(TokenMergeConfig(r=2), 0.86, 0.85, 600, 500),
+        onnx_graph_optimised=True, onnx_parity={"dense": None, "compact": {"max_abs_diff": 1e-6}},
+        int8=Int8Summary("static", "compact.int8.onnx", calibration="minmax", calibration_images=128,
+                         accuracy={"val": SplitAccuracy(72, 0.9, 0.89), "test": SplitAccuracy(72, 0.85, 0.84)},
+                         settings={"calib_batches": 2, "calibration_split": "train"}),
+        latency_budget={"requested_speedup": 1.5}, deploy=DeploySummary(skipped="OpenVINO is not installed"))
+
+
+def test_summary_round_trips_through_its_json():
+    summary = full_summary()
+    written = json.loads(json.dumps(summary.to_dict()))
+    assert PipelineSummary.from_dict(written) == summary
+    assert written["latency"][0]["int8_speedup_ci"] == [2.2, 2.7]
+    assert written["int8"]["accuracy"]["val"] == {"images": 72, "fp32": 0.9, "int8": 0.89, "drop_points": 1.0}
+    assert written["token_merge"] == {**summary.token_merge.config.to_dict(),
+                                      "test_top1": {"without": 0.86, "with": 0.85}, "macs": {"without": 600, "with": 500}}
+    # The keys summary.json has always had, and the deploy stage's.
+    assert list(written) == ["config", "accuracy", "structure", "params", "macs", "ideal_speedup",
+                             "compact_vs_masked_max_abs_diff", "token_merge", "onnx_graph_optimised", "onnx_parity",
+                             "int8", "latency", "latency_budget", "deploy", "seconds"]
+    plain = dataclasses.replace(summary, int8=None, token_merge=None, deploy=None, latency_budget=None,
+                                latency=[dataclasses.replace(row, int8_p50_ms=None, int8_speedup=None,
+                                                             int8_speedup_ci=None) for row in summary.latency])
+    assert "int8_p50_ms" not in plain.to_dict()["latency"][0]
+    assert PipelineSummary.from_dict(json.loads(json.dumps(plain.to_dict()))) == plain
+
+
+def test_an_older_summary_still_loads(tmp_path):
+    """A summary.json without the parts added since (token merging, budget, deploy, graph optimiser) and
+    with a key this version does not know loads, and renders."""
+    older = full_summary().to_dict()
+    for key in ("token_merge", "latency_budget", "deploy", "onnx_graph_optimised", "onnx_parity"):
+        del older[key]
+    older["from_a_later_version"] = {"x": 1}
+    older["accuracy"]["also_later"] = 0.5
+    summary = PipelineSummary.from_dict(older)
+    assert (summary.token_merge, summary.latency_budget, summary.deploy, summary.onnx_graph_optimised) == \
+        (None, None, None, None)
+    assert summary.accuracy.compact_test_top1 == 0.85 and summary.int8.accuracy["test"].int8 == 0.84
+    from pathlib import Path
+    from vitcompact.pipeline import render_report
+    text = render_report(summary, Path("bench/bench.png"))
+    assert "ONNX graphs" not in text and "Deployment" not in text and "| 32 | 10.000 | 5.500 |" in text
+    del older["accuracy"]
+    with pytest.raises(vc.ArtifactError, match="not a pipeline summary: it lacks 'accuracy'"):
+        PipelineSummary.from_dict(older)
+    bad = tmp_path / "summary.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(vc.ArtifactError, match="is not a pipeline summary"):
+        PipelineSummary.read(bad)
+
+
+def test_pipeline_reports_the_measured_choice_of_runtime_and_precision(tmp_path):
+    """The deploy stage on the compact model: every candidate in the report's table (deploy.md's table),
+    one chosen, the chosen files in deploy/."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (vitcompact[openvino])")
+    # Three candidates: both runtimes and an INT8 file (`vitcompact deploy`'s tests measure all five).
+    candidates = ("onnxruntime fp32", "onnxruntime int8", "openvino f32")
+    deploy = DeployConfig(batch_sizes=(2,), threads=1, candidates=candidates, time_budget_s=0.01, retime_rounds=1,
+                          max_accuracy_drop=50.0)
+    progress = Recorder()
+    result = run(tiny(tmp_path / "run", train=vc.TrainConfig(epochs=0), int8=None, deploy=deploy), progress=progress)
+    out, deployed = result.out, result.summary.deploy
+    assert "measured choice of runtime and precision (3 candidates)" in progress.stages
+    statuses = {f"{c['runtime']} {c['precision']}": c["status"] for c in deployed.report["candidates"]}
+    assert set(statuses) == set(candidates)
+    assert [label for label, status in statuses.items() if status == "chosen"] == [deployed.chosen]
+    report = (out / "report.md").read_text()
+    assert "## Deployment: the measured choice of runtime and precision" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| onnxruntime |", "| openvino |"))]
+    assert sorted(" ".join(row.split(" | ")[:2])[2:] for row in rows) == sorted(statuses)
+    assert [row for row in rows if row.endswith("| chosen |")] == [
+        row for row in rows if row.startswith(f"| {deployed.chosen.replace(' ', ' | ')} |")]
+    # One table, rendered by deploy's own function: the same as deploy.md's.
+    assert deployed.table() in report and deployed.table() in (out / "deploy" / "deploy.md").read_text()
+    written = json.loads((out / "summary.json").read_text())
+    assert written["deploy"] == json.loads((out / "deploy" / "deploy.json").read_text())
+    assert PipelineSummary.from_dict(written) == result.summary
+    assert result.files["deploy"] == str(out / "deploy")
+    assert all((out / "deploy" / name).is_file() for name in deployed.report["files"])
+    assert [p.name for p in out.rglob("*.tmp-*")] == []

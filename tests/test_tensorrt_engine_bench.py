@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from conftest import make_family
+from conftest import file_held, make_family
 from test_export import _tensorrt_ready, compact_of
 from typer.testing import CliRunner
 
@@ -207,8 +207,49 @@ def test_a_failed_build_or_check_publishes_nothing(tmp_path, fake_tensorrt, monk
 def test_engine_path_that_is_a_folder_is_refused_before_building(tmp_path, fake_tensorrt, monkeypatch):
     _fail_build(monkeypatch)  # reaching the build would raise another message
     (tmp_path / "model.engine").mkdir()
-    with pytest.raises(vc.ArtifactError, match="is a folder; give the path of the engine file"):
+    with pytest.raises(vc.ArtifactError, match=r"is a folder; give the path of the \.engine file"):
         to_tensorrt(tiny_onnx(tmp_path / "model.onnx", STAMPED), tmp_path / "model.engine", PROFILE)
+
+
+# --- one writer per engine, and no engine replaced unless asked ---------------------------------------
+
+def trt_cli(source: Path, engine: Path, *args: str):
+    return CliRunner().invoke(app, ["export", "tensorrt", str(source), str(engine), "--min-batch", "1",
+                                    "--opt-batch", "2", "--max-batch", "4", "--json", *args])
+
+
+@pytest.mark.parametrize("existing", ["model.engine", "model.engine.json"])
+def test_existing_engine_is_refused_unless_overwrite_before_tensorrt_is_looked_for(tmp_path, monkeypatch, existing):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not installed, whatever this machine has
+    source = tiny_onnx(tmp_path / "model.onnx", STAMPED)
+    (tmp_path / existing).write_bytes(b"someone else's file")
+    line = one_line_error(trt_cli(source, tmp_path / "model.engine"))
+    assert line == (f"error: {tmp_path / existing} already exists; pass --overwrite to replace it, or choose "
+                    "another file name")
+    line = one_line_error(trt_cli(source, tmp_path / "model.engine", "--overwrite"))
+    assert line == f"error: {NOT_INSTALLED}"
+    assert (tmp_path / existing).read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", existing])
+
+
+def test_overwrite_replaces_the_engine_and_its_json(tmp_path, fake_tensorrt):
+    source = tiny_onnx(tmp_path / "model.onnx", STAMPED)
+    engine = write_engine(tmp_path, "model.engine", {**INFO, "macs": 1})
+    engine.write_bytes(b"old engine")
+    result = trt_cli(source, engine, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert engine.read_bytes() == ENGINE_BYTES and EngineInfo.read(engine).macs == 1234
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine", "model.engine.json", "model.onnx"]
+
+
+def test_an_engine_another_export_writes_is_refused(tmp_path, fake_tensorrt):
+    source = tiny_onnx(tmp_path / "model.onnx", STAMPED)
+    engine = tmp_path / "model.engine"
+    with file_held(engine) as holder:
+        line = one_line_error(trt_cli(source, engine))
+        assert line == (f"error: {engine} is being written by another vitcompact process (PID {holder.pid}); "
+                        "wait for it to end or choose another file")
+        assert not fake_tensorrt and not engine.exists()
 
 
 # --- backends: refusals without TensorRT or a GPU, engines only where they can run -------------------

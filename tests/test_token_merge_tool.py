@@ -1,10 +1,13 @@
 """Token merging through the tool: the model's record, artifacts, compaction, accounting, ONNX metadata,
-the CLI (`export onnx`, `bench`, `compact`, `pipeline`) and the pipeline's report."""
+pruning (the pruned model merging, fine-tuning with merging), the CLI (`export onnx`, `bench`, `compact`,
+`prune`, `pipeline`) and the pipeline's report."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,8 +21,11 @@ from vitcompact.cli.app import app
 from vitcompact.export import read_metadata
 from vitcompact.export.verify import ort_session
 from vitcompact.models.record import RECORD_ATTR
-from vitcompact.models.token_merge import TokenMergeConfig, get_token_merge, merge_tokens
+from vitcompact.models.token_merge import TokenMergeConfig, get_token_merge, merge_schedule, merge_tokens, \
+    model_token_counts
 from vitcompact.pipeline import run
+from vitcompact.pruning.configs import OneShotConfig
+from vitcompact.training import TrainConfig, evaluate
 
 runner = CliRunner()
 
@@ -222,7 +228,9 @@ def test_bad_token_merge_is_one_line(pruned, tmp_path, args, message):
     one_line_error(runner.invoke(app, ["compact", str(pruned / "pruned"), "--out", str(tmp_path / "c"), *args]),
                    message)
     one_line_error(runner.invoke(app, ["bench", "vit-digits", "vit-digits", *args]), message)
-    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "c").exists()
+    one_line_error(runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--out", str(tmp_path / "p" / "q"),
+                                       *args]), message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_merges_the_compact_model_only(tmp_path):
@@ -241,24 +249,115 @@ def test_bench_merges_the_compact_model_only(tmp_path):
     assert bench["compact"]["macs"] == merged and bench["dense"]["macs"] == vc.count(digits()).macs
 
 
+# Pruning
+
+@contextlib.contextmanager
+def mlp_tokens(model: torch.nn.Module) -> Iterator[list[tuple[bool, int]]]:
+    """Record (training, tokens) of every block's MLP input, in call order, for the block."""
+    seen: list[tuple[bool, int]] = []
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen.append((module.training, args[0].shape[1]))
+    handles = [block.mlp.register_forward_hook(hook) for block in model.blocks]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def merged_mlp_tokens(model: torch.nn.Module, config: TokenMergeConfig) -> list[int]:
+    """The tokens each block's MLP sees when `model` merges as `config` says (after the block's merge)."""
+    return [n - r for n, r in zip(model_token_counts(model, config), merge_schedule(len(model.blocks), config))]
+
+
+def test_prune_saves_the_model_merging_with_both_accuracies_on_the_same_split(tmp_path):
+    out, config = tmp_path / "p", TokenMergeConfig(r=2, schedule="decreasing")
+    result = runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--head-ratio", "0.5", "--mlp-ratio", "0.5",
+                                 "--finetune-epochs", "0", "--token-merge", "2", "--token-merge-schedule", "decreasing",
+                                 "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    merge = summary["token_merge"]
+    assert {k: merge[k] for k in config.to_dict()} == config.to_dict() and not merge["finetuned_with_merging"]
+    assert json.loads((out / "result.json").read_text())["token_merge"] == merge
+    section = json.loads((out / "config.json").read_text())["vitcompact"]
+    assert section["token_merge"] == config.to_dict() and section["provenance"]["token_merge"] == merge
+    loaded = vc.load(out)
+    assert get_token_merge(loaded) == config
+    with mlp_tokens(loaded) as seen:
+        outputs(loaded, input_for(loaded, 2))
+    assert [n for _, n in seen] == merged_mlp_tokens(loaded, config) == [13, 11, 10, 10]
+    # Both accuracies are the saved model's, without and with merging, on the split the summary names.
+    _, data = vc.model_and_data("vit-digits", "digits", seed=0, batch_size=64)
+    for split in ("val", "test"):
+        loader = getattr(data, split)
+        assert summary[split]["top1"] == merge[f"{split}_top1"]["with"] == evaluate(loaded, loader)["top1"]
+        assert merge[f"{split}_top1"]["without"] == evaluate(merge_tokens(loaded, None), loader)["top1"]
+        merge_tokens(loaded, config)
+    text = runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--finetune-epochs", "0", "--token-merge",
+                               "2", "--out", str(tmp_path / "q")])
+    assert text.exit_code == 0, text.output
+    assert "token merging r=2 (constant): val top1 " in " ".join(text.output.split())
+
+
+@pytest.mark.parametrize("during", [False, True], ids=["merge-after", "merge-during-finetune"])
+def test_finetune_trains_on_merged_tokens_when_asked(bundle, during):
+    model, config = digits(), TokenMergeConfig(r=2)
+    prune_config = OneShotConfig(head_ratio=0.5, mlp_ratio=0.5, finetune_epochs=1, token_merge=config,
+                                 finetune_token_merge=during, train=TrainConfig(progress=False))
+    with mlp_tokens(model) as seen:
+        result = vc.prune(model, bundle, prune_config)
+    trained = [n for training, n in seen if training]
+    assert trained, "fine-tuning ran no forward pass"
+    blocks = len(model.blocks)
+    expected = merged_mlp_tokens(model, config) if during else [17] * blocks
+    assert [trained[i:i + blocks] for i in range(0, len(trained), blocks)] == [expected] * (len(trained) // blocks)
+    assert get_token_merge(result.model) == config and result.token_merge["finetuned_with_merging"] is during
+    assert result.val["top1"] == result.token_merge["val_top1"]["with"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--finetune-token-merge"], "finetune_token_merge needs token_merge with r >= 1"),
+    (["--finetune-token-merge", "--token-merge", "0"], "finetune_token_merge needs token_merge with r >= 1"),
+    (["--finetune-token-merge", "--token-merge", "2", "--finetune-epochs", "0"],
+     "finetune_token_merge needs fine-tuning: finetune_epochs >= 1"),
+    (["--token-merge", "6"], "token merge r=6 is larger than half the 10 mergeable tokens of block 1"),
+])
+def test_prune_refuses_a_bad_merge_setting_before_writing(tmp_path, args, message):
+    one_line_error(runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--out", str(tmp_path / "p"), *args]),
+                   message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_prune_refuses_a_too_large_merge_before_its_folder(bundle, tmp_path):
+    config = OneShotConfig(finetune_epochs=0, token_merge=TokenMergeConfig(r=9))
+    with pytest.raises(vc.ConfigError, match="token merge r=9 is larger than half"):
+        vc.prune(digits(), bundle, config, vc.RunFolder(tmp_path / "p"))
+    assert list(tmp_path.iterdir()) == []
+
+
 # The pipeline
 
 def test_pipeline_ships_the_compact_model_merging_and_reports_both(tmp_path):
     result = run(tiny_pipeline(tmp_path / "run", token_merge=TokenMergeConfig(r=2)))
     s, out = result.summary, result.out
-    merge = s["token_merge"]
-    assert {k: merge[k] for k in ("r", "schedule")} == {"r": 2, "schedule": "constant"}
-    assert s["config"]["token_merge"] == TokenMergeConfig(r=2).to_dict()
-    assert s["accuracy"]["compact_test_top1"] == merge["test_top1"]["with"]
-    assert 0.0 <= merge["test_top1"]["without"] <= 1.0
-    assert s["macs"]["compact"] == merge["macs"]["with"] < merge["macs"]["without"]
-    assert s["ideal_speedup"] == pytest.approx(s["macs"]["dense"] / merge["macs"]["with"])
+    merge = s.token_merge
+    assert merge.config == TokenMergeConfig(r=2)
+    assert s.config["token_merge"] == TokenMergeConfig(r=2).to_dict()
+    assert s.accuracy.compact_test_top1 == merge.test_top1_with
+    assert 0.0 <= merge.test_top1_without <= 1.0
+    assert s.macs.compact == merge.macs_with < merge.macs_without
+    assert s.ideal_speedup == pytest.approx(s.macs.dense / merge.macs_with)
+    written = json.loads((out / "summary.json").read_text())["token_merge"]
+    assert {k: written[k] for k in ("r", "schedule")} == {"r": 2, "schedule": "constant"}
+    assert written["test_top1"] == {"without": merge.test_top1_without, "with": merge.test_top1_with}
     assert get_token_merge(vc.load(out / "compact")) == TokenMergeConfig(r=2)
     assert get_token_merge(vc.load(out / "dense")) is None
     for name in ("compact.onnx", "compact.int8.onnx"):
         assert read_metadata(out / name)["token_merge"] == TokenMergeConfig(r=2).to_dict()
     assert "token_merge" not in read_metadata(out / "dense.onnx")
-    assert s["accuracy"]["compact_onnx_test_top1"] == pytest.approx(s["accuracy"]["compact_test_top1"], abs=0.01)
+    assert s.accuracy.compact_onnx_test_top1 == pytest.approx(s.accuracy.compact_test_top1, abs=0.01)
     report = (out / "report.md").read_text()
     assert "| | dense | compact + token merging |" in report
     assert "Token merging (ToMe) on the compact model: r=2 tokens per block (constant schedule)" in report

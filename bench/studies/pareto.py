@@ -6,7 +6,10 @@ ratio (layer-wise selection) and pruning seed; `--global-at` adds global selecti
 `--distill-at` distillation from the dense model, at one ratio each, as extra series. RSST,
 Refill and one-shot run through `vc.prune` with PruneConfig's defaults for everything the study
 does not vary (one epoch budget for all three); `magnitude` regroups the dense weights by
-magnitude and cuts them, without training (one run: it has no seed). Each result is compacted;
+magnitude and cuts them, without training (one run: it has no seed); `refit` is `RefitConfig`
+(no training: activation scores on calibration images from the pruning split, least-squares refit
+of each block's output layers) and `refit-ft` the same followed by `--refit-finetune` epochs
+(docs/refit-fashion, issue 26). Each result is compacted;
 the compact model's test top-1, its ideal (MAC) speed-up and its onnxruntime CPU speed-up
 against the dense ONNX, timed interleaved, are reported. Layer-wise structures at one ratio have
 the same shapes, so each distinct shape is timed once and its points share that measurement.
@@ -46,13 +49,19 @@ from vitcompact.io import save_figure
 SCHEMA = "vitcompact.pareto/1"
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 TRAINING_METHODS = ("rsst", "refill", "oneshot")
-METHODS = TRAINING_METHODS + ("magnitude",)
-LABELS = {"rsst": "RSST", "refill": "Refill", "oneshot": "one-shot", "magnitude": "magnitude (no fine-tuning)"}
-COLOURS = {"rsst": "#c0504d", "refill": "#4f81bd", "oneshot": "#9bbb59", "magnitude": "#8064a2"}
+REFIT_METHODS = ("refit", "refit-ft")
+METHODS = TRAINING_METHODS + ("magnitude",) + REFIT_METHODS
+LABELS = {"rsst": "RSST", "refill": "Refill", "oneshot": "one-shot", "magnitude": "magnitude (no fine-tuning)",
+          "refit": "refit (no training)", "refit-ft": "refit + fine-tune"}
+COLOURS = {"rsst": "#c0504d", "refill": "#4f81bd", "oneshot": "#9bbb59", "magnitude": "#8064a2",
+           "refit": "#f79646", "refit-ft": "#4bacc6"}
 VARIANT_MARKERS = {"": "o", "global": "s", "distill": "^"}
 # Where the RSST-vs-one-shot claims are checked.
 HIGH_RATIO, LOW_RATIO = (0.7, 0.7), (0.3, 0.3)
 BEATS_ONESHOT_BY, NEAR_DENSE_WITHIN = 0.01, 0.005
+# Issue 26's refit targets: no training within 3 points of dense at 0.3/0.3 and 30 points above
+# magnitude at 0.5/0.5; refit + fine-tune within 0.5 point of dense at 0.3/0.3.
+MID_RATIO, REFIT_NEAR_DENSE, REFIT_ABOVE_MAGNITUDE = (0.5, 0.5), 0.03, 0.30
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,10 @@ class Point:
         return f"{self.method}-{self.variant}" if self.variant else self.method
 
     @property
+    def seeded(self) -> bool:
+        return self.method != "magnitude"
+
+    @property
     def ratio(self) -> str:
         return ratio_text((self.head_ratio, self.mlp_ratio))
 
@@ -83,6 +96,8 @@ def ratio_text(ratio: tuple[float, float]) -> str:
 
 
 def series_label(series: str) -> str:
+    if series in LABELS:
+        return LABELS[series]
     method, _, variant = series.partition("-")
     return LABELS.get(method, method) + (f" {variant}" if variant else "")
 
@@ -129,6 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--states", type=int, default=None)
     p.add_argument("--epochs-per-state", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--refit-finetune", type=int, default=1, help="epochs of refit-ft after the refit")
+    p.add_argument("--calib-images", type=int, default=None, help="refit calibration images (RefitConfig's default)")
     p.add_argument("--prune-lr", type=float, default=None)
     p.add_argument("--lambda-schedule", default=None)
     p.add_argument("--lambda-max", type=float, default=None)
@@ -169,8 +186,14 @@ def prune_overrides(args: argparse.Namespace, method: str) -> dict:
 
 def prune_config(point: Point, seed: int, args: argparse.Namespace) -> vc.PruneConfig:
     """The method's config at the study's epoch budget (one-shot spends it all fine-tuning), the
-    flags' overrides, and no progress bars."""
+    flags' overrides, and no progress bars; refit at its own defaults (`--refit-finetune` epochs
+    for refit-ft)."""
     quiet = dataclasses.replace(vc.TrainConfig(), progress=False)
+    if point.method in REFIT_METHODS:
+        calib = {} if args.calib_images is None else {"calib_images": args.calib_images}
+        return vc.RefitConfig(head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, mode=point.mode, seed=seed,
+                              train=quiet, finetune_epochs=args.refit_finetune if point.method == "refit-ft" else 0,
+                              **calib)
     return same_budget(point.method, args.states, args.epochs_per_state, args.finetune_epochs, train=quiet,
                        head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, mode=point.mode,
                        distill=point.distill, seed=seed, **prune_overrides(args, point.method))
@@ -339,7 +362,26 @@ def check_targets(aggregates: list[dict], dense_top1: float) -> dict:
     targets[f"rsst_near_dense_at_{ratio_text(LOW_RATIO)}"] = None if low is None else {
         "rsst_mean": low["mean"], "dense": dense_top1, "gap_pt": 100 * (dense_top1 - low["mean"]),
         "met": low["mean"] >= dense_top1 - NEAR_DENSE_WITHIN - 1e-9}
-    return targets
+    return {**targets, **refit_targets(aggregates, dense_top1)} if any(
+        a["method"] in REFIT_METHODS for a in aggregates) else targets
+
+
+def refit_targets(aggregates: list[dict], dense_top1: float) -> dict:
+    """Issue 26's targets where the study ran their points: refit near dense at the low ratio, far
+    above magnitude at the middle one, and refit + fine-tune nearer still at the low ratio."""
+    def near(series: str, within: float) -> dict | None:
+        point = find(aggregates, series, LOW_RATIO)
+        return None if point is None else {
+            "series": series, "mean": point["mean"], "dense": dense_top1, "gap_pt": 100 * (dense_top1 - point["mean"]),
+            "needs_pt": 100 * within, "met": point["mean"] >= dense_top1 - within - 1e-9}
+    refit, magnitude = find(aggregates, "refit", MID_RATIO), find(aggregates, "magnitude", MID_RATIO)
+    above = None if not (refit and magnitude) else {
+        "series": "refit", "mean": refit["mean"], "magnitude": magnitude["mean"],
+        "margin_pt": 100 * (refit["mean"] - magnitude["mean"]), "needs_pt": 100 * REFIT_ABOVE_MAGNITUDE,
+        "met": refit["mean"] - magnitude["mean"] >= REFIT_ABOVE_MAGNITUDE - 1e-9}
+    return {f"refit_near_dense_at_{ratio_text(LOW_RATIO)}": near("refit", REFIT_NEAR_DENSE),
+            f"refit_above_magnitude_at_{ratio_text(MID_RATIO)}": above,
+            f"refit_ft_near_dense_at_{ratio_text(LOW_RATIO)}": near("refit-ft", NEAR_DENSE_WITHIN)}
 
 
 def target_lines(targets: dict) -> list[str]:
@@ -347,6 +389,11 @@ def target_lines(targets: dict) -> list[str]:
     for name, t in targets.items():
         if t is None:
             lines.append(f"{name}: not run")
+        elif "series" in t:
+            lines.append(f"{name}: {'met' if t['met'] else 'NOT met'} ({series_label(t['series'])} "
+                         f"{100 * t['mean']:.2f} vs " + (f"dense {100 * t['dense']:.2f}: {t['gap_pt']:.2f} pt below; "
+                         f"needs <= {t['needs_pt']:g} pt)" if "gap_pt" in t else f"magnitude {100 * t['magnitude']:.2f}: "
+                         f"{t['margin_pt']:+.2f} pt; needs >= +{t['needs_pt']:g} pt)"))
         elif "margin_pt" in t:
             lines.append(f"{name}: {'met' if t['met'] else 'NOT met'} (RSST {100 * t['rsst_mean']:.2f} vs "
                          f"one-shot {100 * t['oneshot_mean']:.2f}: {t['margin_pt']:+.2f} pt, "
@@ -452,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     with scratch("vitcompact-pareto-") as folder:
         speedups = SpeedupCache(dense, Path(folder), bench)
         for point in study_points(args):
-            for seed in ([None] if point.method == "magnitude" else args.seeds):
+            for seed in (args.seeds if point.seeded else [None]):
                 rows.append(run_point(dense, bundle, point, seed, args, speedups, dense_macs))
                 r = rows[-1]
                 print(f"{point.series} {point.ratio} seed {seed}: test top1 {r['test_top1']:.4f}, speed-up "

@@ -7,7 +7,7 @@ budget a structure is pruned to, with the report of what it delivers.
 """
 
 from .backends import BACKENDS, Backend, BackendOptions, backend_names, check_backend, make_backend
-from .budget import BLOCK_REMOVAL, Allocation, BudgetRequest, LatencyBudget, allocate
+from .budget import BLOCK_REMOVAL, BUDGET_AXES, Allocation, BudgetRequest, LatencyBudget, allocate
 from .environment import environment, physical_cores
 from .report import MISS_TOLERANCE, budget_missed, budget_report, measure_speedup, write_budget_report
 from .sources import BenchModel
@@ -16,7 +16,8 @@ from .table import LatencyTable, TableTiming, latency_table, measure_table
 from .timing import Timing, measure_pair
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendOptions", "backend_names", "check_backend", "make_backend", "BLOCK_REMOVAL", "Allocation",
+    "BACKENDS", "Backend", "BackendOptions", "backend_names", "check_backend", "make_backend", "BLOCK_REMOVAL",
+    "BUDGET_AXES", "Allocation",
     "BudgetRequest", "LatencyBudget", "allocate", "environment", "physical_cores", "MISS_TOLERANCE",
     "budget_missed", "budget_report",
     "measure_speedup", "write_budget_report", "BenchModel", "LatencyStats", "SpeedUp", "latency_stats",

@@ -47,6 +47,21 @@ class BackendOptions:
 
 BACKENDS: Registry[Callable[[BackendOptions], Backend]] = Registry("bench backend")
 
+# Backends that set the precision themselves, with the one they run by default; every other backend
+# runs the precision of the file it times.
+PRECISION_DEFAULTS = {"openvino": "f32"}
+
+
+def run_precision(backend: str, precision: str | None) -> str | None:
+    """The precision `backend` runs at when `precision` is asked (None: its default); None for a
+    backend that runs its file's own, which refuses a precision asked of it."""
+    if backend not in PRECISION_DEFAULTS:
+        if precision is not None:
+            raise ConfigError(f"precision is set by backend {', '.join(PRECISION_DEFAULTS)} only; backend {backend} "
+                              "runs the precision of the file it times (export an INT8 or FP16 file for it)")
+        return None
+    return precision or PRECISION_DEFAULTS[backend]
+
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 
 

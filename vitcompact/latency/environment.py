@@ -22,6 +22,11 @@ def _version(package: str) -> str | None:
         return None
 
 
+def package_version(package: str) -> str | None:
+    """The installed version of `package`; None when it is not installed."""
+    return _version(package)
+
+
 def usable_cpus() -> int:
     """Logical CPUs this process may run on (its affinity mask where the OS has one): the most
     threads a timing can use."""

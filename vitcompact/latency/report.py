@@ -1,6 +1,6 @@
 """The report of what a structure pruned to a latency budget delivers: requested vs predicted vs
 measured speed-up (dense and compact timed interleaved at the deployment batch), with a plot of the
-heads and MLP widths kept per block."""
+heads and MLP widths kept per block, and the tokens merged per block where the compact model merges."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from ..io import ensure_dir, save_figure, write_json, write_text
-from ..models import vit_layout
-from .backends import BackendOptions, make_backend
+from ..models import get_record, vit_layout
+from .backends import BackendOptions, make_backend, run_precision
 from .budget import BudgetRequest, LatencyBudget
 from .sources import BenchModel
 from .stats import SpeedUp, latency_stats, speedup_interval
@@ -26,10 +27,11 @@ MISS_TOLERANCE = 0.05
 
 
 def measure_speedup(dense: nn.Module, compact: nn.Module, backend: str, batch: int, threads: int,
-                    timing: Timing = Timing(), seed: int = 0) -> tuple[float, float, SpeedUp]:
-    """Dense and compact p50 latency (ms) at `batch`, timed interleaved, and the speed-up with its
-    95 % interval."""
-    runner = make_backend(backend, BackendOptions(threads, seed=seed))
+                    timing: Timing = Timing(), seed: int = 0, precision: str | None = None,
+                    ) -> tuple[float, float, SpeedUp]:
+    """Dense and compact p50 latency (ms) at `batch`, timed interleaved (at `precision`, on a backend
+    that sets one), and the speed-up with its 95 % interval."""
+    runner = make_backend(backend, BackendOptions(threads, seed=seed, precision=run_precision(backend, precision)))
     torch_threads = torch.get_num_threads()  # the torch backend pins threads process-wide
     try:
         dense_ms, compact_ms = measure_pair(runner.load(BenchModel.of(dense))(batch),
@@ -48,13 +50,17 @@ def budget_report(dense: nn.Module, compact: nn.Module, budget: LatencyBudget, r
     table = budget.table
     blocks = vit_layout(compact).blocks
     shape = [(b.num_heads, b.hidden) for b in blocks]
-    predicted_ms = table.predict(shape)
+    r = merged_per_block(compact)
+    predicted_ms = table.predict(shape, r)
     dense_p50, compact_p50, speedup = measure_speedup(dense, compact, request.backend, request.deploy_batch,
-                                                      request.threads, Timing(time_budget_s=time_budget_s))
+                                                      request.threads, Timing(time_budget_s=time_budget_s),
+                                                      precision=request.precision)
     return {
         "request": {"kind": budget.kind, "target": budget.target, "budget_ms": budget.budget_ms,
-                    "block_removal": budget.block_removal,
-                    "deploy_batch": request.deploy_batch, "backend": request.backend, "threads": request.threads},
+                    "block_removal": budget.block_removal, "axes": request.axes,
+                    "deploy_batch": request.deploy_batch, "backend": request.backend, "threads": request.threads,
+                    "precision": run_precision(request.backend, request.precision)},
+        "token_merge": {"r": r, "schedule": "constant"} if r else None,
         "requested_speedup": table.reference_ms / budget.budget_ms,
         "predicted": {"ms": predicted_ms, "dense_ms": table.reference_ms, "speedup": table.reference_ms / predicted_ms},
         "measured": {"dense_ms": dense_p50, "compact_ms": compact_p50,
@@ -63,6 +69,17 @@ def budget_report(dense: nn.Module, compact: nn.Module, budget: LatencyBudget, r
                    for h, w in shape],
         "table_key": table.key,
     }
+
+
+def merged_per_block(model: nn.Module) -> int:
+    """The tokens `model` merges per block, as a latency table predicts them (constant schedule); 0
+    when it merges none."""
+    merging = get_record(model).token_merge
+    if merging is None or not merging.enabled:
+        return 0
+    if merging.schedule != "constant":
+        raise ConfigError(f"a latency table predicts token merging on the constant schedule, not {merging.schedule}")
+    return merging.r
 
 
 def budget_missed(report: dict[str, Any], tolerance: float = MISS_TOLERANCE) -> str | None:
@@ -83,7 +100,8 @@ def budget_missed(report: dict[str, Any], tolerance: float = MISS_TOLERANCE) -> 
 def to_markdown(report: dict[str, Any]) -> str:
     r, p, m = report["request"], report["predicted"], report["measured"]
     asked = f"{r['target']:g}x" if r["kind"] == "speedup" else f"{r['target']:g} ms"
-    lines = [f"## Latency budget ({r['backend']}, batch {r['deploy_batch']}, {r['threads']} thread(s))", "",
+    precision = f" {r['precision']}" if r.get("precision") else ""
+    lines = [f"## Latency budget ({r['backend']}{precision}, batch {r['deploy_batch']}, {r['threads']} thread(s))", "",
              "| | speed-up | compact latency (ms) |", "|---|---|---|",
              f"| requested ({asked}) | {report['requested_speedup']:.3f}x | {r['budget_ms']:.3f} |",
              f"| predicted (latency table) | {p['speedup']:.3f}x | {p['ms']:.3f} |",
@@ -94,6 +112,9 @@ def to_markdown(report: dict[str, Any]) -> str:
               for i, b in enumerate(report["blocks"])]
     whole = sum(1 for b in report["blocks"] if b["heads"] == 0 and b["width"] == 0)
     lines += ["", f"Whole blocks removed: {whole} (block removal: {r.get('block_removal', 'free')})."]
+    if report.get("token_merge"):
+        lines += [f"Token merging: r={report['token_merge']['r']} tokens per block (constant schedule), chosen by "
+                  f"the budget (axes {r.get('axes')})."]
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +135,8 @@ def plot_structure(report: dict[str, Any], path: str | os.PathLike) -> Path:
     r, p, m = report["request"], report["predicted"], report["measured"]
     ax.set(xticks=index, xlabel="block", ylabel="kept share", ylim=(0, 1.15),
            title=f"requested {report['requested_speedup']:.2f}x, predicted {p['speedup']:.2f}x, measured "
-                 f"{m['speedup']:.2f}x ({r['backend']}, batch {r['deploy_batch']}, {r['threads']} thread(s))")
+                 f"{m['speedup']:.2f}x ({r['backend']}, batch {r['deploy_batch']}, {r['threads']} thread(s))"
+                 + (f", {report['token_merge']['r']} tokens merged per block" if report.get("token_merge") else ""))
     ax.title.set_fontsize(9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -27,6 +27,8 @@ from ..models.preprocess import data_config
 from ..errors import ConfigError, DataError
 from ..io import write_json, write_tensors
 from ..models.adapter import vit_layout
+from ..models.merge_config import TokenMergeConfig
+from ..models.token_merge import check_token_merge, merge_tokens
 from ..training import distributed
 from ..training.metrics_log import MetricsLog
 from ..training.seeding import rng_state, seed_everything, set_rng_state
@@ -40,7 +42,7 @@ from .criteria import CRITERIA
 from .magnitude import magnitude_prune
 from ..masks import PruneMasks
 from .methods import METHODS, Method, StatePlan, state_ratio  # noqa: F401  (state_ratio: re-exported)
-from .regroup import regroup
+from .regroup import regroup_with_allocation
 from .selection import check_round_to
 from ..structure import Structure
 
@@ -58,6 +60,7 @@ class PruneResult:
     test: dict[str, float]
     out_dir: Path | None = None
     budget: dict[str, Any] | None = None  # under a latency budget: requested, predicted, measured speed-up
+    token_merge: dict[str, Any] | None = None  # with token merging: its setting, val and test top-1 without and with
 
 
 def plan_states(model: nn.Module, config: PruneConfig, method: Method,
@@ -156,6 +159,12 @@ class _Run:
         self.epochs = sum(plan.epochs for plan in self.plans) + self.finetune_epochs
         self.offset = 0  # steps of that schedule already taken
         self.opt_state = None
+        self.budget_r = 0  # tokens merged per block, where the budget chooses them (its last state's choice)
+
+    @property
+    def merging(self) -> TokenMergeConfig | None:
+        """The pruned model's token merging: the user's, or the r a budget with the token axis chose."""
+        return self.config.merging or (TokenMergeConfig(r=self.budget_r) if self.budget_r else None)
 
     def settings(self) -> dict[str, Any]:
         """The run's settings as run.json records them: the method's config and the run folder."""
@@ -251,12 +260,17 @@ def prune(model: nn.Module, bundle, config: PruneConfig | None = None, run: RunF
     quasi-structured masks and structure, the metrics records, validation and test accuracy (the
     test set is used for this final report only) and, under a budget, the requested, predicted
     and measured speed-up (also written to `out_dir` as latency_budget.json, .md and .png).
+    With `config.token_merge` the returned model merges tokens (recorded in its model record), its
+    accuracy is measured so, and `token_merge` holds the top-1 without and with merging.
     """
     config = config or OneShotConfig()
     classes = tuple(CONFIGS.get(name) for name in CONFIGS)
     if not isinstance(config, classes):
         raise ConfigError(f"config must be a method's config ({', '.join(c.__name__ for c in classes)}), "
                           f"got {type(config).__name__}")
+    config.check_merge_to_finetune()
+    if config.merging is not None:  # an r too large for the model's tokens, before anything is written
+        check_token_merge(model, config.merging)
     if run is None:
         return _prune(model, bundle, config, None, notes)
     with output_folder.lock(run.out_dir, enabled=distributed.is_main()):
@@ -298,6 +312,7 @@ def _restore(run: _Run) -> None:
     run.element, run.hard = element.to(run.device), hard.to(run.device)
     set_rng_state(info["rng"])
     run.start = run.done
+    run.budget_r = info.get("merge_r", 0)
     if run.done > 0:
         run.opt_state = checkpoint.load_optimizer(run.out, run.done)
     run.offset = run.epoch_steps * sum(plan.epochs for plan in run.plans if plan.index <= run.start)
@@ -349,19 +364,23 @@ def _prune_state(run: _Run, plan: StatePlan) -> None:
     structured = _regroup_state(run, plan)
     info: dict[str, Any] = {"head_ratio": plan.head_ratio, "mlp_ratio": plan.mlp_ratio, "rate": plan.rate,
                             **({"budget_ms": plan.budget_ms} if plan.budget_ms is not None else {}),
+                            **({"merge_r": run.budget_r} if run.budget is not None and run.budget.tokens else {}),
                             **run.method.run_state(run, plan, structured, run.element)}
     run.element = _intersect(run.element, run.hard)
     _end_state(run, plan, info)
 
 
 def _regroup_state(run: _Run, plan: StatePlan) -> PruneMasks:
-    """Magnitude-prune the survivors at the state's rate and regroup them at its ratios."""
+    """Magnitude-prune the survivors at the state's rate and regroup them at its ratios (under a
+    budget with the token axis, also choosing the tokens merged per block: `run.budget_r`)."""
     # Scores come from the current trained, masked weights (never stale or rewound ones).
     element = magnitude_prune(run.model, plan.rate, masks=run.element)
-    structured = regroup(run.model, element,
-                         run.config.regroup_config(plan.head_ratio, plan.mlp_ratio, run.budget, plan.budget_ms,
-                                                   len(run.calibration) if run.method.needs_calibration else None),
-                         data=run.calibration, device=run.device)
+    structured, allocation = regroup_with_allocation(
+        run.model, element,
+        run.config.regroup_config(plan.head_ratio, plan.mlp_ratio, run.budget, plan.budget_ms,
+                                  len(run.calibration) if run.method.needs_calibration else None),
+        data=run.calibration, device=run.device)
+    run.budget_r = allocation.r if allocation is not None else 0
     structured = distributed.broadcast_masks(_intersect(structured, run.hard))
     run.element = distributed.broadcast_masks(element)
     return structured
@@ -375,16 +394,24 @@ def _end_state(run: _Run, plan: StatePlan, info: dict[str, Any]) -> None:
 
 
 def _finetune(run: _Run) -> None:
+    """The fine-tuning epochs at the final structure; with `finetune_token_merge`, on merged tokens."""
     if run.finetune_epochs:
         phase = len(run.plans) + 1
-        run.train_pass(run.finetune_epochs, phase, on_epoch=run.logger("finetune", phase), description="fine-tune")
+        merging = run.config.merging if run.config.finetune_token_merge else None
+        if merging is not None:
+            merge_tokens(run.model, merging)
+        run.train_pass(run.finetune_epochs, phase, on_epoch=run.logger("finetune", phase),
+                       description="fine-tune" if merging is None else f"fine-tune (token merging r={merging.r})")
 
 
 def _finish(run: _Run) -> PruneResult:
     """Evaluate the hard-masked model, log and save the final masks, structure and result."""
     model, hard, out = run.model, run.hard, run.out
     apply_hard(model, hard)
+    if run.merging is not None:  # the structure alone first, then with its tokens merged
+        merge_tokens(model, None)
     val, test = evaluate(model, run.bundle.val, run.device), evaluate(model, run.bundle.test, run.device)
+    val, test, merging = _merged_accuracy(run, val, test)
     structure = hard.structure()
     run.log.write({"phase": "final", **{f"val_{k}": v for k, v in val.items()},
                    **{f"test_{k}": v for k, v in test.items()}, **_summary(hard)})
@@ -392,10 +419,27 @@ def _finish(run: _Run) -> PruneResult:
     if out is not None and run.main:
         hard.save(out / "masks.safetensors")
         structure.save(out / "structure.json")
-        write_json(out / "result.json", {"val": val, "test": test, "structure": structure.summary()})
+        write_json(out / "result.json", {"val": val, "test": test, "structure": structure.summary(),
+                                         **({"token_merge": merging} if merging is not None else {})})
     report = _budget_report(run, structure)
     distributed.barrier()
-    return PruneResult(model, hard, structure, run.log.records, val, test, out, report)
+    return PruneResult(model, hard, structure, run.log.records, val, test, out, report, merging)
+
+
+def _merged_accuracy(run: _Run, val: dict[str, float],
+                     test: dict[str, float]) -> tuple[dict[str, float], dict[str, float], dict[str, Any] | None]:
+    """With token merging: merge the pruned model's tokens and measure it again on the same splits.
+    Returns the model's validation and test results as it is returned (merging) and the merging's
+    summary (top-1 without and with); without merging, `val`, `test` and None."""
+    merging, model, device = run.merging, run.model, run.device
+    if merging is None:
+        return val, test, None
+    merge_tokens(model, merging)
+    merged_val, merged_test = evaluate(model, run.bundle.val, device), evaluate(model, run.bundle.test, device)
+    summary = {**merging.to_dict(), "finetuned_with_merging": bool(run.config.finetune_token_merge),
+               "val_top1": {"without": val["top1"], "with": merged_val["top1"]},
+               "test_top1": {"without": test["top1"], "with": merged_test["top1"]}}
+    return merged_val, merged_test, summary
 
 
 def _budget_report(run: _Run, structure: Structure) -> dict[str, Any] | None:
@@ -404,6 +448,8 @@ def _budget_report(run: _Run, structure: Structure) -> dict[str, Any] | None:
     if run.budget is None or not run.main:
         return None
     small = compact(copy.deepcopy(run.model).cpu(), run.hard.to("cpu")).eval()
+    if run.config.merging is not None:  # the budget is on heads and neurons: time the structure alone
+        merge_tokens(small, None)
     report = budget_report(run.dense, small, run.budget, run.config.budget)
     if run.out is not None:
         write_budget_report(report, run.out)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..validate import integer, one_of, ratio
-from ..latency.budget import LatencyBudget, allocate
+from ..latency.budget import Allocation, LatencyBudget, allocate
 from .criteria import CRITERIA, Criterion, ScoreContext, score_units
 from ..masks import PruneMasks, head_view
 from .selection import SELECTION_MODES, select_units
@@ -29,7 +29,8 @@ class RegroupConfig:
     rounds kept MLP widths up to a multiple.
     With a `budget` (`LatencyBudget`), the ratios, `mode` and `min_keep` give way to the latency
     allocator (`budget.allocate`): per-block head counts and widths that keep the most importance
-    within `budget_ms` (default: the budget's own; the pruning loop sets each state's).
+    within `budget_ms` (default: the budget's own; the pruning loop sets each state's), and the
+    tokens merged per block where the budget may choose them (`regroup_with_allocation` says which).
     """
 
     target: str = "both"
@@ -67,15 +68,24 @@ def regroup(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = 
     """Quasi-structured masks from element masks: whole heads and neurons kept or removed, as
     `config` says. Scores come from the masked model on `device`; data-driven criteria need `data`,
     an iterable of (images, labels) batches."""
+    return regroup_with_allocation(model, masks, config, data=data, device=device)[0]
+
+
+def regroup_with_allocation(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = None, *,
+                            data: Iterable[Any] | None = None, device: torch.device | str | None = None,
+                            ) -> tuple[PruneMasks, Allocation | None]:
+    """`regroup`, and under a budget the allocation behind its masks (its `r`: the tokens the
+    budget merges per block, 0 unless the budget may choose them); None without a budget."""
     config = config or RegroupConfig()
     masks.check_model(model)
     scores = score_units(model, masks, config.criteria, ScoreContext(data, config.num_batches, device))
-    heads = neurons = None
+    heads = neurons = allocation = None
     if config.budget is not None:
         budget_ms = config.budget_ms if config.budget_ms is not None else config.budget.budget_ms
         allocation = allocate([s[0] if config.target != "mlp" else None for s in scores],
                               [s[1] if config.target != "head" else None for s in scores],
-                              config.budget.table, budget_ms, config.round_to, config.budget.block_removal)
+                              config.budget.table, budget_ms, config.round_to, config.budget.block_removal,
+                              config.budget.merge_r)
         heads = allocation.heads if config.target != "mlp" else None
         neurons = allocation.neurons if config.target != "head" else None
     else:
@@ -99,7 +109,7 @@ def regroup(model: nn.Module, masks: PruneMasks, config: RegroupConfig | None = 
                 unit_keep[neurons[i].to(m.device)] = True
                 new.mul_(unit_keep.view(-1, 1) if name.endswith("fc1.weight") else unit_keep.view(1, -1))
             out[name] = new
-    return PruneMasks(out, masks.layout)
+    return PruneMasks(out, masks.layout), allocation
 
 
 def structured_prune(model: nn.Module, masks: PruneMasks, criteria: str | Criterion, head_ratio: float,

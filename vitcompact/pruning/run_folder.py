@@ -16,7 +16,8 @@ from . import checkpoint
 # it is shown. Every other one changes the result.
 RESUME_FREE = ("out_dir", "resume", "wandb_project", "train.progress")
 # How a resume refusal names a run.json field that is not an option of the same name.
-RECORD_NAMES = {"inputs.model": "MODEL", "inputs.train_images": "training set (images)"}
+RECORD_NAMES = {"inputs.model": "MODEL", "inputs.train_images": "training set (images)",
+                "token_merge.r": "--token-merge", "token_merge.schedule": "--token-merge-schedule"}
 
 
 def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
