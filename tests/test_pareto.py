@@ -138,7 +138,7 @@ def test_refit_series_and_their_targets(tmp_path):
         "--data", "digits", "--model", "vit-digits", "--dense-epochs", "1", "--limit", "256",
         "--test-limit", "120", "--batch-size", "64", "--methods", "magnitude,refit,refit-ft",
         "--ratios", "0.3/0.3,0.5/0.5", "--global-at", "none", "--distill-at", "none", "--seeds", "0",
-        "--refit-finetune", "1", "--calib-images", "32", "--states", "1", "--epochs-per-state", "1",
+        "--refit-finetune", "1", "--calib-images", "64", "--states", "1", "--epochs-per-state", "1",
         "--finetune-epochs", "0", "--bench-seconds", "0.3", "--bench-min-rounds", "1", "--out", str(tmp_path)])
     rows = report["runs"]
     assert sorted((r["series"], r["head_ratio"], r["seed"]) for r in rows if r["method"] != "magnitude") == sorted(

@@ -363,7 +363,7 @@ def check_targets(aggregates: list[dict], dense_top1: float) -> dict:
         "rsst_mean": low["mean"], "dense": dense_top1, "gap_pt": 100 * (dense_top1 - low["mean"]),
         "met": low["mean"] >= dense_top1 - NEAR_DENSE_WITHIN - 1e-9}
     return {**targets, **refit_targets(aggregates, dense_top1)} if any(
-        a["method"] in REFIT_METHODS for a in aggregates) else targets
+        a.get("method") in REFIT_METHODS for a in aggregates) else targets
 
 
 def refit_targets(aggregates: list[dict], dense_top1: float) -> dict:

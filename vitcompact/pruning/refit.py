@@ -7,19 +7,26 @@ weights and bias that best reproduce a target stream:
 - `local`: the dense block run from the pruned model's input to the block;
 - `global`: the dense model's own stream, so that the block also absorbs earlier blocks' drift;
 - `mix`: `alpha` parts global, the rest local.
-The normal equations are accumulated in float64 over batches (memory does not grow with the image
-count) and solved with a ridge penalty towards the current weights. Removed units keep exactly
-zero weights: the result is the masked model with its dense shapes, for `compact` to shrink.
+The normal equations are summed in float64 over batches (memory does not grow with the image
+count; `Gram` says in what precision each batch's products are taken) and solved with a ridge
+penalty towards the current weights. Removed units keep exactly zero weights: the result is the
+masked model with its dense shapes, for `compact` to shrink.
+
+Cost: each block's streams are carried from the last one (no model prefix is re-run); the dense
+branch runs once per target stream, the pruned one twice (to gather the equations, then to move
+its stream past the refit layer) but on its kept units alone, the second time from the first
+pass's stored inputs where these are no larger than a stream.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import DataError, MaskError
 from ..masks import PruneMasks, head_view
@@ -30,6 +37,7 @@ from .refit_scores import (UNITS, embed_calibration, has_units, layer_scale, out
                            rows_of)
 
 TARGETS = ("local", "global", "mix")
+FLOAT32_ROWS_PER_COLUMN = 16  # see _products
 BRANCHES = {"head": "attention", "neuron": "mlp"}
 
 
@@ -98,24 +106,48 @@ class RefitReport:
 
 
 class Gram:
-    """Normal equations of Y ≈ X Wᵀ + b over rows added batch by batch, in float64."""
+    """Normal equations of Y ≈ X Wᵀ + b over rows added batch by batch, summed in float64.
 
-    def __init__(self, inputs: int, outputs: int, bias: bool, device: torch.device | str | None = None):
+    Within a batch the products are taken in `products` precision. The refit asks for float32
+    where a system has many rows per column (`_products`): about twice as fast as float64 and no
+    float64 copy of the activations, at a relative error of about 1e-7 to 1e-6 in each batch's
+    contribution. Each batch is first centred on its own mean, so that this rounding is
+    relative to the spread of the activations and not to their mean (the bias column's Schur
+    complement, the covariance, would otherwise lose its digits); the means, the corrections and
+    the sums across batches are float64, exact up to float64 rounding whatever the shift."""
+
+    def __init__(self, inputs: int, outputs: int, bias: bool, device: torch.device | str | None = None,
+                 products: torch.dtype = torch.float64):
         width = inputs + int(bias)
         self.bias = bias
+        self.products = products
         self.xx = torch.zeros(width, width, dtype=torch.float64, device=device)
         self.xy = torch.zeros(width, outputs, dtype=torch.float64, device=device)
         self.yy = torch.zeros(outputs, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.double(), y.double()
+        n = x.shape[0]
+        if not n:
+            return
+        x, y = x.to(self.products), y.to(self.products)
+        x_shift, y_shift = x.mean(dim=0), y.mean(dim=0)
+        x, y = x - x_shift, y - y_shift
+        # With X = Xc + 1sᵀ: XᵀX = XcᵀXc + cₓsᵀ + scₓᵀ + n ssᵀ, where cₓ = Xcᵀ1 (zero up to rounding).
+        s, t = x_shift.double(), y_shift.double()
+        cx, cy = x.sum(dim=0).double(), y.sum(dim=0).double()
+        k = x.shape[1]
+        xx = (x.T @ x).double() + torch.outer(cx, s) + torch.outer(s, cx) + n * torch.outer(s, s)
+        self.xx[:k, :k] += xx
+        self.xy[:k] += (x.T @ y).double() + torch.outer(cx, t) + torch.outer(s, cy) + n * torch.outer(s, t)
+        self.yy += y.square().sum(dim=0).double() + 2 * t * cy + n * t.square()
         if self.bias:
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.yy += y.square().sum(dim=0)
-        self.rows += x.shape[0]
+            x_sum = cx + n * s
+            self.xx[k, :k] += x_sum
+            self.xx[:k, k] += x_sum
+            self.xx[k, k] += n
+            self.xy[k] += cy + n * t
+        self.rows += n
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self.xx, self.xy, self.yy))
@@ -186,8 +218,8 @@ def kept_columns(block: BlockLayout, kept: BlockStructure, unit: str) -> torch.T
     """Input columns of the output layer that carry kept units (a head has head_dim of them)."""
     if unit == "neuron":
         return torch.tensor(kept.neurons, dtype=torch.long)
-    return torch.tensor([h * block.head_dim + j for h in kept.heads for j in range(block.head_dim)],
-                        dtype=torch.long)
+    heads = torch.tensor(kept.heads, dtype=torch.long)
+    return (heads[:, None] * block.head_dim + torch.arange(block.head_dim)).flatten()
 
 
 @dataclass
@@ -204,6 +236,47 @@ class _Streams:
         for start in range(0, self.pruned.shape[0], self.batch_size):
             yield slice(start, start + self.batch_size)
 
+    def keep_tokens(self, tokens: list[int] | slice) -> None:
+        """Drop every token but `tokens`: past the last attention nothing mixes tokens, so the last
+        MLP needs only those the classifier reads."""
+        self.pruned = self.pruned[:, tokens]
+        self.dense = None if self.dense is None else self.dense[:, tokens]
+        self.local = None if self.local is None else self.local[:, tokens]
+
+
+class _Linear(nn.Module):
+    """A linear layer on given (sliced) weights, without nn.Linear's initialisation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _kept_inputs(block: nn.Module, layout: BlockLayout, unit: str,
+                 columns: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The pruned block's branch on its kept units alone, up to its output layer: the residual
+    stream in, the output layer's kept input `columns` out. The removed units add nothing there
+    (their outgoing columns are zero), so this is the masked branch at the kept units' cost,
+    which the dense shapes would pay in full."""
+    if not columns.numel():
+        return lambda h: h.new_zeros(*h.shape[:-1], 0)
+    if unit == "neuron":
+        mlp = copy.deepcopy(block.mlp)
+        fc1 = mlp.fc1
+        mlp.fc1 = _Linear(fc1.weight[columns], None if fc1.bias is None else fc1.bias[columns])
+        mlp.fc2 = nn.Identity()
+        return nn.Sequential(block.norm2, mlp)
+    attn = copy.deepcopy(block.attn)
+    qkv, heads = attn.qkv, columns.numel() // layout.head_dim
+    rows = (torch.arange(3, device=columns.device)[:, None] * layout.attn_dim + columns).flatten()  # q | k | v
+    attn.qkv = _Linear(qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+    attn.num_heads, attn.attn_dim = heads, columns.numel()
+    attn.proj = nn.Identity()
+    return nn.Sequential(block.norm1, attn)
+
 
 def _branch(block: nn.Module, unit: str, h: torch.Tensor) -> torch.Tensor:
     """What the branch adds to the residual stream `h` (pre-norm, LayerScale, drop path)."""
@@ -212,28 +285,48 @@ def _branch(block: nn.Module, unit: str, h: torch.Tensor) -> torch.Tensor:
     return block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
 
 
-def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, columns: torch.Tensor, streams: _Streams,
-                share: float, tokens: list[int] | slice | None) -> Gram:
+def _branch_from_inputs(block: nn.Module, unit: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the branch adds to the stream, from its output layer's kept input columns `x` and their
+    `weight` columns."""
+    out = F.linear(x, weight, output_layer(block, unit).bias)
+    if unit == "head":
+        return block.drop_path1(block.ls1(block.attn.proj_drop(out)))
+    return block.drop_path2(block.ls2(block.mlp.drop2(out)))
+
+
+def _products(dtype: torch.dtype, rows: int, columns: int) -> torch.dtype:
+    """The precision of a Gram's per-batch products. Float32 where the rows outnumber the columns
+    `FLOAT32_ROWS_PER_COLUMN` times: there the data, not the ridge, fix the solution, and float32
+    products move it by about 1e-6 relative (vit_small's MLPs, 64 images). With fewer rows (the
+    last block's class tokens, a few images) the ridge holds the directions the data leave free,
+    where rounding is amplified up to 1/ridge times: float64 there, as for float64 activations."""
+    if dtype == torch.float64 or rows < FLOAT32_ROWS_PER_COLUMN * columns:
+        return torch.float64
+    return torch.float32
+
+
+def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, inputs: Callable[[torch.Tensor], torch.Tensor],
+                kept: int, streams: _Streams, share: float, tokens: list[int] | slice | None,
+                stored: torch.Tensor | None) -> Gram:
     """Advance the target streams through the dense branch and gather the normal equations of the
-    pruned branch's output layer against them."""
+    pruned branch's output layer against them (keeping its inputs in `stored` where given)."""
     layer = output_layer(pruned, unit)
     gamma = layer_scale(pruned, unit)
-    gram = Gram(columns.numel(), layer.out_features, layer.bias is not None, layer.weight.device)
-    seen: list[torch.Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    try:
-        for part in streams.parts():
-            _branch(pruned, unit, streams.pruned[part])
-            target = -streams.pruned[part]
-            for stream, weight in ((streams.dense, share), (streams.local, 1.0 - share)):
-                if stream is not None:
-                    stream[part] += _branch(dense, unit, stream[part])
-                    target += weight * stream[part]
-            if gamma is not None:  # fit proj / fc2 before the LayerScale that follows them
-                target /= torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-            gram.add(rows_of(seen.pop()[..., columns], tokens), rows_of(target, tokens))
-    finally:
-        hook.remove()
+    rows = streams.pruned.shape[0] * rows_of(streams.pruned[:1], tokens).shape[0]
+    gram = Gram(kept, layer.out_features, layer.bias is not None, layer.weight.device,
+                _products(streams.pruned.dtype, rows, kept + 1))
+    for part in streams.parts():
+        x = inputs(streams.pruned[part])
+        if stored is not None:
+            stored[part] = x
+        target = -streams.pruned[part]
+        for stream, weight in ((streams.dense, share), (streams.local, 1.0 - share)):
+            if stream is not None:
+                stream[part] += _branch(dense, unit, stream[part])
+                target += weight * stream[part]
+        if gamma is not None:  # fit proj / fc2 before the LayerScale that follows them
+            target /= torch.where(gamma == 0, torch.ones_like(gamma), gamma)
+        gram.add(rows_of(x, tokens), rows_of(target, tokens))
     return gram
 
 
@@ -259,29 +352,46 @@ def _solve_into(layer: nn.Linear, columns: torch.Tensor, gram: Gram, gamma: torc
     return before, after, fell_back
 
 
+def _refit_branch(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure, unit: str,
+                  streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None) -> BranchFit:
+    """Refit one branch's output layer, then move the pruned stream past the refit branch."""
+    columns = kept_columns(block, kept, unit).to(streams.pruned.device)
+    inputs = _kept_inputs(pruned, block, unit, columns)
+    images, length, width = streams.pruned.shape
+    # The output layer's inputs are kept for the second pass when they take no more memory than a
+    # residual stream (a head branch, or an MLP pruned to a quarter); wider ones are recomputed.
+    stored = streams.pruned.new_empty(images, length, columns.numel()) if columns.numel() <= width else None
+    gram = _accumulate(dense, pruned, unit, inputs, columns.numel(), streams, settings.global_share, tokens, stored)
+    if not gram.finite():
+        raise DataError(f"non-finite activations in block {block.index} ({BRANCHES[unit]}); check "
+                        "the calibration images for NaN or inf values")
+    layer = output_layer(pruned, unit)
+    before, after, fell_back = _solve_into(layer, columns, gram, layer_scale(pruned, unit), settings)
+    weight = layer.weight[:, columns]
+    for part in streams.parts():
+        x = stored[part] if stored is not None else inputs(streams.pruned[part])
+        streams.pruned[part] += _branch_from_inputs(pruned, unit, x, weight)
+    return BranchFit(block.index, BRANCHES[unit], len(kept.heads if unit == "head" else kept.neurons),
+                     before, after, fell_back)
+
+
 def _refit_block(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure,
                  streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None) -> list[BranchFit]:
-    """Refit both branches of one block, then move the pruned stream past it."""
+    """Refit both branches of one block, then move the pruned stream past it. In the last block
+    (`tokens`: those the classifier reads) the MLP runs on those tokens alone."""
     if streams.local is not None:
         streams.local.copy_(streams.pruned)
     fits = []
     for unit in UNITS:
+        if unit == "neuron" and tokens is not None:
+            streams.keep_tokens(tokens)
+            tokens = None
         if not has_units(block, unit):  # a branch removed earlier: a constant, or nothing
             for stream, owner in ((streams.pruned, pruned), (streams.dense, dense), (streams.local, dense)):
                 if stream is not None:
                     stream += _branch(owner, unit, stream)
             continue
-        columns = kept_columns(block, kept, unit).to(streams.pruned.device)
-        gram = _accumulate(dense, pruned, unit, columns, streams, settings.global_share, tokens)
-        if not gram.finite():
-            raise DataError(f"non-finite activations in block {block.index} ({BRANCHES[unit]}); check "
-                            "the calibration images for NaN or inf values")
-        layer = output_layer(pruned, unit)
-        before, after, fell_back = _solve_into(layer, columns, gram, layer_scale(pruned, unit), settings)
-        fits.append(BranchFit(block.index, BRANCHES[unit], len(kept.heads if unit == "head" else kept.neurons),
-                              before, after, fell_back))
-        for part in streams.parts():
-            streams.pruned[part] += _branch(pruned, unit, streams.pruned[part])
+        fits.append(_refit_branch(dense, pruned, block, kept, unit, streams, settings, tokens))
     return fits
 
 

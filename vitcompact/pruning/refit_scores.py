@@ -132,6 +132,28 @@ def _finite_scores(scores: list[BlockScores], name: str) -> list[BlockScores]:
     return scores
 
 
+Moments = tuple[int, torch.Tensor, torch.Tensor]  # rows, mean, summed squared deviations from it
+
+
+def batch_moments(rows: torch.Tensor) -> Moments:
+    """Moments of one batch of rows, per column: taken in the rows' precision (at least float32)
+    about the batch's own mean, so that rounding is relative to the spread and not to the mean,
+    and returned in float64 for `merged_moments`."""
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    mean = rows.mean(dim=0)
+    return rows.shape[0], mean.double(), (rows - mean).square().sum(dim=0).double()
+
+
+def merged_moments(a: Moments | None, b: Moments) -> Moments:
+    """The moments of two groups of rows together (Chan, Golub and LeVeque's pairwise update)."""
+    if a is None:
+        return b
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), sa + sb + delta.square() * (na * nb / n)
+
+
 def contribution_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor],
                         centered: bool = True) -> list[BlockScores]:
     """Per head and neuron: the variance (`centered`) or mean square of its output over the
@@ -139,14 +161,12 @@ def contribution_scores(model: nn.Module, layout: ViTLayout, images: Sequence[to
     device = next(model.parameters()).device
     tokens = read_tokens(model)
     last = layout.blocks[-1].index
-    sums: dict[tuple[int, str], list[torch.Tensor | int]] = {}
+    moments: dict[tuple[int, str], Moments] = {}
 
     def record(block: BlockLayout, unit: str, x: torch.Tensor) -> None:
-        rows = rows_of(x.detach(), tokens if block.index == last else None).double()
-        acc = sums.setdefault((block.index, unit), [0, 0, 0])
-        acc[0] = acc[0] + rows.sum(dim=0)
-        acc[1] = acc[1] + rows.square().sum(dim=0)
-        acc[2] += rows.shape[0]
+        rows = rows_of(x.detach(), tokens if block.index == last else None)
+        key = (block.index, unit)
+        moments[key] = merged_moments(moments.get(key), batch_moments(rows))
 
     with torch.no_grad(), unit_inputs(model, layout, record):
         for x in images:
@@ -158,8 +178,8 @@ def contribution_scores(model: nn.Module, layout: ViTLayout, images: Sequence[to
             if not has_units(block, unit):
                 pair.append(None)
                 continue
-            total, square, count = sums[(block.index, unit)]
-            spread = square / count - (total / count).square() if centered else square / count
+            count, mean, deviations = moments[(block.index, unit)]
+            spread = deviations / count if centered else deviations / count + mean.square()
             energy = column_energy(model.blocks[block.index], unit)
             pair.append(per_unit_columns(spread.clamp_min(0) * energy, block, unit).float().cpu())
         scores.append((pair[0], pair[1]))

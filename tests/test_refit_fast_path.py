@@ -1,0 +1,110 @@
+"""The refit's fast path (branches on their kept units alone, stored inputs, the last MLP on the
+tokens the classifier reads, batched Gram products) against the refit as first written: the
+masked full-width branches on all images at once, with float64 products."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import input_for, make_family
+
+import vitcompact as vc
+from vitcompact.pruning.refit import Gram, RefitSettings, kept_columns, refit, ridge_solve
+from vitcompact.pruning.refit_scores import (batch_moments, layer_scale, merged_moments, output_layer, read_tokens,
+                                             rows_of)
+
+SMALL = {"embed_dim": 32, "num_heads": 4}
+
+
+def _branch(block, unit, h):
+    if unit == "head":
+        return block.ls1(block.attn(block.norm1(h)))
+    return block.ls2(block.mlp(block.norm2(h)))
+
+
+def _solve(block, dense_block, layout, kept, unit, streams, share, tokens, settings):
+    pruned, dense, local = streams
+    layer = output_layer(block, unit)
+    seen = []
+    hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    _branch(block, unit, pruned)
+    hook.remove()
+    dense += _branch(dense_block, unit, dense)
+    local += _branch(dense_block, unit, local)
+    target = share * dense + (1 - share) * local - pruned
+    gamma = layer_scale(block, unit)
+    if gamma is not None:
+        target /= gamma
+    columns = kept_columns(layout, kept, unit)
+    gram = Gram(columns.numel(), layer.out_features, True)
+    gram.add(rows_of(seen[0][..., columns], tokens), rows_of(target, tokens))
+    weight, bias, _ = ridge_solve(gram, layer.weight[:, columns].double(), layer.bias.double(), settings.ridge,
+                                  settings.max_condition)
+    layer.weight.zero_()
+    layer.weight[:, columns] = weight.float()
+    layer.bias.copy_(bias)
+    pruned += _branch(block, unit, pruned)
+
+
+def reference_refit(model, masks, images, settings):
+    dense = copy.deepcopy(model)
+    masks.apply_(model)
+    x = torch.cat(images)
+    with torch.no_grad():
+        start = dense.norm_pre(dense.patch_drop(dense._pos_embed(dense.patch_embed(x))))
+        pruned, streams_dense = start.clone(), start.clone()
+        for layout, kept in zip(masks.layout.blocks, masks.structure().blocks):
+            tokens = read_tokens(model) if layout.index == len(model.blocks) - 1 else None
+            streams = (pruned, streams_dense, pruned.clone())
+            for unit in ("head", "neuron"):
+                _solve(model.blocks[layout.index], dense.blocks[layout.index], layout, kept, unit, streams,
+                       settings.global_share, tokens, settings)
+
+
+GLOBAL, MIX = RefitSettings(target="global", batch_size=24), RefitSettings(target="mix", alpha=0.3, batch_size=24)
+
+
+# At 0.25 the MLP's inputs are wider than the stream and recomputed, at 0.75 they are kept.
+@pytest.mark.parametrize("family,settings,ratio", [("vit_tiny", GLOBAL, 0.25), ("deit_distilled", MIX, 0.75),
+                                                   ("layerscale", MIX, 0.25), ("gap_no_cls", GLOBAL, 0.75),
+                                                   ("qk_norm", GLOBAL, 0.5)])
+def test_fast_refit_equals_the_reference(family, settings, ratio):
+    model = make_family(family, **SMALL)
+    calib = [input_for(model, 32, seed=i) for i in range(5)]
+    masks = vc.regroup(model, vc.PruneMasks.ones(model), vc.RegroupConfig(head_ratio=ratio, mlp_ratio=ratio,
+                                                                         criteria="activation"), data=calib)
+    fast, slow = copy.deepcopy(model), copy.deepcopy(model)
+    refit(fast, masks, calib, settings)
+    reference_refit(slow, masks, calib, settings)
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-5 * float(q.detach().abs().max()), msg=name)
+
+
+def test_float32_products_stay_close_to_float64_when_the_mean_dwarfs_the_spread():
+    g = torch.Generator().manual_seed(0)
+    x = 100 + torch.randn(4000, 9, generator=g)  # the covariance is 1e-4 of the raw second moment
+    y = x[:, :3] @ torch.randn(3, 2, generator=g) + 0.1 * torch.randn(4000, 2, generator=g)
+    exact, fast = Gram(9, 2, bias=True), Gram(9, 2, bias=True, products=torch.float32)
+    for start in range(0, 4000, 700):
+        exact.add(x[start:start + 700].double(), y[start:start + 700].double())
+        fast.add(x[start:start + 700], y[start:start + 700])
+    torch.testing.assert_close(fast.xx, exact.xx, rtol=1e-7, atol=0)
+    torch.testing.assert_close(fast.xy, exact.xy, rtol=1e-7, atol=0)
+    zero_w, zero_b = torch.zeros(2, 9), torch.zeros(2)
+    w_fast, b_fast, _ = ridge_solve(fast, zero_w, zero_b, 1e-6, 1e12)
+    w_exact, b_exact, _ = ridge_solve(exact, zero_w, zero_b, 1e-6, 1e12)
+    torch.testing.assert_close(w_fast, w_exact, rtol=1e-4, atol=1e-5)
+
+
+def test_moments_merged_over_batches_equal_the_whole():
+    g = torch.Generator().manual_seed(0)
+    rows = 50 + torch.randn(1000, 5, generator=g, dtype=torch.float64)
+    merged = None
+    for start in range(0, 1000, 170):
+        merged = merged_moments(merged, batch_moments(rows[start:start + 170]))
+    count, mean, deviations = merged
+    assert count == 1000
+    torch.testing.assert_close(mean, rows.mean(0))
+    torch.testing.assert_close(deviations / count, rows.var(0, correction=0))
