@@ -19,7 +19,7 @@ import torch
 
 from vitcompact.data import DataBundle
 from vitcompact.errors import ConfigError
-from vitcompact.latency.backends import BackendOptions, Runner, make_backend
+from vitcompact.latency.backends import BackendOptions, Runner, make_backend, run_precision
 from vitcompact.latency.environment import check_threads, environment, physical_cores
 from vitcompact.latency.sources import BenchModel, check_pair, ideal_speedup
 from vitcompact.latency.stats import LatencyStats, SpeedUp, latency_stats, speedup_interval
@@ -80,9 +80,8 @@ class BenchConfig:
         if self.precision is not None and self.backend == AUTO:
             raise ConfigError("backend auto chooses the precision by measuring each one; drop precision, or "
                               "time one precision with backend openvino")
-        if self.precision is not None and self.backend != "openvino":
-            raise ConfigError(f"precision is set by backend openvino only; backend {self.backend} runs the "
-                              "precision of the file it times (export an INT8 or FP16 file for it)")
+        if self.backend != AUTO:
+            run_precision(self.backend, self.precision)  # a precision only where the backend sets one
 
 
 @dataclass

@@ -62,6 +62,7 @@ def run_precision(backend: str, precision: str | None) -> str | None:
         return None
     return precision or PRECISION_DEFAULTS[backend]
 
+
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 
 
