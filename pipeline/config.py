@@ -141,9 +141,11 @@ class PipelineConfig:
                               "[token_merge] (--token-merge), or use budget axes heads,mlp")
         if self.prune.token_merge is not None:
             raise ConfigError(f"[prune] token_merge cannot be set here: {PIPELINE_SETS['token_merge']}")
-        if self.prune.finetune_token_merge and (self.token_merge is None or not self.token_merge.enabled):
+        budget_merges = self.budget is not None and self.budget.merges_tokens
+        if self.prune.finetune_token_merge and not budget_merges and \
+                (self.token_merge is None or not self.token_merge.enabled):
             raise ConfigError("[prune] finetune_token_merge needs token merging: [token_merge] r >= 1 "
-                              "(--token-merge R)")
+                              "(--token-merge R), or a [budget] with axes heads,mlp,tokens")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":

@@ -105,7 +105,6 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
 
     dense_count, compact_count = vc.count(model), vc.count(small)
     summary = PipelineSummary(
-        config=config_dict(config),
         accuracy=Accuracy(dense_test["top1"], compact_test["top1"], onnx_top1),
         structure=masks.structure().summary(),
         params=DenseCompact(dense_count.params, compact_count.params),
@@ -121,6 +120,7 @@ def _stages(config: PipelineConfig, out: Path, progress: Progress) -> PipelineRe
         int8=_int8_summary(int8, int8_refused, config),
         latency_budget=budget_report,
         deploy=deployed,
+        config=config_dict(config),
     )
     files = {"report": str(out / "report.md"), "plot": str(plot), "onnx": str(compact_onnx.path),
              "compact": str(out / "compact"), "dense": str(out / "dense"),
@@ -152,7 +152,8 @@ def _prune(model: nn.Module, bundle: DataBundle, config: PipelineConfig, out: Pa
     """Prune a copy of the dense model (to the ratios, or to the `[budget]`, whose speed-up report
     the prune stage writes beside its masks)."""
     p = config.prune
-    # The [token_merge] section is the one merge; `finetune_token_merge` fine-tunes with it on.
+    # The [token_merge] section is the one merge; `finetune_token_merge` fine-tunes with it on (or
+    # with the r a [budget] with the token axis chooses).
     merge = config.token_merge if p.finetune_token_merge else None
     prune_config = dataclasses.replace(p, seed=config.seed, budget=config.budget, token_merge=merge,
                                        train=dataclasses.replace(p.train, progress=progress.bars))

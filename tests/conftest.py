@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# One thread per test worker (`make test` runs a worker per core): torch's, set below, and onnxruntime's,
+# which vitcompact takes from OMP_NUM_THREADS (export/verify.py: its default is every core, and its idle
+# threads spin), as do the subprocesses the tests start.
+THREADS = os.environ.get("VITCOMPACT_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(int(os.environ.get("VITCOMPACT_TEST_THREADS", "1")))
+    torch.set_num_threads(int(THREADS))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -85,6 +93,15 @@ def tiny():
     return vc.create_model("vit-digits", depth=2)
 
 
+@pytest.fixture(scope="module")
+def digits_two_blocks(tmp_path_factory) -> str:
+    """`tiny()` saved as an artifact folder: a model to give the pipeline and the commands where a test
+    needs no more than two blocks (each block costs time in every stage, the ONNX exports most)."""
+    path = tmp_path_factory.mktemp("model") / "vit-digits-2"
+    vc.save(tiny(), path)
+    return str(path)
+
+
 def one_line_error(result, expected: str) -> None:
     """A CLI result that failed as a user error should: exit code 2, one `error:` line holding
     `expected`, no traceback."""
@@ -95,20 +112,38 @@ def one_line_error(result, expected: str) -> None:
     assert "Traceback" not in result.output
 
 
-HOLD_FILE = """
-import sys, time
+# A holder process runs vitcompact's own lock code, `vitcompact/output_folder.py`, but imports that
+# module alone: it needs only `errors` and `io` beside it (plain Python), so the package's __init__
+# (torch, timm: seconds of start-up per holder) stays out of the holder.
+LOCK_MODULE_ONLY = f"""
+import sys, types
+package = types.ModuleType("vitcompact")
+package.__path__ = [{str(Path(vc.__file__).parent)!r}]
+sys.modules["vitcompact"] = package
 from vitcompact import output_folder
+assert "torch" not in sys.modules
+"""
+
+HOLD_FILE = LOCK_MODULE_ONLY + """
+import time
 with output_folder.lock_file(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+HOLD_FOLDER = LOCK_MODULE_ONLY + """
+import time
+with output_folder.lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)
 """
 
 
 @contextlib.contextmanager
-def file_held(path: Path) -> Iterator[subprocess.Popen]:
-    """Another process holding the output file `path` as its writer (`output_folder.lock_file`) for
-    the block; the lock goes with the process."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(path)], stdout=subprocess.PIPE, text=True,
+def held_by_another_process(path: Path, script: str) -> Iterator[subprocess.Popen]:
+    """Another process holding `path`'s lock (`script`: HOLD_FILE or HOLD_FOLDER) for the block;
+    the lock goes with the process."""
+    holder = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -116,3 +151,28 @@ def file_held(path: Path) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+def file_held(path: Path) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """Another process holding the output file `path` as its writer (`output_folder.lock_file`) for
+    the block; the lock goes with the process."""
+    return held_by_another_process(path, HOLD_FILE)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a build needs no copy of; build/ would also let stale files of an old build into the wheel.
+NOT_SOURCE = (".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".whl")
+
+
+@pytest.fixture(scope="session")
+def wheel_file(tmp_path_factory) -> Path:
+    """vitcompact's wheel, built once per session (per xdist worker) from a copy of the checkout, so
+    that the build writes nothing into it; offline, with this environment's setuptools."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    args = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+            "-w", str(tmp / "dist"), str(source)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return next((tmp / "dist").glob("vitcompact-*.whl"))

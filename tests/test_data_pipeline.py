@@ -4,6 +4,7 @@ classifiers sized to the data."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -63,14 +64,19 @@ def test_folder_images_are_decoded_only_when_a_batch_asks(tmp_path, monkeypatch)
 def test_folder_larger_than_a_memory_cap_still_trains(tmp_path):
     # 100 images of 2048 x 2048: 1.26 GB decoded, far more than the headroom the cap leaves above
     # what the process itself needs (the cap fails a run that holds the decoded images).
+    # Four different images per class and split, each in the folder as several files (links to it):
+    # every file is read and decoded on its own all the same, and encoding 100 big JPEGs takes seconds.
     rng = np.random.default_rng(0)
     for split, n in (("train", 48), ("test", 2)):
         for c in ("a", "b"):
             folder = tmp_path / "big" / split / c
             folder.mkdir(parents=True)
             for i in range(n):
-                small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(small).resize((2048, 2048), Image.BILINEAR).save(folder / f"{i}.jpg", quality=80)
+                if i < 4:
+                    small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                    Image.fromarray(small).resize((2048, 2048), Image.BILINEAR).save(folder / f"{i}.jpg", quality=80)
+                else:
+                    os.link(folder / f"{i % 4}.jpg", folder / f"{i}.jpg")
     cap = 1600 << 20
 
     def limit() -> None:
@@ -79,7 +85,8 @@ def test_folder_larger_than_a_memory_cap_still_trains(tmp_path):
     cmd = [sys.executable, "-m", "vitcompact.cli", "train", "vit-cifar-tiny", "--data", "imagefolder", "--data-root",
            str(tmp_path / "big"), "--epochs", "1", "--batch-size", "8", "--workers", "1", "--out",
            str(tmp_path / "out"), "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["epochs"] == 1
     assert vc.load(tmp_path / "out").num_classes == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import file_held, tiny
+from conftest import HOLD_FOLDER, file_held, held_by_another_process, tiny
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -70,24 +70,12 @@ def artifact(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- one writer per folder
 
-HOLD = """
-import sys, time
-from vitcompact import output_folder
-with output_folder.lock(sys.argv[1]):
-    print("held", flush=True)
-    time.sleep(120)
-"""
-
-
 @pytest.fixture
 def held(tmp_path):
     """A run folder whose lock another process holds; yields (folder, that process)."""
     folder = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
-    assert holder.stdout.readline().strip() == "held"
-    yield folder, holder
-    holder.kill()
-    holder.wait()
+    with held_by_another_process(folder, HOLD_FOLDER) as holder:
+        yield folder, holder
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -257,10 +245,11 @@ def test_resume_from_other_data_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_killed_mid_state_resumes_to_the_uninterrupted_result(tmp_path):
+    """The run that is killed is a process of its own; the uninterrupted run and the resume, through
+    the same CLI, run in this one (a process start-up costs seconds)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run([sys.executable, "-m", "vitcompact.cli", *PRUNE, "--out", str(whole)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = runner.invoke(app, [*PRUNE, "--out", str(whole)])
+    assert done.exit_code == 0, done.output
     run = subprocess.Popen([sys.executable, "-m", "vitcompact.cli", *PRUNE, "--out", str(killed)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     first_state = killed / "checkpoints" / "state_001" / "state.json"
@@ -271,9 +260,8 @@ def test_a_run_killed_mid_state_resumes_to_the_uninterrupted_result(tmp_path):
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert not (killed / "model.safetensors").exists()  # killed before its end
-    resumed = subprocess.run([sys.executable, "-m", "vitcompact.cli", *PRUNE, "--out", str(killed), "--resume"],
-                             capture_output=True, text=True, env=ENV, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = runner.invoke(app, [*PRUNE, "--out", str(killed), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
     for name in ("model.safetensors", "masks.safetensors"):
         assert tensors_equal(whole / name, killed / name) == [], name
 

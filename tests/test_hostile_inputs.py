@@ -6,9 +6,11 @@ line naming the problem, no traceback, and nothing written.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import shutil
@@ -346,10 +348,20 @@ IMAGE_CASES = [
 ]
 
 
+def end_left_workers(monkeypatch) -> None:
+    """A run refused when a DataLoader worker found the bad file leaves that loader's iterator (and
+    its idle worker) to the garbage collector, whose shutdown would wait torch's 5 s status interval
+    for the worker in whichever later test it ran; shut it down now, with a short wait."""
+    if multiprocessing.active_children():
+        monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.1)
+        gc.collect()
+
+
 @pytest.mark.parametrize("name,damage,message", IMAGE_CASES, ids=[c[0] for c in IMAGE_CASES])
-def test_bad_image_folders_are_refused(image_root, tmp_path, name, damage, message):
+def test_bad_image_folders_are_refused(image_root, tmp_path, monkeypatch, name, damage, message):
     damage(image_root)
     refused(train_on("imagefolder", image_root, tmp_path), message, root=tmp_path)
+    end_left_workers(monkeypatch)
 
 
 def test_hidden_folders_are_not_classes(image_root):

@@ -30,8 +30,9 @@ LOOSE = dict(min_top1_agreement=0.5, max_accuracy_drop=50.0)
 
 
 def dense_model() -> torch.nn.Module:
+    """vit-digits cut to two blocks: each export traces every block, so fewer blocks export faster."""
     torch.manual_seed(0)
-    return vc.create_model("vit-digits", num_classes=10).eval()
+    return vc.create_model("vit-digits", num_classes=10, depth=2).eval()
 
 
 def compact_model() -> torch.nn.Module:
@@ -279,9 +280,9 @@ def test_commands_have_examples():
         assert "Example:" in cli(*args, "--help").output, args
 
 
-def test_cli_export_openvino_writes_a_checked_ir(openvino, tmp_path):
+def test_cli_export_openvino_writes_a_checked_ir(openvino, tmp_path, digits_two_blocks):
     out = tmp_path / "digits.xml"
-    result = cli("export", "openvino", "vit-digits", str(out), "--precision", "bf16", "--calib-data", "digits",
+    result = cli("export", "openvino", digits_two_blocks, str(out), "--precision", "bf16", "--calib-data", "digits",
                  "--max-accuracy-drop", "50", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -307,11 +308,11 @@ def test_cli_export_openvino_refuses_an_existing_ir_unless_overwrite(tmp_path, e
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {existing: b"someone else's file"}
 
 
-def test_cli_export_openvino_overwrite_replaces_the_ir(openvino, tmp_path):
+def test_cli_export_openvino_overwrite_replaces_the_ir(openvino, tmp_path, digits_two_blocks):
     out = tmp_path / "m.xml"
     out.write_bytes(b"old")
     out.with_suffix(".bin").write_bytes(b"old weights")
-    result = cli("export", "openvino", "vit-digits", str(out), "--overwrite", "--json")
+    result = cli("export", "openvino", digits_two_blocks, str(out), "--overwrite", "--json")
     assert result.exit_code == 0, result.output
     assert read_ir_metadata(out)["precision"] == "fp32" and out.with_suffix(".bin").read_bytes() != b"old weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
@@ -325,8 +326,9 @@ def test_cli_export_openvino_refuses_a_file_another_export_writes(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == [".m.xml.lock"]  # the holder's, nothing else
 
 
-def test_cli_bench_openvino_records_its_settings_and_the_cpu(openvino, tmp_path):
-    result = cli("bench", "vit-digits", "vit-digits", "--backend", "openvino", "--precision", "bf16",
+def test_cli_bench_openvino_records_its_settings_and_the_cpu(openvino, onnx_file):
+    # The exported file on both sides: bench times ONNX files as they are, no export of its own.
+    result = cli("bench", str(onnx_file), str(onnx_file), "--backend", "openvino", "--precision", "bf16",
                  "--batch-sizes", "2", "--threads", "1", "--rounds", "2", "--time-budget", "0.01", "--json")
     assert result.exit_code == 0, result.output
     env = json.loads(result.output)["environment"]
@@ -340,11 +342,11 @@ def test_cli_bench_precision_is_for_openvino_only():
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    """`vitcompact deploy` on vit-digits, every candidate, a tiny time budget."""
+def deployed(tmp_path_factory, digits_two_blocks):
+    """`vitcompact deploy` on the two-block vit-digits, every candidate, a tiny time budget."""
     pytest.importorskip("openvino")
     out = tmp_path_factory.mktemp("deploy") / "out"
-    result = cli("deploy", "vit-digits", str(out), "--data", "digits", "--batch-sizes", "1,4", "--threads", "1",
+    result = cli("deploy", digits_two_blocks, str(out), "--data", "digits", "--batch-sizes", "1,4", "--threads", "1",
                  "--time-budget", "0.01", "--max-accuracy-drop", "50", "--json")
     assert result.exit_code == 0, result.output
     return out, json.loads(result.output)

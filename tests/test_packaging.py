@@ -15,13 +15,9 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.cli.app import app
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_wheel_installs_all_four_packages(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
-                    str(ROOT)], check=True, capture_output=True)
-    wheel = next((tmp_path / "dist").glob("vitcompact-*.whl"))
+def test_wheel_installs_all_four_packages(tmp_path, wheel_file):
+    wheel = wheel_file  # built from a copy of the checkout (conftest)
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("vitcompact/__init__.py", "vitcompact/cli/app.py", "vitcompact/export/onnx.py",
                    "vitcompact/bench/__init__.py"):

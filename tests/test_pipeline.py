@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import sys
 import types
@@ -70,9 +71,9 @@ class Recorder:
         self.notes.append(message)
 
 
-def test_library_run_reaches_every_nested_setting(tmp_path):
+def test_library_run_reaches_every_nested_setting(tmp_path, digits_two_blocks):
     """Settings the old flat config could not express reach their stage, and the run reports progress."""
-    config = tiny(tmp_path / "run", seed=3)
+    config = tiny(tmp_path / "run", seed=3, model=digits_two_blocks)
     config.prune = vc.RSSTConfig(head_ratio=0.5, mlp_ratio=0.5, states=1, epochs_per_state=1, finetune_epochs=0,
                                  lambda_schedule="x^2", round_to=8, min_keep=2)
     progress = Recorder()
@@ -138,19 +139,38 @@ def test_pipeline_runs_end_to_end_from_a_config_file(tmp_path):
     assert json.loads((out / "summary.json").read_text())["config"]["out"] == str(out)
 
 
-def test_pipeline_overwrite_replaces_the_folder_whole(tmp_path):
-    out = tmp_path / "run"
+# One run, without INT8, replacing an earlier run folder (overwrite), that the deploy stage measures three
+# candidates in where OpenVINO is installed: two tests assert on it.
+DEPLOY = DeployConfig(batch_sizes=(2,), threads=1, candidates=("onnxruntime fp32", "onnxruntime int8", "openvino f32"),
+                      time_budget_s=0.01, retime_rounds=1, max_accuracy_drop=50.0)
+
+
+@pytest.fixture(scope="module")
+def overwritten(tmp_path_factory, digits_two_blocks):
+    """(folder the run folder is in, the run's result, its progress) of a run over a folder that held
+    old-file.txt; with the deploy stage of DEPLOY where OpenVINO is installed, without one elsewhere."""
+    root = tmp_path_factory.mktemp("overwritten")
+    out = root / "run"
     out.mkdir()
     (out / "old-file.txt").write_text("from an earlier run")
-    result = run(tiny(out, int8=None, overwrite=True))
-    assert not (out / "old-file.txt").exists()
+    deploy = DEPLOY if importlib.util.find_spec("openvino") is not None else None
+    progress = Recorder()
+    result = run(tiny(out, model=digits_two_blocks, train=vc.TrainConfig(epochs=0), int8=None, deploy=deploy,
+                      overwrite=True), progress=progress)
+    return root, result, progress
+
+
+def test_pipeline_overwrite_replaces_the_folder_whole(overwritten):
+    root, result, _ = overwritten
+    out = root / "run"
+    assert result.out == out and not (out / "old-file.txt").exists()
     assert result.summary.int8 is None and not (out / "compact.int8.onnx").exists()
     assert not result.summary.latency[0].stacked
     assert "int8_p50_ms" not in json.loads((out / "summary.json").read_text())["latency"][0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in root.iterdir()) == ["run"]
 
 
-def test_pipeline_goes_on_without_a_refused_int8_file_or_openvino(tmp_path, monkeypatch):
+def test_pipeline_goes_on_without_a_refused_int8_file_or_openvino(tmp_path, monkeypatch, digits_two_blocks):
     from vitcompact.pipeline import stages
 
     def refuse(src, config=None, data=None, **_):
@@ -159,8 +179,8 @@ def test_pipeline_goes_on_without_a_refused_int8_file_or_openvino(tmp_path, monk
     monkeypatch.setitem(sys.modules, "openvino", None)
     progress = Recorder()
     # The default deploy stage, on a machine without OpenVINO: skipped, saying so.
-    result = run(tiny(tmp_path / "run", train=vc.TrainConfig(epochs=0), deploy=PipelineConfig().deploy),
-                 progress=progress)
+    result = run(tiny(tmp_path / "run", model=digits_two_blocks, train=vc.TrainConfig(epochs=0),
+                      deploy=PipelineConfig().deploy), progress=progress)
     message = "static INT8 loses 3.00 points of validation top-1, more than the allowed 1"
     no_openvino = "OpenVINO is not installed; pip install 'vitcompact[openvino]'"
     assert result.summary.to_dict()["int8"] == {"mode": "static", "refused": message}
@@ -355,16 +375,13 @@ def test_an_older_summary_still_loads(tmp_path):
         PipelineSummary.read(bad)
 
 
-def test_pipeline_reports_the_measured_choice_of_runtime_and_precision(tmp_path):
+def test_pipeline_reports_the_measured_choice_of_runtime_and_precision(overwritten):
     """The deploy stage on the compact model: every candidate in the report's table (deploy.md's table),
     one chosen, the chosen files in deploy/."""
     pytest.importorskip("openvino", reason="OpenVINO is an optional extra (vitcompact[openvino])")
     # Three candidates: both runtimes and an INT8 file (`vitcompact deploy`'s tests measure all five).
-    candidates = ("onnxruntime fp32", "onnxruntime int8", "openvino f32")
-    deploy = DeployConfig(batch_sizes=(2,), threads=1, candidates=candidates, time_budget_s=0.01, retime_rounds=1,
-                          max_accuracy_drop=50.0)
-    progress = Recorder()
-    result = run(tiny(tmp_path / "run", train=vc.TrainConfig(epochs=0), int8=None, deploy=deploy), progress=progress)
+    candidates = DEPLOY.candidates
+    _, result, progress = overwritten
     out, deployed = result.out, result.summary.deploy
     assert "measured choice of runtime and precision (3 candidates)" in progress.stages
     statuses = {f"{c['runtime']} {c['precision']}": c["status"] for c in deployed.report["candidates"]}

@@ -8,7 +8,7 @@ from studies import refit as study
 
 
 def test_refit_study_runs_every_variant_and_writes_json_markdown_and_plot(tmp_path):
-    report = study.main(["--seeds", "0", "--ratios", "0.5/0.5", "--dense-epochs", "1", "--finetune", "0",
+    report = study.main(["--seeds", "0", "--ratios", "0.5/0.5", "--dense-epochs", "0", "--finetune", "0",
                          "--out", str(tmp_path)])
     names = [r["variant"] for r in report["rows"]]
     assert names[0] == "dense" and len(names) == 1 + len(study.variants(0))

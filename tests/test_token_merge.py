@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from conftest import input_for, make_family, randomize_
+from test_bench import exports_once
 
 import vitcompact as vc
 from vitcompact.errors import ConfigError
@@ -22,15 +23,22 @@ from vitcompact.models.token_merge import (TokenMergeConfig, bipartite_merge, ge
 SCATTERS = {"Scatter", "ScatterElements", "ScatterND"}
 
 
-def digits(seed: int = 0) -> torch.nn.Module:
-    """vit-digits: 16 patches and a class token, 4 blocks; biases randomised so merges show."""
+@pytest.fixture(scope="module", autouse=True)
+def _exports_once(tmp_path_factory):
+    """The four exports below build torch's exporter registry once (each graph is its own)."""
+    with exports_once(tmp_path_factory.mktemp("exports")):
+        yield
+
+
+def digits(seed: int = 0, depth: int = 4) -> torch.nn.Module:
+    """vit-digits: 16 patches and a class token, 4 blocks (or `depth`); biases randomised so merges show."""
     torch.manual_seed(seed)
-    return randomize_(vc.create_model("vit-digits", num_classes=10), seed)
+    return randomize_(vc.create_model("vit-digits", num_classes=10, depth=depth), seed)
 
 
-def compact_digits(seed: int = 0) -> torch.nn.Module:
+def compact_digits(seed: int = 0, depth: int = 4) -> torch.nn.Module:
     """vit-digits pruned to half its heads and neurons, block 0 without any head (a ConstantBranch)."""
-    model = digits(seed)
+    model = digits(seed, depth)
     masks = vc.regroup(model, vc.magnitude_prune(model, rate=0.5),
                        vc.RegroupConfig(target="both", head_ratio=0.5, mlp_ratio=0.5))
     masks.masks["blocks.0.attn.qkv.weight"][:] = False
@@ -241,11 +249,14 @@ def test_bad_model_settings_leave_the_model_alone():
 @pytest.fixture(scope="module", params=[(kind, graph) for kind in ("dense", "compact")
                                         for graph in ("token-matrix", "timm")], ids="-".join)
 def exported(request, tmp_path_factory):
+    # Fewer blocks than vit-digits' 4 (exporting a merging graph takes ~2 s a block): the dense model's
+    # 2 blocks both merge; the compact model's 3 merge 4 tokens (the head-less block), 2 (a block of
+    # pruned heads), then none.
     kind, graph = request.param
     if kind == "dense":
-        model = merge_tokens(digits(), TokenMergeConfig(r=3))
+        model = merge_tokens(digits(depth=2), TokenMergeConfig(r=3))
     else:
-        model = merge_tokens(compact_digits(), TokenMergeConfig(r=2, schedule="decreasing"))
+        model = merge_tokens(compact_digits(depth=3), TokenMergeConfig(r=2, schedule="decreasing"))
     path = tmp_path_factory.mktemp(f"{kind}-{graph}") / "model.onnx"
     return model, to_onnx(model, path, ExportConfig(graph=graph, optimize="off"))
 

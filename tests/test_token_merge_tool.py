@@ -160,7 +160,7 @@ def test_count_of_a_merging_compact_model():
 
 # ONNX
 
-def test_export_records_the_merge_and_its_int8_files_keep_it(tmp_path):
+def test_export_records_the_merge_and_its_int8_files_keep_it(tmp_path, plain_onnx):
     """`export onnx --token-merge` with dynamic INT8: both files merge, run, and say so in their metadata."""
     model = digits()
     vc.save(model, tmp_path / "dense")
@@ -180,12 +180,15 @@ def test_export_records_the_merge_and_its_int8_files_keep_it(tmp_path):
     np.testing.assert_allclose(fp32, outputs(merged, images).numpy(), atol=1e-4, rtol=0)
     int8 = ort_session(tmp_path / "model.int8.onnx").run(None, {"images": images.numpy()})[0]
     assert int8.shape == (2, 10) and np.isfinite(int8).all()
-    assert "token_merge" not in read_metadata(_export_plain(model, tmp_path))
+    assert "token_merge" not in read_metadata(plain_onnx)
 
 
-def _export_plain(model: torch.nn.Module, tmp_path) -> str:
+@pytest.fixture(scope="module")
+def plain_onnx(tmp_path_factory):
+    """`digits()` exported without merging (no verification, no graph optimisation), once for the module."""
     from vitcompact.export import ExportConfig, to_onnx
-    return to_onnx(model, tmp_path / "plain.onnx", ExportConfig(optimize="off", verify=False)).path
+    return to_onnx(digits(), tmp_path_factory.mktemp("plain") / "plain.onnx",
+                   ExportConfig(optimize="off", verify=False)).path
 
 
 # The CLI
@@ -233,8 +236,8 @@ def test_bad_token_merge_is_one_line(pruned, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bench_merges_the_compact_model_only(tmp_path):
-    exported = _export_plain(digits(), tmp_path)
+def test_bench_merges_the_compact_model_only(plain_onnx):
+    exported = plain_onnx
     one_line_error(runner.invoke(app, ["bench", "vit-digits", str(exported), "--token-merge", "2"]),
                    f"token merging cannot be added to the exported file {exported}")
     # A dense export at another input size than the merging model's.
@@ -318,8 +321,8 @@ def test_finetune_trains_on_merged_tokens_when_asked(bundle, during):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--finetune-token-merge"], "finetune_token_merge needs token_merge with r >= 1"),
-    (["--finetune-token-merge", "--token-merge", "0"], "finetune_token_merge needs token_merge with r >= 1"),
+    (["--finetune-token-merge"], "finetune_token_merge needs token merging: token_merge with r >= 1"),
+    (["--finetune-token-merge", "--token-merge", "0"], "finetune_token_merge needs token merging: token_merge with r >= 1"),
     (["--finetune-token-merge", "--token-merge", "2", "--finetune-epochs", "0"],
      "finetune_token_merge needs fine-tuning: finetune_epochs >= 1"),
     (["--token-merge", "6"], "token merge r=6 is larger than half the 10 mergeable tokens of block 1"),
@@ -339,8 +342,8 @@ def test_library_prune_refuses_a_too_large_merge_before_its_folder(bundle, tmp_p
 
 # The pipeline
 
-def test_pipeline_ships_the_compact_model_merging_and_reports_both(tmp_path):
-    result = run(tiny_pipeline(tmp_path / "run", token_merge=TokenMergeConfig(r=2)))
+def test_pipeline_ships_the_compact_model_merging_and_reports_both(tmp_path, digits_two_blocks):
+    result = run(tiny_pipeline(tmp_path / "run", model=digits_two_blocks, token_merge=TokenMergeConfig(r=2)))
     s, out = result.summary, result.out
     merge = s.token_merge
     assert merge.config == TokenMergeConfig(r=2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,9 +18,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# What a build needs no copy of; build/ would also let stale files of an old build into the wheel.
-NOT_SOURCE = (".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".whl")
 # Hidden from the new environment: scikit-learn (a plain install lacks it) and this checkout's
 # editable vitcompact (its finder would import the sources instead of the wheel's files).
 HIDDEN = ("sklearn", "scikit_learn*", "vitcompact*", "__editable__*", "*.pth")
@@ -31,15 +27,6 @@ def _run(args: list, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def _build_wheel(tmp_path: Path) -> Path:
-    """Build from a copy of the checkout, so the test writes nothing into it."""
-    source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", tmp_path / "dist", source])
-    return next((tmp_path / "dist").glob("vitcompact-*.whl"))
 
 
 def _dependency_view(tmp_path: Path) -> Path:
@@ -62,13 +49,15 @@ def _venv(tmp_path: Path, wheel: Path) -> tuple[Path, dict[str, str]]:
     # A .pth entry comes after the environment's own site-packages: the wheel's vitcompact wins anyway.
     (Path(site) / "vitcompact_test_dependencies.pth").write_text(f"{_dependency_view(tmp_path)}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-    env.update(PYTHONNOUSERSITE="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    # One torch thread, as each test worker has one core (`make test`): threads beyond the cores this
+    # run gets only spin, and cost the other worker its core.
+    env.update(PYTHONNOUSERSITE="1", PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
     return venv, env
 
 
 @pytest.mark.slow
-def test_demo_runs_from_the_wheel_without_scikit_learn(tmp_path):
-    wheel = _build_wheel(tmp_path)
+def test_demo_runs_from_the_wheel_without_scikit_learn(tmp_path, wheel_file):
+    wheel = wheel_file  # built from a copy of the checkout (conftest), so the test writes nothing into it
     assert "vitcompact/data/digits.npz" in zipfile.ZipFile(wheel).namelist()
     venv, env = _venv(tmp_path, wheel)
 

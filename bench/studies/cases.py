@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import vitcompact as vc
+from vitcompact.bench.harness import BenchConfig, benchmark
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,12 @@ def describe(model: nn.Module) -> str:
     """Heads and MLP width of the first block, e.g. '4 heads, MLP 1075'."""
     block = model.blocks[0]
     return f"{block.attn.num_heads} heads, MLP {block.mlp.fc1.out_features}"
+
+
+def time_pair(dense_onnx: str | Path, other: str | Path, batch: int, threads: int, seconds: float) -> dict:
+    """`other` against the dense ONNX at `batch`, interleaved in one run: p50s and the median ratio
+    with its 95 % interval."""
+    b = benchmark(Path(dense_onnx), Path(other), BenchConfig(batch_sizes=(batch,), threads=threads, rounds=30,
+                                                            runs_per_round=2, time_budget_s=seconds)).batches[0]
+    return {"dense_p50_ms": b.dense.p50, "p50_ms": b.compact.p50, "speedup": b.speedup.value,
+            "speedup_low": b.speedup.low, "speedup_high": b.speedup.high, "rounds": b.rounds}

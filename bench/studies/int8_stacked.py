@@ -31,9 +31,8 @@ import vitcompact as vc
 from vitcompact.export import Int8Config, to_int8
 from vitcompact.io import ensure_dir, scratch, write_json, write_text
 
-from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe
+from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, time_pair
 from vitcompact.latency import environment
-from vitcompact.bench.harness import BenchConfig, benchmark
 from .pareto import FASHION_ROOT, Point, export_quiet, first, prune_with_training
 from vitcompact.io import save_figure
 
@@ -76,13 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_pair(dense_onnx: Path, other: Path, batch: int, args: argparse.Namespace) -> dict:
-    b = benchmark(dense_onnx, other, BenchConfig(batch_sizes=(batch,), threads=args.threads, rounds=30,
-                                                runs_per_round=2, time_budget_s=args.seconds)).batches[0]
-    return {"dense_p50_ms": b.dense.p50, "p50_ms": b.compact.p50, "speedup": b.speedup.value,
-            "speedup_low": b.speedup.low, "speedup_high": b.speedup.high, "rounds": b.rounds}
-
-
 def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict:
     dense = dense_model(name)
     compact = compact_model(dense, RESEARCH, args.round_to)
@@ -96,7 +88,7 @@ def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) ->
                                    data=data if config.mode == "static" else None, verify=False).path
     rows = []
     for label, path in files.items():
-        row = {"variant": label, **time_pair(dense_onnx, path, batch, args)}
+        row = {"variant": label, **time_pair(dense_onnx, path, batch, args.threads, args.seconds)}
         rows.append(row)
         print(f"{name} batch {batch}: {label:20} {row['p50_ms']:8.2f} ms, {row['speedup']:.2f}x "
               f"[{row['speedup_low']:.2f}, {row['speedup_high']:.2f}] vs dense fp32 {row['dense_p50_ms']:.2f} ms",
@@ -133,11 +125,11 @@ def accuracy_case(args: argparse.Namespace, folder: Path) -> dict:
         acc = result.int8["accuracy"]
         if fp32_row is None:
             fp32_row = {"variant": "compact fp32", "val_top1": acc["val"]["fp32"], "test_top1": acc["test"]["fp32"],
-                        **time_pair(dense_onnx, compact_onnx, 8, args)}
+                        **time_pair(dense_onnx, compact_onnx, 8, args.threads, args.seconds)}
             rows.append(fp32_row)
         row = {"variant": label, "val_top1": acc["val"]["int8"], "test_top1": acc["test"]["int8"],
                "val_drop_points": acc["val"]["drop_points"], "test_drop_points": acc["test"]["drop_points"],
-               **time_pair(dense_onnx, result.path, 8, args)}
+               **time_pair(dense_onnx, result.path, 8, args.threads, args.seconds)}
         rows.append(row)
         print(f"trained {args.data}: {label:30} val {row['val_top1']:.4f} ({-row['val_drop_points']:+.2f}) "
               f"test {row['test_top1']:.4f} ({-row['test_drop_points']:+.2f}) {row['speedup']:.2f}x at batch 8",

@@ -95,8 +95,10 @@ class PruneConfig:
             raise ConfigError("finetune_token_merge needs fine-tuning: finetune_epochs >= 1")
 
     def check_merge_to_finetune(self) -> None:
-        if self.finetune_token_merge and self.merging is None:
-            raise ConfigError("finetune_token_merge needs token_merge with r >= 1 (--token-merge R)")
+        budget_merges = self.budget is not None and self.budget.merges_tokens
+        if self.finetune_token_merge and self.merging is None and not budget_merges:
+            raise ConfigError("finetune_token_merge needs token merging: token_merge with r >= 1 (--token-merge R), "
+                              "or a latency budget with axes heads,mlp,tokens")
 
     @property
     def merging(self) -> TokenMergeConfig | None:

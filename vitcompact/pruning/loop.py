@@ -394,10 +394,11 @@ def _end_state(run: _Run, plan: StatePlan, info: dict[str, Any]) -> None:
 
 
 def _finetune(run: _Run) -> None:
-    """The fine-tuning epochs at the final structure; with `finetune_token_merge`, on merged tokens."""
+    """The fine-tuning epochs at the final structure; with `finetune_token_merge`, on merged tokens
+    (the user's r, or the one a budget with the token axis chose)."""
     if run.finetune_epochs:
         phase = len(run.plans) + 1
-        merging = run.config.merging if run.config.finetune_token_merge else None
+        merging = run.merging if run.config.finetune_token_merge else None
         if merging is not None:
             merge_tokens(run.model, merging)
         run.train_pass(run.finetune_epochs, phase, on_epoch=run.logger("finetune", phase),
