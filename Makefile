@@ -26,7 +26,7 @@ demo: $(STAMP)
 # Two or more workers (one per core, one torch thread each); a test file's tests stay on one worker so
 # its module-scoped fixtures are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 # Benchmarks (not tests): they print measured figures; see README "Results".
 bench-latency: $(STAMP)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vitcompact as vc
+from export_cache import exports_once, real_export_program
 
 # The research studies (bench/studies/, not installed) import as `studies.NAME`, as the Makefile runs them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -36,11 +37,46 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 # threads spin), as do the subprocesses the tests start.
 THREADS = os.environ.get("VITCOMPACT_TEST_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+# OpenVINO's converter (`openvino.convert_model`) forks the process to send telemetry on every call
+# unless the user opted out or CI is set (openvino_telemetry's own switch): the tests run offline, and
+# forking a test worker that many times cost about 40 s of CPU.
+os.environ.setdefault("CI", "true")
+
+
+# `make test` hands each xdist worker whole files in collection order (--dist loadfile
+# --no-loadscope-reorder), so a long file collected last keeps one worker busy while the other has
+# finished. The longest files (measured with --durations=0, December 2026) go first; the rest follow.
+LONGEST_FIRST = ("test_token_merge_tool.py", "test_wheel.py", "test_latency_tokens.py", "test_pareto.py",
+                 "test_reproducible.py", "test_openvino.py", "test_token_merge.py", "test_bench.py", "test_int8.py",
+                 "test_faults.py", "test_budget_cli.py", "test_pipeline.py", "test_export.py", "test_packaging.py",
+                 "test_data_pipeline.py", "test_loop.py", "test_hostile_inputs.py", "test_budget_accuracy.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     torch.set_num_threads(int(THREADS))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _exports_once(tmp_path_factory):
+    """Torch's exporter runs once per distinct model and export setting in the session (export_cache.py):
+    the xdist workers' temporary folders share a parent, which holds the graphs."""
+    base = tmp_path_factory.getbasetemp()
+    with exports_once((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "exports"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _real_export(request, monkeypatch):
+    """A test marked `real_export` (one that breaks the exporter or what it writes) runs torch's exporter."""
+    if request.node.get_closest_marker("real_export") is not None:
+        from vitcompact.export import onnx as onnx_export
+        monkeypatch.setattr(onnx_export, "export_program", real_export_program())
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -23,16 +23,8 @@ from vitcompact.latency import LatencyTable
 
 from conftest import one_line_error
 from test_pipeline import TINY_TOML, tiny
-from test_bench import exports_once
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """The pipeline's bench and its budget report time the same dense and compact models: each exported once."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 # vit-digits: 4 blocks of 4 heads and 128 neurons.

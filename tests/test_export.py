@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 from conftest import input_for, make_family, randomize_, tiny
-from test_bench import exports_once
 from typer.testing import CliRunner
 
 import vitcompact as vc
@@ -24,15 +23,6 @@ from vitcompact.pruning import PruneMasks
 
 FAMILIES = ("vit_tiny", "deit_distilled", "reg4")
 PLAIN = ExportConfig(optimize="off")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """The head-less model's plain token-matrix graph is exported by three tests (the failed
-    verification, the CLI and the graph's own): torch's exporter runs once, the rest of each export
-    (metadata, verification, publishing) every time."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 def compact_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -173,6 +173,7 @@ def test_a_full_disk_while_writing_json_or_masks_is_one_line(tmp_path, monkeypat
     assert snapshot(tmp_path) == {"report.json": b'{\n  "old": 1\n}\n'}
 
 
+@pytest.mark.real_export  # breaks the exporter's save
 def test_cli_export_on_a_full_disk_is_one_line_and_keeps_the_old_file(artifact, tmp_path, monkeypatch):
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"previous good file")

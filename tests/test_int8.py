@@ -21,16 +21,8 @@ from vitcompact.export.verify import loader_top1, onnx_runner, ort_session
 from vitcompact.errors import ConfigError
 
 from conftest import one_line_error
-from test_bench import exports_once
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """Torch's exporter registry is built once for the four exports below (see `exports_once`)."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import torch
 
 import vitcompact as vc
 from studies import latency_model as latency_study
-from test_bench import exports_once
 from vitcompact.latency import table as lm
 from vitcompact.latency import LatencyTable
 
@@ -24,13 +23,6 @@ environment_module = importlib.import_module("vitcompact.latency.environment")
 # A few ms per variant (exporting it takes seconds); 20 runs each, so that one slow run on a busy
 # machine does not make a whole table implausible (`table_problem`).
 FAST = lm.TableTiming(warmup=2, rounds=10, runs_per_round=2, min_rounds=2, seconds_per_variant=0.2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """The OpenVINO table times the ONNX files of the onnxruntime table's variants: each exported once."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 @pytest.fixture(scope="module")

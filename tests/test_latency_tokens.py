@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 from conftest import one_line_error
-from test_bench import exports_once
 from typer.testing import CliRunner
 
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.latency import BudgetRequest, LatencyBudget, LatencyTable, allocate
 from vitcompact.latency import budget as latency_budget
+from vitcompact.latency import report as latency_report
 from vitcompact.latency import table as lm
 from vitcompact.latency import tokens as tokens_module
+from vitcompact.latency.stats import SpeedUp
 from vitcompact.latency.tokens import TokenAxis, TokenSlice, merging, token_grid
 from vitcompact.pruning import loop as prune_loop
 from vitcompact.pruning.regroup import regroup_with_allocation
@@ -23,13 +24,6 @@ from vitcompact.pruning.regroup import regroup_with_allocation
 # 90 runs a variant (still under a second each; exporting it takes seconds): with 18, the 5 % check
 # below failed about half the time on a busy machine.
 FAST = lm.TableTiming(warmup=2, rounds=30, runs_per_round=3, min_rounds=3, seconds_per_variant=0.3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """The dense model the table was measured against is timed again beside the structure: exported once."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 def pieces(count: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -162,7 +156,6 @@ def digits_token_table() -> LatencyTable:
     return LatencyTable(key, 4, 0.2, 0.0, heads(17), (0, 32, 64, 96, 128), mlp(17), 3.4, axis)
 
 
-@pytest.mark.slow
 def test_prune_applies_the_r_its_budget_chose_and_fine_tunes_with_it(tmp_path, monkeypatch):
     table = digits_token_table()
     monkeypatch.setattr(latency_budget, "latency_table", lambda *a, **k: table)
@@ -170,6 +163,12 @@ def test_prune_applies_the_r_its_budget_chose_and_fine_tunes_with_it(tmp_path, m
     real_merge = prune_loop.merge_tokens
     monkeypatch.setattr(prune_loop, "merge_tokens", lambda model, config: (merges.append(config),
                                                                            real_merge(model, config))[1])
+    measured = []  # the models the budget report times (timing itself: test_budget_cli.py)
+
+    def measure_speedup(dense, compact, *args, **kwargs):
+        measured.append((vc.get_record(dense).token_merge, vc.get_record(compact).token_merge))
+        return 1.0, 0.5, SpeedUp(2.0, 1.9, 2.1, 0.95)
+    monkeypatch.setattr(latency_report, "measure_speedup", measure_speedup)
     out = tmp_path / "run"
     # 4x: 0.85 ms. Every block at 1 head and 32 neurons takes 1.0 ms without merging, 0.77 ms at r=3;
     # no block may go, so only merging meets it.
@@ -182,6 +181,8 @@ def test_prune_applies_the_r_its_budget_chose_and_fine_tunes_with_it(tmp_path, m
     r = report["token_merge"]["r"]
     # fine-tuned on the budget's r, then measured without and with it
     assert merges == [vc.TokenMergeConfig(r=r), None, vc.TokenMergeConfig(r=r)]
+    assert measured == [(None, vc.TokenMergeConfig(r=r))]  # dense against the compact model merging r
+    assert report["measured"]["speedup"] == 2.0
     assert json.loads((out / "result.json").read_text())["token_merge"]["finetuned_with_merging"] is True
     assert r in table.tokens.merge_r and report["request"]["axes"] == "heads,mlp,tokens"
     assert report["predicted"]["ms"] <= table.reference_ms / 4 + 1e-9

@@ -12,20 +12,12 @@ import math
 import pytest
 
 from studies import pareto
-from test_bench import exports_once
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAINING = ("rsst", "refill", "oneshot")
 METHODS = TRAINING + ("magnitude",)
 # vit-digits: 4 blocks of 4 heads and 128 MLP neurons.
 BLOCKS, HEADS, NEURONS, RATIO = 4, 4, 128, 0.5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """Both studies train the same dense model (same seed, images and epoch): its ONNX file is exported once."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 def layer_wise_keep(n: int, ratio: float, min_keep: int = 1) -> int:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import vitcompact as vc
 from vitcompact.bench import BenchConfig
 from vitcompact.cli.app import app
+from vitcompact.cli.pipeline_cmd import quick_demo
 from vitcompact.errors import ConfigError
 from vitcompact.export import AccuracyDropError, DeployConfig, Int8Config
 from vitcompact.export.int8 import SplitAccuracy
@@ -288,6 +289,17 @@ def test_deploy_section_and_flag():
     assert with_overrides(off, **{"deploy.enabled": None}).deploy is None
     text = " ".join(runner.invoke(app, ["pipeline", "--help"]).output.replace("│", " ").split())
     assert "--no-deploy" in text and "[deploy] in a config file" in text  # not swallowed by rich markup
+
+
+def test_the_quick_demo_runs_every_stage_of_the_demo_with_less_training_and_timing():
+    demo, quick = PipelineConfig(out="o", overwrite=True), quick_demo("o")
+    assert (quick.train.epochs, quick.prune.finetune_epochs, quick.bench.batch_sizes, quick.bench.time_budget_s,
+            quick.deploy.batch_sizes, quick.deploy.time_budget_s) == (3, 2, (1, 32), 1.0, (1,), 0.2)
+    same = dict(train=dataclasses.replace(demo.train, epochs=3),
+                prune=dataclasses.replace(demo.prune, finetune_epochs=2),
+                bench=dataclasses.replace(demo.bench, batch_sizes=(1, 32), time_budget_s=1.0),
+                deploy=dataclasses.replace(demo.deploy, batch_sizes=(1,), time_budget_s=0.2))
+    assert dataclasses.replace(demo, **same) == quick  # every other setting, INT8 and deploy included, as the demo
 
 
 def test_the_example_config_is_the_demo_configuration():

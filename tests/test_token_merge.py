@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 from conftest import input_for, make_family, randomize_
-from test_bench import exports_once
 
 import vitcompact as vc
 from vitcompact.errors import ConfigError
@@ -21,13 +20,6 @@ from vitcompact.models.token_merge import (TokenMergeConfig, bipartite_merge, ge
                                            merge_tokens, model_token_counts, token_counts)
 
 SCATTERS = {"Scatter", "ScatterElements", "ScatterND"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _exports_once(tmp_path_factory):
-    """The four exports below build torch's exporter registry once (each graph is its own)."""
-    with exports_once(tmp_path_factory.mktemp("exports")):
-        yield
 
 
 def digits(seed: int = 0, depth: int = 4) -> torch.nn.Module:

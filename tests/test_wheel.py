@@ -1,5 +1,6 @@
 """A plain install of the wheel runs the main job: `vitcompact demo` in a fresh virtual environment
-that holds the wheel and the required dependencies, without scikit-learn and without this checkout.
+that holds the wheel and the required dependencies, without scikit-learn and without this checkout
+(`demo --quick`: every stage of the demo, with less training and timing).
 
 The dependencies are not installed again (the test runs offline): the new environment sees this
 environment's site-packages through a filtered view, a folder of links to every entry except
@@ -70,7 +71,8 @@ def test_demo_runs_from_the_wheel_without_scikit_learn(tmp_path, wheel_file):
     assert lines[2:] == ["None", "False"], lines
 
     out = tmp_path / "demo"
-    result = subprocess.run([venv / "bin" / "vitcompact", "demo", "--out", out], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
+    # --quick: the demo's every stage with short training and timing (its settings: test_pipeline.py).
+    result = subprocess.run([venv / "bin" / "vitcompact", "demo", "--quick", "--out", out], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "report.md").is_file() and (out / "compact.onnx").is_file()
