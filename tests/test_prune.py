@@ -308,7 +308,7 @@ def test_bad_inputs_give_clear_errors():
             vc.regroup(model, ones, vc.RegroupConfig(head_ratio=bad))
         with pytest.raises(vc.ConfigError, match=rf"mlp_ratio must be in \[0, 1\), got {bad}"):
             vc.regroup(model, ones, vc.RegroupConfig(mlp_ratio=bad))
-    with pytest.raises(vc.ConfigError, match="unknown criterion 'taylor'; choose one of: activation, fisher, l1, l2, magnitude, remain, saliency"):
+    with pytest.raises(vc.ConfigError, match="unknown criterion 'taylor'; choose one of: activation, fisher, l1, l2, magnitude, reconstruction, remain, saliency"):
         vc.regroup(model, ones, vc.RegroupConfig(criteria="taylor"))
     with pytest.raises(vc.ConfigError, match="unknown target 'neurons'; choose one of: head, mlp, both"):
         vc.regroup(model, ones, vc.RegroupConfig(target="neurons"))

@@ -170,7 +170,7 @@ def test_settings_refuse_bad_values(field, value):
         RefitSettings(**{field: value})
 
 
-@pytest.mark.parametrize("criteria", ["activation", "fisher"])
+@pytest.mark.parametrize("criteria", ["activation", "fisher", "reconstruction"])
 def test_criteria_scores_feed_selection(criteria):
     model = make_family("layerscale")
     calib = [input_for(model, 8, seed=i) for i in range(2)]  # images only: no labels needed
@@ -190,3 +190,34 @@ def test_criteria_scores_feed_selection(criteria):
         masks = vc.regroup(model, element, vc.RegroupConfig(head_ratio=0.5, mlp_ratio=0.5, criteria=criteria,
                                                             mode=mode), data=calib)
         assert masks.is_quasi_structured()
+
+
+def test_reconstruction_score_is_the_error_left_when_a_unit_is_removed_and_the_rest_refit():
+    """With no ridge the score is exactly (1/rows) min ||y - X_kept W' - b'||², y the output layer's
+    own output: what removing the unit costs after the best least-squares refit of the others. Rows:
+    every token, but only the class token in the last block (all that the head reads)."""
+    from vitcompact.pruning.refit_scores import reconstruction_scores, unit_inputs
+    model = small_vit()
+    layout = vc.vit_layout(model)
+    calib = images(model, 160)  # the last block's 160 class-token rows against its 128 neurons
+    rows = {}
+
+    def record(block, unit, x):
+        x = x.detach()[:, :1] if block.index == layout.blocks[-1].index else x.detach()
+        rows.setdefault((block.index, unit), []).append(x.reshape(-1, x.shape[-1]).double())
+    with torch.no_grad(), unit_inputs(model, layout, record):
+        for x in calib:
+            model(x)
+    scores = reconstruction_scores(model, layout, calib, ridge=0.0)
+    for block, (heads, neurons) in zip(layout.blocks, scores):
+        for unit, got, size in (("head", heads, block.head_dim), ("neuron", neurons, 1)):
+            x = torch.cat(rows[(block.index, unit)])
+            layer = model.blocks[block.index].attn.proj if unit == "head" else model.blocks[block.index].mlp.fc2
+            y = x @ layer.weight.detach().double().T + layer.bias.detach().double()
+            for unit_index in (0, 1):  # two units of each kind: the brute-force refit is slow
+                removed = set(range(unit_index * size, (unit_index + 1) * size))
+                kept = [c for c in range(x.shape[1]) if c not in removed]
+                design = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+                fit = torch.linalg.lstsq(design, y).solution
+                left = (y - design @ fit).square().sum() / len(x)
+                assert float(got[unit_index]) == pytest.approx(float(left), rel=1e-3), (block.index, unit)

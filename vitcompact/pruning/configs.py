@@ -212,7 +212,8 @@ class RefitConfig(PruneConfig):
     (docs/results/refit.md)."""
 
     method: ClassVar[str] = "refit"
-    criteria: str = knob("activation", "Unit importance criterion (activation or fisher need no labels).")
+    criteria: str = knob("activation", "Unit importance criterion (activation, fisher and reconstruction need no "
+                                       "labels).")
     calib_images: int = knob(512, "Calibration images that score the units and feed the refit.")
     calib_data: str | None = knob(None, "Calibration images from this data source, or from a folder of images "
                                         "without labels (default: the training images; labels are never used).")

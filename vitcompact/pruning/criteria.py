@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..models.adapter import unit_weights
 from ..registry import Registry
 from ..masks import PruneMasks, per_head, per_neuron
-from .refit_scores import BlockScores, contribution_scores, fisher_scores
+from .refit_scores import BlockScores, contribution_scores, fisher_scores, reconstruction_scores
 
 Criterion = Callable[[nn.Module, PruneMasks, "ScoreContext"], list[BlockScores]]
 
@@ -187,6 +187,14 @@ def fisher(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[Block
     labels (calibration labels are not needed): the squared per-image gradient, summed."""
     images = [x for x, _ in ctx.batches("fisher")]
     return fisher_scores(_masked_copy(model, masks, ctx.device), masks.layout, images)
+
+
+@criterion("reconstruction", needs_data=True)
+def reconstruction(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> list[BlockScores]:
+    """The growth of the output layer's least-squares error when the unit is removed and the other
+    units' columns are refit (optimal brain surgeon by groups, on the calibration covariance)."""
+    images = [x for x, _ in ctx.batches("reconstruction")]
+    return reconstruction_scores(_masked_copy(model, masks, ctx.device), masks.layout, images)
 
 
 def score_units(model: nn.Module, masks: PruneMasks, criteria: str | Criterion,

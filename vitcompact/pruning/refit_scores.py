@@ -216,3 +216,52 @@ def fisher_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Te
     scores = [tuple(totals[(b.index, u)].float().cpu() if has_units(b, u) else None for u in UNITS)
               for b in layout.blocks]
     return _finite_scores(scores, "fisher")
+
+
+def reconstruction_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor],
+                          ridge: float = 1e-3) -> list[BlockScores]:
+    """Per head and neuron: how much the output layer's least-squares error grows when the unit's
+    columns are removed and the rest refit (optimal brain surgeon, by groups): for columns S of
+    W (LayerScale included) and the inputs' covariance C (plus `ridge` times its mean diagonal),
+    tr(W_S [(C⁻¹)_SS]⁻¹ W_Sᵀ). A unit that the others can stand in for scores low, however
+    large its own output."""
+    device = next(model.parameters()).device
+    tokens = read_tokens(model)
+    last = layout.blocks[-1].index
+    sums: dict[tuple[int, str], list] = {}
+
+    def record(block: BlockLayout, unit: str, x: torch.Tensor) -> None:
+        rows = rows_of(x.detach(), tokens if block.index == last else None).double()
+        key = (block.index, unit)
+        n, total, outer = sums.get(key, (0, 0.0, 0.0))
+        sums[key] = [n + rows.shape[0], total + rows.sum(dim=0), outer + rows.T @ rows]
+
+    with torch.no_grad(), unit_inputs(model, layout, record):
+        for x in images:
+            model(calibration_images(x, model).to(device))
+    scores: list[BlockScores] = []
+    for block in layout.blocks:
+        pair = []
+        for unit in UNITS:
+            if not has_units(block, unit):
+                pair.append(None)
+                continue
+            n, total, outer = sums[(block.index, unit)]
+            mean = total / n
+            cov = outer / n - torch.outer(mean, mean)
+            cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cov), dtype=cov.dtype,
+                                                                               device=cov.device)
+            inverse = torch.linalg.inv(cov)
+            w = output_layer(model.blocks[block.index], unit).weight.detach().double()
+            gamma = layer_scale(model.blocks[block.index], unit)
+            if gamma is not None:
+                w = w * gamma.double()[:, None]
+            if unit == "neuron":
+                values = w.square().sum(dim=0) / inverse.diagonal()
+            else:
+                groups = torch.arange(w.shape[1], device=w.device).reshape(block.num_heads, block.head_dim)
+                values = torch.stack([torch.trace(w[:, g] @ torch.linalg.solve(inverse[g][:, g], w[:, g].T))
+                                      for g in groups])
+            pair.append(values.float().cpu())
+        scores.append((pair[0], pair[1]))
+    return _finite_scores(scores, "reconstruction")
