@@ -49,8 +49,9 @@ def config_from_options(method: str, given: dict[str, Any], progress: bool = Tru
     if foreign is not None:
         name, owners = foreign
         raise vc.ConfigError(f"--{name.replace('_', '-')} is a setting of {' and '.join(owners)}, not of {method}")
-    return prune_config(method, **fields, train=TrainConfig(progress=progress, **split(given, "train.")),
-                        budget=budget, token_merge=token_merge_config(given))
+    defaults = CONFIGS.get(method)().train  # the method's own trainer settings (refit's distil)
+    train = dataclasses.replace(defaults, progress=progress, **split(given, "train."))
+    return prune_config(method, **fields, train=train, budget=budget, token_merge=token_merge_config(given))
 
 
 def check_budget_met(report: dict[str, Any] | None, out: Path, allow: bool) -> None:

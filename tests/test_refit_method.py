@@ -92,3 +92,37 @@ def test_refit_settings_belong_to_refit():
                    "--calib-images is a setting of refit, not of oneshot")
     with pytest.raises(vc.ConfigError, match="unknown refit target 'both'"):
         vc.RefitConfig(refit_target="both")
+
+
+def test_refit_fine_tunes_on_the_dense_models_soft_targets_wherever_it_is_chosen():
+    """Refit's own defaults (activation, lr 1e-4, no fine-tune, distillation on soft targets alone)
+    hold from the library, the CLI and a pipeline that switches to it; the settings every method
+    defaults alike (the ratios, label smoothing) carry over from the method it switches from."""
+    from vitcompact.cli.prune_cmd import config_from_options
+    from vitcompact.pipeline.config import PipelineConfig, with_overrides
+    from vitcompact.pruning.configs import with_method
+    own = ("activation", 1e-4, 0, True, 1.0, 4.0)
+
+    def refit_settings(c):
+        return c.criteria, c.lr, c.finetune_epochs, c.distill, c.train.distill_alpha, c.train.distill_temperature
+    assert refit_settings(vc.RefitConfig()) == own
+    assert refit_settings(config_from_options("refit", {"train.label_smoothing": 0.0})) == own
+    piped = with_overrides(PipelineConfig(), **{"prune.method": "refit"}).prune  # from the demo's one-shot
+    assert refit_settings(piped) == own and (piped.head_ratio, piped.mlp_ratio) == (0.5, 0.5)
+    switched = with_method(vc.OneShotConfig(head_ratio=0.4, train=vc.TrainConfig(label_smoothing=0.0)), "refit")
+    assert refit_settings(switched) == own and (switched.head_ratio, switched.train.label_smoothing) == (0.4, 0.0)
+    back = with_method(vc.RefitConfig(head_ratio=0.4), "oneshot")  # and one-shot's own defaults back
+    assert (back.criteria, back.lr, back.finetune_epochs, back.distill, back.train.distill_alpha,
+            back.head_ratio) == ("magnitude", 1e-3, 8, False, 0.5, 0.4)
+
+
+def test_refit_keeps_a_teacher_only_when_it_fine_tunes(trained, tmp_path):
+    model, data = trained
+    quiet = vc.TrainConfig(progress=False, distill_alpha=1.0, distill_temperature=4.0)
+    for epochs in (0, 1):
+        out = tmp_path / f"e{epochs}"
+        result = vc.prune(copy.deepcopy(model), data, vc.RefitConfig(head_ratio=0.5, mlp_ratio=0.5, calib_images=128,
+                                                                     finetune_epochs=epochs, train=quiet),
+                          run=vc.RunFolder(out))
+        assert (out / "teacher.safetensors").is_file() == bool(epochs)
+        assert [r["phase"] for r in result.metrics if r["phase"] == "finetune"] == ["finetune"] * epochs

@@ -192,7 +192,7 @@ def prune_config(point: Point, seed: int, args: argparse.Namespace) -> vc.PruneC
     if point.method in REFIT_METHODS:
         calib = {} if args.calib_images is None else {"calib_images": args.calib_images}
         return vc.RefitConfig(head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, mode=point.mode, seed=seed,
-                              train=quiet, finetune_epochs=args.refit_finetune if point.method == "refit-ft" else 0,
+                              train=dataclasses.replace(vc.RefitConfig().train, progress=False), finetune_epochs=args.refit_finetune if point.method == "refit-ft" else 0,
                               **calib)
     return same_budget(point.method, args.states, args.epochs_per_state, args.finetune_epochs, train=quiet,
                        head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, mode=point.mode,

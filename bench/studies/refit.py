@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -23,17 +24,18 @@ from vitcompact.io import ensure_dir, save_figure, write_json, write_text
 from vitcompact.training.seeding import seed_everything
 
 QUIET = vc.TrainConfig(progress=False)
+REFIT_QUIET = dataclasses.replace(vc.RefitConfig().train, progress=False)  # refit's own (its fine-tune distils)
 
 
 def variants(finetune: int) -> dict[str, vc.PruneConfig]:
     return {
         "magnitude, no fine-tuning": vc.OneShotConfig(finetune_epochs=0, train=QUIET),
         "magnitude + 8 epochs": vc.OneShotConfig(finetune_epochs=8, train=QUIET),
-        "refit local": vc.RefitConfig(refit_target="local", train=QUIET),
-        "refit global": vc.RefitConfig(refit_target="global", train=QUIET),
-        "refit mix 0.5": vc.RefitConfig(refit_target="mix", train=QUIET),
-        "fisher + refit global": vc.RefitConfig(criteria="fisher", train=QUIET),
-        f"refit global + {finetune} epoch": vc.RefitConfig(finetune_epochs=finetune, train=QUIET),
+        "refit local": vc.RefitConfig(refit_target="local", train=REFIT_QUIET),
+        "refit global": vc.RefitConfig(refit_target="global", train=REFIT_QUIET),
+        "refit mix 0.5": vc.RefitConfig(refit_target="mix", train=REFIT_QUIET),
+        "fisher + refit global": vc.RefitConfig(criteria="fisher", train=REFIT_QUIET),
+        f"refit global + {finetune} epoch": vc.RefitConfig(finetune_epochs=finetune, train=REFIT_QUIET),
     }
 
 

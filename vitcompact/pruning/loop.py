@@ -349,7 +349,7 @@ def _keep_rewind_weights(run: _Run) -> None:
 def _make_teacher(run: _Run) -> None:
     """The model as it enters pruning, frozen (kept in the folder, so that a resume distils from it)."""
     config, out = run.config, run.out
-    if not config.distill:
+    if not config.distill or not run.epochs:  # no training pass to distil in
         return
     run.teacher = copy.deepcopy(run.model)
     if out is not None and run.resume and (out / "teacher.safetensors").is_file():
