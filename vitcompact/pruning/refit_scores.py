@@ -109,14 +109,18 @@ def rows_of(x: torch.Tensor, tokens: list[int] | slice | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def scaled_output_weight(block: nn.Module, unit: str) -> torch.Tensor:
+    """The output layer's weight in float64, LayerScale included: what each unit's output adds to
+    the residual stream."""
+    w = output_layer(block, unit).weight.detach().double()
+    gamma = layer_scale(block, unit)
+    return w if gamma is None else w * gamma.double()[:, None]
+
+
 def column_energy(block: nn.Module, unit: str) -> torch.Tensor:
     """Squared norm of each input column of the output layer, LayerScale included: how strongly a
     unit's output reaches the residual stream, so that scores compare across blocks."""
-    w = output_layer(block, unit).weight.detach().double()
-    gamma = layer_scale(block, unit)
-    if gamma is not None:
-        w = w * gamma.double()[:, None]
-    return w.square().sum(dim=0)
+    return scaled_output_weight(block, unit).square().sum(dim=0)
 
 
 def per_unit_columns(values: torch.Tensor, block: BlockLayout, unit: str) -> torch.Tensor:
@@ -154,36 +158,41 @@ def merged_moments(a: Moments | None, b: Moments) -> Moments:
     return n, ma + delta * (nb / n), sa + sb + delta.square() * (na * nb / n)
 
 
-def contribution_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor],
-                        centered: bool = True) -> list[BlockScores]:
-    """Per head and neuron: the variance (`centered`) or mean square of its output over the
-    calibration tokens times the squared norm of its output-layer columns."""
+def _scores_from_rows(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor],
+                      add: Callable[[tuple[int, str], torch.Tensor], None],
+                      score: Callable[[BlockLayout, str], torch.Tensor], name: str) -> list[BlockScores]:
+    """Run the calibration images with `add((block, unit), rows)` seeing the rows of every output
+    layer's input (in the last block only the tokens the classifier reads), then `score` each
+    block's heads and neurons."""
     device = next(model.parameters()).device
     tokens = read_tokens(model)
     last = layout.blocks[-1].index
-    moments: dict[tuple[int, str], Moments] = {}
 
     def record(block: BlockLayout, unit: str, x: torch.Tensor) -> None:
-        rows = rows_of(x.detach(), tokens if block.index == last else None)
-        key = (block.index, unit)
-        moments[key] = merged_moments(moments.get(key), batch_moments(rows))
+        add((block.index, unit), rows_of(x.detach(), tokens if block.index == last else None))
 
     with torch.no_grad(), unit_inputs(model, layout, record):
         for x in images:
             model(calibration_images(x, model).to(device))
-    scores: list[BlockScores] = []
-    for block in layout.blocks:
-        pair = []
-        for unit in UNITS:
-            if not has_units(block, unit):
-                pair.append(None)
-                continue
-            count, mean, deviations = moments[(block.index, unit)]
-            spread = deviations / count if centered else deviations / count + mean.square()
-            energy = column_energy(model.blocks[block.index], unit)
-            pair.append(per_unit_columns(spread.clamp_min(0) * energy, block, unit).float().cpu())
-        scores.append((pair[0], pair[1]))
-    return _finite_scores(scores, "activation")
+    scores = [tuple(score(block, unit).float().cpu() if has_units(block, unit) else None for unit in UNITS)
+              for block in layout.blocks]
+    return _finite_scores(scores, name)
+
+
+def contribution_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor],
+                        centered: bool = True) -> list[BlockScores]:
+    """Per head and neuron: the variance (`centered`) or mean square of its output over the
+    calibration tokens times the squared norm of its output-layer columns."""
+    moments: dict[tuple[int, str], Moments] = {}
+
+    def add(key: tuple[int, str], rows: torch.Tensor) -> None:
+        moments[key] = merged_moments(moments.get(key), batch_moments(rows))
+
+    def score(block: BlockLayout, unit: str) -> torch.Tensor:
+        count, mean, deviations = moments[(block.index, unit)]
+        spread = deviations / count if centered else deviations / count + mean.square()
+        return per_unit_columns(spread.clamp_min(0) * column_energy(model.blocks[block.index], unit), block, unit)
+    return _scores_from_rows(model, layout, images, add, score, "activation")
 
 
 def fisher_scores(model: nn.Module, layout: ViTLayout, images: Sequence[torch.Tensor]) -> list[BlockScores]:
@@ -225,43 +234,22 @@ def reconstruction_scores(model: nn.Module, layout: ViTLayout, images: Sequence[
     W (LayerScale included) and the inputs' covariance C (plus `ridge` times its mean diagonal),
     tr(W_S [(C⁻¹)_SS]⁻¹ W_Sᵀ). A unit that the others can stand in for scores low, however
     large its own output."""
-    device = next(model.parameters()).device
-    tokens = read_tokens(model)
-    last = layout.blocks[-1].index
-    sums: dict[tuple[int, str], list] = {}
+    sums: dict[tuple[int, str], tuple[int, Any, Any]] = {}
 
-    def record(block: BlockLayout, unit: str, x: torch.Tensor) -> None:
-        rows = rows_of(x.detach(), tokens if block.index == last else None).double()
-        key = (block.index, unit)
+    def add(key: tuple[int, str], rows: torch.Tensor) -> None:
+        rows = rows.double()
         n, total, outer = sums.get(key, (0, 0.0, 0.0))
-        sums[key] = [n + rows.shape[0], total + rows.sum(dim=0), outer + rows.T @ rows]
+        sums[key] = (n + rows.shape[0], total + rows.sum(dim=0), outer + rows.T @ rows)
 
-    with torch.no_grad(), unit_inputs(model, layout, record):
-        for x in images:
-            model(calibration_images(x, model).to(device))
-    scores: list[BlockScores] = []
-    for block in layout.blocks:
-        pair = []
-        for unit in UNITS:
-            if not has_units(block, unit):
-                pair.append(None)
-                continue
-            n, total, outer = sums[(block.index, unit)]
-            mean = total / n
-            cov = outer / n - torch.outer(mean, mean)
-            cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cov), dtype=cov.dtype,
-                                                                               device=cov.device)
-            inverse = torch.linalg.inv(cov)
-            w = output_layer(model.blocks[block.index], unit).weight.detach().double()
-            gamma = layer_scale(model.blocks[block.index], unit)
-            if gamma is not None:
-                w = w * gamma.double()[:, None]
-            if unit == "neuron":
-                values = w.square().sum(dim=0) / inverse.diagonal()
-            else:
-                groups = torch.arange(w.shape[1], device=w.device).reshape(block.num_heads, block.head_dim)
-                values = torch.stack([torch.trace(w[:, g] @ torch.linalg.solve(inverse[g][:, g], w[:, g].T))
-                                      for g in groups])
-            pair.append(values.float().cpu())
-        scores.append((pair[0], pair[1]))
-    return _finite_scores(scores, "reconstruction")
+    def score(block: BlockLayout, unit: str) -> torch.Tensor:
+        n, total, outer = sums[(block.index, unit)]
+        mean = total / n
+        cov = outer / n - torch.outer(mean, mean)
+        cov += ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        inverse = torch.linalg.inv(cov)
+        w = scaled_output_weight(model.blocks[block.index], unit)
+        if unit == "neuron":
+            return w.square().sum(dim=0) / inverse.diagonal()
+        groups = torch.arange(w.shape[1], device=w.device).reshape(block.num_heads, block.head_dim)
+        return torch.stack([torch.trace(w[:, g] @ torch.linalg.solve(inverse[g][:, g], w[:, g].T)) for g in groups])
+    return _scores_from_rows(model, layout, images, add, score, "reconstruction")
