@@ -294,11 +294,12 @@ def test_deploy_section_and_flag():
 def test_the_quick_demo_runs_every_stage_of_the_demo_with_less_training_and_timing():
     demo, quick = PipelineConfig(out="o", overwrite=True), quick_demo("o")
     assert (quick.train.epochs, quick.prune.finetune_epochs, quick.bench.batch_sizes, quick.bench.time_budget_s,
-            quick.deploy.batch_sizes, quick.deploy.time_budget_s) == (3, 2, (1, 32), 1.0, (1,), 0.2)
+            quick.deploy.batch_sizes, quick.deploy.time_budget_s, quick.deploy.int8_source) == \
+        (3, 2, (1, 32), 1.0, (1,), 0.2, "qdq")
     same = dict(train=dataclasses.replace(demo.train, epochs=3),
                 prune=dataclasses.replace(demo.prune, finetune_epochs=2),
                 bench=dataclasses.replace(demo.bench, batch_sizes=(1, 32), time_budget_s=1.0),
-                deploy=dataclasses.replace(demo.deploy, batch_sizes=(1,), time_budget_s=0.2))
+                deploy=dataclasses.replace(demo.deploy, batch_sizes=(1,), time_budget_s=0.2, int8_source="qdq"))
     assert dataclasses.replace(demo, **same) == quick  # every other setting, INT8 and deploy included, as the demo
 
 
