@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.bench.harness import BenchConfig, benchmark
+from vitcompact.io import write_json, write_text
+from vitcompact.latency import environment
 
 
 @dataclass(frozen=True)
@@ -60,3 +63,17 @@ def time_pair(dense_onnx: str | Path, other: str | Path, batch: int, threads: in
                                                             runs_per_round=2, time_budget_s=seconds)).batches[0]
     return {"dense_p50_ms": b.dense.p50, "p50_ms": b.compact.p50, "speedup": b.speedup.value,
             "speedup_low": b.speedup.low, "speedup_high": b.speedup.high, "rounds": b.rounds}
+
+
+def write_study(out: Path, name: str, report: dict[str, Any], threads: int, markdown: Callable[[dict], str],
+                plot: Callable[[dict, Path], Any]) -> dict[str, Any]:
+    """Record the machine in `report` (onnxruntime CPU at `threads`) and write `<name>.json`,
+    `<name>.md` and `<name>.png` into `out`."""
+    report["environment"] = environment({"backend": "ort-cpu", "threads": threads,
+                                         "cpu_capability": torch.backends.cpu.get_cpu_capability()})
+    files = [out / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    write_json(files[0], report)
+    write_text(files[1], markdown(report))
+    plot(report, files[2])
+    print(f"wrote {', '.join(map(str, files))}")
+    return report

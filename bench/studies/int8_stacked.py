@@ -24,17 +24,14 @@ import io
 import time
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.export import Int8Config, to_int8
-from vitcompact.io import ensure_dir, scratch, write_json, write_text
+from vitcompact.io import ensure_dir, save_figure, scratch
 
-from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, time_pair
-from vitcompact.latency import environment
+from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, time_pair, write_study
 from .pareto import FASHION_ROOT, Point, export_quiet, first, prune_with_training
-from vitcompact.io import save_figure
 
 SCHEMA = "vitcompact.int8/1"
 SPEED_CASES = (("vit_small_patch16_224", 8), ("vit-cifar-tiny", 1))
@@ -197,13 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["speed"] = [speed_case(name, batch, args, folder) for name, batch in SPEED_CASES]
         if not args.skip_accuracy and args.dense.is_dir():
             report["accuracy"] = accuracy_case(args, folder)
-    report["environment"] = environment({"backend": "ort-cpu", "threads": args.threads,
-                                          "cpu_capability": torch.backends.cpu.get_cpu_capability()})
-    write_json(out / "int8.json", report)
-    write_text(out / "int8.md", to_markdown(report))
-    plot(report, out / "int8.png")
-    print(f"wrote {out / 'int8.json'}, {out / 'int8.md'}, {out / 'int8.png'}")
-    return report
+    return write_study(out, "int8", report, args.threads, to_markdown, plot)
 
 
 if __name__ == "__main__":

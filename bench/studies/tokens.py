@@ -35,16 +35,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 import vitcompact as vc
 from vitcompact.export import Int8Config, to_int8
-from vitcompact.io import ensure_dir, read_json, save_figure, write_json, write_text
-from vitcompact.latency import environment
+from vitcompact.io import ensure_dir, read_json, save_figure, write_json
 from vitcompact.training.seeding import seed_everything
 
-from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, time_pair
+from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, time_pair, write_study
 from .pareto import FASHION_ROOT, export_quiet, first
 
 SCHEMA = "vitcompact.tokens/1"
@@ -415,13 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["references"].append({"info": info, "rows": rows, "timings": timings, "aggregates": aggregates,
                                      "target": full_stack_target(aggregates, ref.r_finetune)
                                      if timings else None})
-    report["environment"] = environment({"backend": "ort-cpu", "threads": args.threads,
-                                          "cpu_capability": torch.backends.cpu.get_cpu_capability()})
-    write_json(out / "tokens.json", report)
-    write_text(out / "tokens.md", to_markdown(report))
-    plot(report, out / "tokens.png")
-    print(f"wrote {out / 'tokens.json'}, {out / 'tokens.md'}, {out / 'tokens.png'}")
-    return report
+    return write_study(out, "tokens", report, args.threads, to_markdown, plot)
 
 
 if __name__ == "__main__":
