@@ -174,3 +174,22 @@ def test_imagefolder_loads_and_rejects_broken_image(tmp_path):
         list(bundle.test)
     assert "Caught DataError in DataLoader worker" in str(caught.value)
     assert re.fullmatch(r"\S+/test/dog/1\.png is corrupt or not an image: .*", one_line(caught.value))
+
+
+def test_calibration_images_are_unaugmented_also_through_a_subset(idx_folder):
+    import dataclasses
+
+    from torch.utils.data import DataLoader, Subset
+
+    bundle = load_data("fashion-mnist", root=idx_folder, img_size=28, in_chans=1, batch_size=8, val_fraction=0.1,
+                       seed=0, shift=2)
+    train = bundle.train.dataset
+    assert train.augment and train.flip  # the training split is augmented: a random shift and flip
+    indices = [5, 0, 17, 3, 9, 30, 2, 11]
+    augmented = [train.__getitems__(indices)[0] for _ in range(2)]
+    assert not torch.equal(*augmented)
+    plain = train.without_augmentation().__getitems__(indices)[0]
+    subset = dataclasses.replace(bundle, train=DataLoader(Subset(train, indices), batch_size=4, shuffle=True,
+                                                          collate_fn=bundle.train.collate_fn))
+    for _ in range(2):
+        assert torch.equal(torch.cat([x for x, _ in subset.calibration()]), plain)

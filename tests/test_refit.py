@@ -12,7 +12,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitcompact as vc
 from vitcompact.pruning import ScoreContext, score_units, select_units
-from vitcompact.pruning.refit import Gram, RefitSettings, refit, ridge_solve
+from vitcompact.pruning.refit import (FALLBACK_RIDGE, RIDGE_GRID, Gram, RefitSettings, cross_validated_ridge,
+                                     held_out_errors, refit, ridge_solve)
 
 TARGETS = [RefitSettings(target="local"), RefitSettings(target="global"), RefitSettings(target="mix", alpha=0.3)]
 
@@ -99,6 +100,75 @@ def test_ridge_solve_matches_least_squares_and_falls_back_when_ill_conditioned()
     torch.testing.assert_close(bias, x[:, :4].mean(0) - 3 * x[:, 0].mean())  # mean residual zero
 
 
+def fold_grams(x: torch.Tensor, y: torch.Tensor, folds: int) -> list[Gram]:
+    grams = [Gram(x.shape[1], y.shape[1], bias=True) for _ in range(folds)]
+    for k, gram in enumerate(grams):
+        gram.add(x[k::folds], y[k::folds])
+    return grams
+
+
+def test_gram_total_and_without_are_the_equations_of_those_rows():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(90, 5, generator=g, dtype=torch.float64), torch.randn(90, 2, generator=g, dtype=torch.float64)
+    folds = fold_grams(x, y, 3)
+    whole, rest = Gram(5, 2, bias=True), Gram(5, 2, bias=True)
+    whole.add(x, y)
+    rest.add(torch.cat([x[0::3], x[2::3]]), torch.cat([y[0::3], y[2::3]]))
+    total = Gram.total(folds)
+    for got, want in ((total, whole), (total.without(folds[1]), rest)):
+        assert got.rows == want.rows
+        for a, b in ((got.xx, want.xx), (got.xy, want.xy), (got.yy, want.yy)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+
+
+def test_held_out_errors_equal_explicit_ridge_fits_on_the_other_folds():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(4, 3, generator=g, dtype=torch.float64) + torch.randn(60, 3, generator=g, dtype=torch.float64)
+    w0, b0 = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    grid = (0.0, 0.1, 2.0)
+    expected = []
+    for ridge in grid:
+        error = 0.0
+        for k in range(3):
+            train = torch.ones(60, dtype=torch.bool)
+            train[k::3] = False
+            xt, yt = x[train], y[train]
+            scale = (ridge * xt.square().sum(0).mean()) ** 0.5  # the penalty is relative to the mean diagonal
+            # min ||Y - X Wᵀ - b||² + λ||W - W0||², the bias unpenalised, as one augmented least squares
+            a = torch.cat([torch.cat([xt, torch.ones(len(xt), 1, dtype=x.dtype)], 1),
+                           torch.cat([scale * torch.eye(4, dtype=x.dtype), torch.zeros(4, 1, dtype=x.dtype)], 1)])
+            solution = torch.linalg.lstsq(a, torch.cat([yt, scale * w0.T])).solution
+            error += float((y[k::3] - x[k::3] @ solution[:4] - solution[4]).square().sum())
+        expected.append(error)
+    got = held_out_errors(fold_grams(x, y, 3), w0, b0, 1e10, grid=grid)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-9, atol=0)
+    assert len(set(got)) == 3
+
+
+def test_cross_validation_keeps_weights_the_data_cannot_improve_and_follows_data_that_can():
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    few = torch.randn(24, 8, generator=g, dtype=torch.float64)
+    noisy = few @ w0.T + 3 * torch.randn(24, 3, generator=g, dtype=torch.float64)  # w0 is already right
+    assert cross_validated_ridge(fold_grams(few, noisy, 4), w0, torch.zeros(3), 1e10) == RIDGE_GRID[-1]
+    many = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    exact = many @ torch.randn(3, 8, generator=g, dtype=torch.float64).T  # w0 is wrong, the data say how
+    assert cross_validated_ridge(fold_grams(many, exact, 4), w0, torch.zeros(3), 1e10) == RIDGE_GRID[0]
+    assert cross_validated_ridge(fold_grams(many, exact, 1), w0, torch.zeros(3), 1e10) == FALLBACK_RIDGE
+
+
+def test_refit_reports_the_ridge_of_each_layer():
+    model = small_vit()
+    calib = images(model, 48)
+    masks = pruned_masks(model, calib)
+    chosen = refit(copy.deepcopy(model), masks, calib).branches
+    assert len(chosen) == 4 and all(f.ridge in RIDGE_GRID for f in chosen)
+    fixed = refit(copy.deepcopy(model), masks, calib, RefitSettings(ridge=0.02)).branches
+    assert [f.ridge for f in fixed] == [0.02] * 4
+    assert RefitSettings().ridge is None and vc.RefitConfig().settings().ridge is None
+
+
 @pytest.mark.parametrize("family", ["vit_tiny", "deit_distilled", "layerscale", "gap_no_cls"])
 def test_refit_model_stays_quasi_structured_and_compacts_exactly(family):
     model = make_family(family)
@@ -164,7 +234,8 @@ def test_bad_calibration_data_is_a_data_error(calibration, message):
 
 
 @pytest.mark.parametrize("field,value", [("target", "dense"), ("alpha", 1.5), ("ridge", -1.0),
-                                         ("max_condition", 1.0), ("batch_size", 0), ("num_images", 0)])
+                                         ("max_condition", 1.0), ("batch_size", 0), ("num_images", 0),
+                                         ("folds", 1)])
 def test_settings_refuse_bad_values(field, value):
     with pytest.raises(vc.ConfigError, match=field if field != "target" else "refit target"):
         RefitSettings(**{field: value})

@@ -11,7 +11,7 @@ import torch
 from conftest import input_for, make_family
 
 import vitcompact as vc
-from vitcompact.pruning.refit import Gram, RefitSettings, kept_columns, refit, ridge_solve
+from vitcompact.pruning.refit import Gram, RefitSettings, cross_validated_ridge, kept_columns, refit, ridge_solve
 from vitcompact.pruning.refit_scores import (batch_moments, layer_scale, merged_moments, output_layer, read_tokens,
                                              rows_of)
 
@@ -38,10 +38,18 @@ def _solve(block, dense_block, layout, kept, unit, streams, share, tokens, setti
     if gamma is not None:
         target /= gamma
     columns = kept_columns(layout, kept, unit)
+    x = seen[0][..., columns]
     gram = Gram(columns.numel(), layer.out_features, True)
-    gram.add(rows_of(seen[0][..., columns], tokens), rows_of(target, tokens))
-    weight, bias, _ = ridge_solve(gram, layer.weight[:, columns].double(), layer.bias.double(), settings.ridge,
-                                  settings.max_condition)
+    gram.add(rows_of(x, tokens), rows_of(target, tokens))
+    old_weight, old_bias = layer.weight[:, columns].double(), layer.bias.double()
+    ridge = settings.ridge
+    if ridge is None:  # image i in fold i mod folds, all images in one batch
+        folds = [Gram(columns.numel(), layer.out_features, True) for _ in range(settings.folds)]
+        for k, fold in enumerate(folds):
+            fold.add(rows_of(x[k::settings.folds], tokens), rows_of(target[k::settings.folds], tokens))
+        emphasis = None if gamma is None else gamma.double().square()
+        ridge = cross_validated_ridge(folds, old_weight, old_bias, settings.max_condition, emphasis)
+    weight, bias, _ = ridge_solve(gram, old_weight, old_bias, ridge, settings.max_condition)
     layer.weight.zero_()
     layer.weight[:, columns] = weight.float()
     layer.bias.copy_(bias)
@@ -63,13 +71,17 @@ def reference_refit(model, masks, images, settings):
                        settings.global_share, tokens, settings)
 
 
-GLOBAL, MIX = RefitSettings(target="global", batch_size=24), RefitSettings(target="mix", alpha=0.3, batch_size=24)
+GLOBAL = RefitSettings(target="global", ridge=1e-3, batch_size=24)
+MIX = RefitSettings(target="mix", alpha=0.3, ridge=1e-3, batch_size=24)
+# Cross-validated ridges, with batches that do not line up with the folds (fold = image mod 3).
+CROSS = RefitSettings(target="global", folds=3, batch_size=20)
 
 
 # At 0.25 the MLP's inputs are wider than the stream and recomputed, at 0.75 they are kept.
 @pytest.mark.parametrize("family,settings,ratio", [("vit_tiny", GLOBAL, 0.25), ("deit_distilled", MIX, 0.75),
                                                    ("layerscale", MIX, 0.25), ("gap_no_cls", GLOBAL, 0.75),
-                                                   ("qk_norm", GLOBAL, 0.5)])
+                                                   ("qk_norm", GLOBAL, 0.5), ("vit_tiny", CROSS, 0.5),
+                                                   ("layerscale", CROSS, 0.25)])
 def test_fast_refit_equals_the_reference(family, settings, ratio):
     model = make_family(family, **SMALL)
     calib = [input_for(model, 32, seed=i) for i in range(5)]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import vitcompact as vc
+from vitcompact.data.bundle import without_augmentation
 from vitcompact.io import ensure_dir, write_json, write_text
 from vitcompact.training.seeding import seed_everything
 
@@ -35,8 +36,7 @@ def plateau_epoch(curve: list[float], tolerance: float = 0.002) -> int:
 
 def split_arrays(loader) -> tuple[np.ndarray, np.ndarray]:
     """A loader's images, unaugmented and flattened, and its labels: the baselines' input."""
-    ds = loader.dataset
-    ds = ds.without_augmentation() if hasattr(ds, "without_augmentation") else ds
+    ds = without_augmentation(loader.dataset)
     x, y = ds.__getitems__(list(range(len(ds))))
     return x.flatten(1).numpy(), y.numpy()
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import validate
 from ..errors import ConfigError, DataError
@@ -110,6 +110,14 @@ class TransformDataset(Dataset):
         return TransformDataset(self.samples, self.eval_transform, self.eval_transform, self.mode)
 
 
+def without_augmentation(dataset: Dataset) -> Dataset:
+    """`dataset`'s images as evaluated, not augmented, also through `Subset`s of it (a dataset
+    that does not augment, or says nothing of it, as it is)."""
+    if isinstance(dataset, Subset):
+        return Subset(without_augmentation(dataset.dataset), dataset.indices)
+    return dataset.without_augmentation() if hasattr(dataset, "without_augmentation") else dataset
+
+
 def collate(batch):
     """The DataLoader's collate for datasets with `__getitems__`: the batch is already one tensor pair."""
     return batch
@@ -134,9 +142,7 @@ class DataBundle:
 
     def calibration(self) -> DataLoader:
         """Training images without augmentation in a fixed order: data for data-driven criteria."""
-        ds = self.train.dataset
-        base = ds.without_augmentation() if hasattr(ds, "without_augmentation") else ds
-        return DataLoader(base, batch_size=self.train.batch_size, shuffle=False, collate_fn=self.train.collate_fn,
+        return DataLoader(without_augmentation(self.train.dataset), batch_size=self.train.batch_size, shuffle=False, collate_fn=self.train.collate_fn,
                           num_workers=self.train.num_workers, pin_memory=self.train.pin_memory)
 
 

@@ -134,4 +134,5 @@ class Refit(Method):
         batch = getattr(run.calibration, "batch_size", None) or 32
         report = refit(run.model, structured, run.calibration, self.config.settings(batch))
         run.cut(structured)
-        return {"refit": {"images": report.images, "fallbacks": len(report.fallbacks)}}
+        return {"refit": {"images": report.images, "fallbacks": len(report.fallbacks),
+                          "ridges": [fit.ridge for fit in report.branches]}}

@@ -9,8 +9,9 @@ weights and bias that best reproduce a target stream:
 - `mix`: `alpha` parts global, the rest local.
 The normal equations are summed in float64 over batches (memory does not grow with the image
 count; `Gram` says in what precision each batch's products are taken) and solved with a ridge
-penalty towards the current weights. Removed units keep exactly zero weights: the result is the
-masked model with its dense shapes, for `compact` to shrink.
+penalty towards the current weights, each layer's own ridge chosen by cross-validation on the
+calibration images (`cross_validated_ridge`). Removed units keep exactly zero weights: the result
+is the masked model with its dense shapes, for `compact` to shrink.
 
 Cost: each block's streams are carried from the last one (no model prefix is re-run); the dense
 branch runs once per target stream, the pruned one twice (to gather the equations, then to move
@@ -37,6 +38,14 @@ from .refit_scores import (UNITS, embed_calibration, has_units, layer_scale, out
                            rows_of)
 
 TARGETS = ("local", "global", "mix")
+# Ridges cross-validation chooses from. Larger ones (up to 3) won more held-out reconstruction in
+# the later MLPs but lost accuracy on Fashion-MNIST validation (docs/results/refit-fashion.md).
+RIDGE_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+FALLBACK_RIDGE = 1e-3  # where there are too few images to cross-validate
+# Output columns the cross-validation scores (evenly spaced): each column is its own least-squares
+# problem on the same inputs, so a sample of them ranks the ridges at a fraction of the solves'
+# cost (vit_base's fc2: 768 outputs).
+VALIDATION_OUTPUTS = 128
 FLOAT32_ROWS_PER_COLUMN = 16  # see _products
 BRANCHES = {"head": "attention", "neuron": "mlp"}
 
@@ -48,7 +57,9 @@ class RefitSettings:
     `target` is what each branch reproduces (module docstring); `mix` takes `alpha` parts of the
     global target and the rest of the local one. `ridge` is the penalty pulling the solution
     towards the current weights, relative to the mean diagonal of the Gram matrix (so it does not
-    depend on the image count); the bias is not penalised. A system whose condition number
+    depend on the image count); the bias is not penalised. None (the default) chooses each
+    layer's own from `RIDGE_GRID` by `folds`-fold cross-validation over the calibration images
+    (`FALLBACK_RIDGE` where there are fewer images than folds). A system whose condition number
     exceeds `max_condition`, or with a non-finite value, falls back to bias compensation: the
     weights are kept and the bias absorbs the mean of what the removed units added.
     `batch_size` images go through each forward pass; `num_images` caps the images read from the
@@ -56,7 +67,8 @@ class RefitSettings:
 
     target: str = "global"
     alpha: float = 0.5
-    ridge: float = 1e-3
+    ridge: float | None = None
+    folds: int = 4
     max_condition: float = 1e10
     batch_size: int = 32
     num_images: int | None = None
@@ -64,7 +76,9 @@ class RefitSettings:
     def __post_init__(self) -> None:
         one_of("refit target", self.target, TARGETS)
         self.alpha = in_range("alpha", self.alpha, 0.0, 1.0)
-        self.ridge = in_range("ridge", self.ridge, 0.0)
+        if self.ridge is not None:
+            self.ridge = in_range("ridge", self.ridge, 0.0)
+        integer("folds", self.folds, 2)
         self.max_condition = in_range("max_condition", self.max_condition, 1.0, low_open=True)
         integer("batch_size", self.batch_size, 1)
         if self.num_images is not None:
@@ -79,8 +93,8 @@ class RefitSettings:
 @dataclass
 class BranchFit:
     """One refit output layer: relative residual ||Y - XW - b|| / ||Y|| of its target with the
-    weights as pruned (`before`) and as refit (`after`); `fell_back` when the solve was
-    ill-conditioned and only the bias was adjusted."""
+    weights as pruned (`before`) and as refit (`after`), solved with `ridge`; `fell_back` when the
+    solve was ill-conditioned and only the bias was adjusted."""
 
     block: int
     branch: str
@@ -88,6 +102,7 @@ class BranchFit:
     before: float
     after: float
     fell_back: bool
+    ridge: float
 
 
 @dataclass
@@ -157,6 +172,31 @@ class Gram:
         w = weight.double().T
         return torch.cat([w, bias.double()[None]]) if self.bias else w
 
+    @classmethod
+    def total(cls, parts: list[Gram]) -> Gram:
+        """The equations of all `parts`' rows together."""
+        first = parts[0]
+        gram = cls(first.xy.shape[0] - int(first.bias), first.xy.shape[1], first.bias, first.xx.device, first.products)
+        for part in parts:
+            gram.xx += part.xx
+            gram.xy += part.xy
+            gram.yy += part.yy
+            gram.rows += part.rows
+        return gram
+
+    def outputs(self, columns: torch.Tensor) -> Gram:
+        """The equations of the output `columns` alone."""
+        gram = copy.copy(self)
+        gram.xy, gram.yy = self.xy[:, columns], self.yy[columns]
+        return gram
+
+    def without(self, part: Gram) -> Gram:
+        """The equations of this Gram's rows but those of `part` (which must be among them)."""
+        gram = copy.copy(self)
+        gram.xx, gram.xy, gram.yy, gram.rows = self.xx - part.xx, self.xy - part.xy, self.yy - part.yy, \
+            self.rows - part.rows
+        return gram
+
     def residual(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """||y - X w - b||² per output column, from the accumulated sums alone."""
         w = self.stack(weight, bias)
@@ -192,6 +232,37 @@ def ridge_solve(gram: Gram, weight: torch.Tensor, bias: torch.Tensor | None, rid
         if bool(torch.isfinite(solution).all()):
             return solution[:k].T, solution[k] if gram.bias else None, False
     return weight.double(), compensated_bias(gram, weight) if gram.bias else None, True
+
+
+def held_out_errors(folds: list[Gram], weight: torch.Tensor, bias: torch.Tensor | None, max_condition: float,
+                    emphasis: torch.Tensor | None = None, grid: tuple[float, ...] = RIDGE_GRID) -> list[float]:
+    """For each ridge of `grid`: each fold's squared residual under the solve on the other folds
+    (towards `weight`, `bias`), summed over folds and output columns (each times `emphasis`)."""
+    total = Gram.total(folds)
+    errors = []
+    for ridge in grid:
+        error = 0.0
+        for fold in folds:
+            w, b, _ = ridge_solve(total.without(fold), weight, bias, ridge, max_condition)
+            residual = fold.residual(w, b)
+            error += float((residual if emphasis is None else residual * emphasis).sum())
+        errors.append(error)
+    return errors
+
+
+def cross_validated_ridge(folds: list[Gram], weight: torch.Tensor, bias: torch.Tensor | None,
+                          max_condition: float, emphasis: torch.Tensor | None = None,
+                          grid: tuple[float, ...] = RIDGE_GRID) -> float:
+    """The ridge of the ascending `grid` with the least `held_out_errors` on `VALIDATION_OUTPUTS`
+    evenly spaced output columns (ties: the smaller); fewer than two folds: `FALLBACK_RIDGE`."""
+    if len(folds) < 2:
+        return FALLBACK_RIDGE
+    outputs = folds[0].yy.numel()
+    picked = torch.arange(0, outputs, -(-outputs // VALIDATION_OUTPUTS), device=weight.device)
+    errors = held_out_errors([fold.outputs(picked) for fold in folds], weight[picked],
+                             None if bias is None else bias[picked], max_condition,
+                             None if emphasis is None else emphasis[picked], grid)
+    return grid[errors.index(min(errors))]
 
 
 def structure_masks(model: nn.Module, structure: Structure) -> PruneMasks:
@@ -307,14 +378,15 @@ def _products(dtype: torch.dtype, rows: int, columns: int) -> torch.dtype:
 
 def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, inputs: Callable[[torch.Tensor], torch.Tensor],
                 kept: int, streams: _Streams, share: float, tokens: list[int] | slice | None,
-                stored: torch.Tensor | None) -> Gram:
+                stored: torch.Tensor | None, folds: int) -> list[Gram]:
     """Advance the target streams through the dense branch and gather the normal equations of the
-    pruned branch's output layer against them (keeping its inputs in `stored` where given)."""
+    pruned branch's output layer against them (keeping its inputs in `stored` where given), one
+    Gram per fold: image i goes to fold i mod `folds`."""
     layer = output_layer(pruned, unit)
     gamma = layer_scale(pruned, unit)
     rows = streams.pruned.shape[0] * rows_of(streams.pruned[:1], tokens).shape[0]
-    gram = Gram(kept, layer.out_features, layer.bias is not None, layer.weight.device,
-                _products(streams.pruned.dtype, rows, kept + 1))
+    grams = [Gram(kept, layer.out_features, layer.bias is not None, layer.weight.device,
+                  _products(streams.pruned.dtype, rows // folds, kept + 1)) for _ in range(folds)]
     for part in streams.parts():
         x = inputs(streams.pruned[part])
         if stored is not None:
@@ -326,18 +398,23 @@ def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, inputs: Callable
                 target += weight * stream[part]
         if gamma is not None:  # fit proj / fc2 before the LayerScale that follows them
             target /= torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-        gram.add(rows_of(x, tokens), rows_of(target, tokens))
-    return gram
+        for k, gram in enumerate(grams):
+            first = (k - part.start) % folds
+            gram.add(rows_of(x[first::folds], tokens), rows_of(target[first::folds], tokens))
+    return grams
 
 
-def _solve_into(layer: nn.Linear, columns: torch.Tensor, gram: Gram, gamma: torch.Tensor | None,
-                settings: RefitSettings) -> tuple[float, float, bool]:
-    """Write the refit output layer; return the relative residuals before and after, and whether
-    the solve fell back to bias compensation."""
+def _solve_into(layer: nn.Linear, columns: torch.Tensor, folds: list[Gram], gamma: torch.Tensor | None,
+                settings: RefitSettings) -> tuple[float, float, bool, float]:
+    """Write the refit output layer; return the relative residuals before and after, whether the
+    solve fell back to bias compensation, and the ridge it was solved with."""
     old_weight = layer.weight.detach()[:, columns].double()
     old_bias = None if layer.bias is None else layer.bias.detach().double()
-    weight, bias, fell_back = ridge_solve(gram, old_weight, old_bias, settings.ridge, settings.max_condition)
+    gram = Gram.total(folds)
     emphasis = torch.ones_like(gram.yy) if gamma is None else gamma.double().square()
+    ridge = settings.ridge if settings.ridge is not None else \
+        cross_validated_ridge(folds, old_weight, old_bias, settings.max_condition, emphasis)
+    weight, bias, fell_back = ridge_solve(gram, old_weight, old_bias, ridge, settings.max_condition)
     total = float((gram.yy * emphasis).sum())
 
     def relative(w: torch.Tensor, b: torch.Tensor | None) -> float:
@@ -349,7 +426,7 @@ def _solve_into(layer: nn.Linear, columns: torch.Tensor, gram: Gram, gamma: torc
     layer.weight.copy_(new)
     if bias is not None:
         layer.bias.copy_(bias.to(layer.bias.dtype))
-    return before, after, fell_back
+    return before, after, fell_back, ridge
 
 
 def _refit_branch(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure, unit: str,
@@ -361,18 +438,20 @@ def _refit_branch(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept:
     # The output layer's inputs are kept for the second pass when they take no more memory than a
     # residual stream (a head branch, or an MLP pruned to a quarter); wider ones are recomputed.
     stored = streams.pruned.new_empty(images, length, columns.numel()) if columns.numel() <= width else None
-    gram = _accumulate(dense, pruned, unit, inputs, columns.numel(), streams, settings.global_share, tokens, stored)
-    if not gram.finite():
+    folds = 1 if settings.ridge is not None else min(settings.folds, images)
+    grams = _accumulate(dense, pruned, unit, inputs, columns.numel(), streams, settings.global_share, tokens, stored,
+                        folds)
+    if not all(gram.finite() for gram in grams):
         raise DataError(f"non-finite activations in block {block.index} ({BRANCHES[unit]}); check "
                         "the calibration images for NaN or inf values")
     layer = output_layer(pruned, unit)
-    before, after, fell_back = _solve_into(layer, columns, gram, layer_scale(pruned, unit), settings)
+    before, after, fell_back, ridge = _solve_into(layer, columns, grams, layer_scale(pruned, unit), settings)
     weight = layer.weight[:, columns]
     for part in streams.parts():
         x = stored[part] if stored is not None else inputs(streams.pruned[part])
         streams.pruned[part] += _branch_from_inputs(pruned, unit, x, weight)
     return BranchFit(block.index, BRANCHES[unit], len(kept.heads if unit == "head" else kept.neurons),
-                     before, after, fell_back)
+                     before, after, fell_back, ridge)
 
 
 def _refit_block(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure,
