@@ -208,8 +208,8 @@ class RefitConfig(PruneConfig):
     them, then refit every block's `attn.proj` and `mlp.fc2` by ridge least squares so the pruned
     stream reproduces the dense one (`refit_target`: `global`, the dense model's stream; `local`,
     the dense block on the pruned input; `mix`, `alpha` parts global). `finetune_epochs` (default
-    0) trains the refit model afterwards. Defaults chosen on digits validation
-    (docs/results/refit.md)."""
+    0) trains the refit model afterwards. Defaults chosen on digits and Fashion-MNIST validation
+    (docs/results/refit.md, refit-fashion.md)."""
 
     method: ClassVar[str] = "refit"
     criteria: str = knob("activation", "Unit importance criterion (activation, fisher and reconstruction need no "
