@@ -84,13 +84,13 @@ bench-budget-accuracy: $(STAMP)
 bench-refit: $(STAMP)
 	$(STUDY) studies.refit --seeds 0,1,2 --out docs/refit
 
-# Refit against magnitude pruning on the converged Fashion-MNIST reference, 3 seeds, test top-1 against the
-# measured onnxruntime speed-up (docs/refit-fashion).
+# Refit against one-shot magnitude pruning with and without its fine-tune on the converged Fashion-MNIST
+# reference, 3 seeds, test top-1 against the measured onnxruntime speed-up (docs/refit-fashion).
 bench-refit-fashion: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	test -d runs/reference_fashion/dense || $(STUDY) studies.reference_fashion --out runs/reference_fashion --no-baselines
 	$(STUDY) studies.pareto --dense runs/reference_fashion/dense --shift 0 --limit 4000 \
-		--methods magnitude,refit,refit-ft --global-at none --distill-at none --seeds 0,1,2 \
+		--methods magnitude,oneshot,refit,refit-ft --global-at none --distill-at none --seeds 0,1,2 \
 		--states 2 --epochs-per-state 2 --finetune-epochs 4 --bench-seconds 5 --out docs/refit-fashion
 
 # Token merging stacked with compaction and static INT8 (docs/tokens): vit_small speed targets, and accuracy
