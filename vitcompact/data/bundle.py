@@ -142,8 +142,9 @@ class DataBundle:
 
     def calibration(self) -> DataLoader:
         """Training images without augmentation in a fixed order: data for data-driven criteria."""
-        return DataLoader(without_augmentation(self.train.dataset), batch_size=self.train.batch_size, shuffle=False, collate_fn=self.train.collate_fn,
-                          num_workers=self.train.num_workers, pin_memory=self.train.pin_memory)
+        return DataLoader(without_augmentation(self.train.dataset), batch_size=self.train.batch_size, shuffle=False,
+                          collate_fn=self.train.collate_fn, num_workers=self.train.num_workers,
+                          pin_memory=self.train.pin_memory)
 
 
 def _to_channels(images: torch.Tensor, in_chans: int) -> torch.Tensor:
