@@ -25,10 +25,11 @@ def test_evaluate_gives_fp32_and_static_int8_top1_from_onnxruntime(tmp_path):
 def test_tokens_study_measures_every_series_and_resumes(tmp_path, monkeypatch):
     """The study's plan on digits with one seed; exporting and timing (tested above and in the bench
     tests) are replaced by records of what was asked."""
-    evaluated, timed = [], []
+    evaluated, timed, heads = [], [], {}
 
     def fake_evaluate(net, label, folder, data, **key):
         evaluated.append((label, vc.get_record(net).token_merge))
+        heads[label] = net.blocks[0].attn.num_heads
         return [{**key, "precision": p, "test_top1": 0.5, "val_top1": 0.5, "file": f"{label}.{p}"}
                 for p in ("fp32", "int8")]
 
@@ -40,27 +41,34 @@ def test_tokens_study_measures_every_series_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "evaluate", fake_evaluate)
     monkeypatch.setattr(study, "time_pair", fake_time)
     argv = ["--data", "digits", "--dense", str(tmp_path / "none"), "--dense196", str(tmp_path / "ref"),
-            "--img196", "8", "--r-values196", "1", "--seeds", "0", "--limit", "64", "--finetune-epochs", "1",
-            "--train196-images", "96", "--train196-epochs", "1", "--skip-speed", "--work", str(tmp_path / "work"),
+            "--img196", "16", "--r-values196", "1", "--seeds", "0", "--limit", "64", "--finetune-epochs", "1",
+            "--train196-epochs", "1", "--train196-finetune-epochs", "1", "--stack-epochs", "1", "--stack-limit", "256",
+            "--skip-speed", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "out")]
     report = study.main(argv)
     (ref,) = report["references"]
-    assert ref["info"]["tokens"] == [17] * 6 and ref["info"]["token_counts"] == {"1": [17, 16, 15, 14, 13, 12]}
-    merges = {label: (merge.r if merge else 0) for label, merge in evaluated}
-    assert merges == {"dense-r0": 0, "dense-r1": 1, "s0-dense-ft-r1": 1, "s0-compact-r0": 0, "s0-compact-r1": 1,
-                      "s0-compact-ft-r1": 1}
+    # the reference: 16 px, patch 4 (trained at 8 px first); merging on the decreasing schedule (2, 1, 1, 0, 0, 0)
+    assert ref["info"]["tokens"] == [17] * 6 and ref["info"]["token_counts"] == {"1": [17, 15, 14, 13, 13, 13]}
+    assert vc.input_size(vc.load(tmp_path / "ref")) == (1, 16, 16)
+    merges = {label: (merge.r, merge.schedule) if merge else 0 for label, merge in evaluated}
+    one = (1, "decreasing")
+    assert merges == {"dense-r0": 0, "dense-r1": one, "s0-dense-ft-r1": one, "s0-compact-r0": 0, "s0-compact-r1": one,
+                      "s0-compact-ft-r1": one, "s0-stack-r1": one}
+    assert ref["info"]["stack"] == {"head_ratio": 2 / 3, "mlp_ratio": 0.5, "r": 1, "epochs": 1, "lr": 3e-4, "images": 256}
+    # the stack keeps 1 of the 3 heads, the one-shot compact model 2
+    assert heads["s0-stack-r1"] == 1 and heads["s0-compact-ft-r1"] == 2 and heads["dense-r1"] == 3
     series = {(a["model"], a["r"], a["training"], a["precision"]) for a in ref["aggregates"]}
     expected = {("dense", 0, "none"), ("dense", 1, "none"), ("dense", 1, "fine-tuned with merging"),
                 ("compact", 0, "one-shot fine-tune"), ("compact", 1, "one-shot fine-tune, merging off the shelf"),
-                ("compact", 1, "one-shot fine-tune with merging")}
+                ("compact", 1, "one-shot fine-tune with merging"), (study.STACK_MODEL, 1, study.STACK_TRAINING)}
     assert series == {(*s, p) for s in expected for p in ("fp32", "int8")}
     # one timing per (model, r, precision), on its first file, against the dense FP32 file at batch 8
     assert sorted(other for _, other, _ in timed) == sorted(
         ["dense-r0.int8", "dense-r1.fp32", "dense-r1.int8", "s0-compact-r0.fp32", "s0-compact-r0.int8",
-         "s0-compact-r1.fp32", "s0-compact-r1.int8"])
+         "s0-compact-r1.fp32", "s0-compact-r1.int8", "s0-stack-r1.fp32", "s0-stack-r1.int8"])
     assert {(d, b) for d, _, b in timed} == {("dense-r0.fp32", 8)}
     saved = json.loads((tmp_path / "out" / "tokens.json").read_text())
-    assert saved["references"][0]["rows"] == ref["rows"] and len(ref["rows"]) == 12
+    assert saved["references"][0]["rows"] == ref["rows"] and len(ref["rows"]) == 14
     assert "| compact | 1 | one-shot fine-tune with merging | int8 | 50.00 |" in (tmp_path / "out" / "tokens.md").read_text()
     assert (tmp_path / "out" / "tokens.png").stat().st_size > 0
 

@@ -69,7 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", type=Path, default=Path("docs/int8"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.skip_speed and (args.skip_accuracy or not args.dense.is_dir()):
+        p.error("nothing to measure: --skip-speed, and " + ("--skip-accuracy" if args.skip_accuracy else
+                                                            f"no dense reference at {args.dense}"))
+    return args
 
 
 def speed_case(name: str, batch: int, args: argparse.Namespace, folder: Path) -> dict:

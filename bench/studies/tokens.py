@@ -8,11 +8,14 @@ the heads, 30 % of the neurons, widths a multiple of 16), compact + r=13, and ea
 timed against the dense FP32 ONNX, onnxruntime CPU, one thread, each pair interleaved in one run.
 
 Accuracy, on two trained references: the Fashion-MNIST reference (`--dense`, 16 patches + class
-token) and a 196-patch one (28 px, patch 2, 96 wide, 6 blocks) the study trains when
+token) and a 196-patch one (56 px, patch 4, 96 wide, 6 blocks) the study trains when
 `--dense196` is missing. Per reference: dense + ToMe at each r off the shelf (no training, the same
 for every seed); per seed, the one-shot compact model fine-tuned on `--limit` images, then ToMe at
 each r applied off the shelf; and at `r*` (the largest r) the dense model and the one-shot compact
-model fine-tuned with merging on. Every model is exported to ONNX and quantised (static INT8,
+model fine-tuned with merging on. On the 196-patch reference (merging on the decreasing schedule) also
+the deployment stack: refit compaction at `--stack-head-ratio` / `--stack-mlp-ratio` (2/3 of the heads:
+with 3 heads of 32 the 4x needs 1 head, measured), fine-tuned with merging at `r*` on `--stack-limit`
+images, distilled from the dense model. Every model is exported to ONNX and quantised (static INT8,
 calibrated on its training images); test top-1 of both files comes from onnxruntime. Speed-ups are
 measured once per (model, r, precision) on the first seed's file against the dense FP32 ONNX at
 batch 8: the accuracy phase runs first, the timing phase after it, so run the study alone.
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 
 import vitcompact as vc
 from vitcompact.export import Int8Config, to_int8
@@ -48,9 +52,10 @@ from .pareto import FASHION_ROOT, export_quiet, first
 SCHEMA = "vitcompact.tokens/1"
 SPEED_MODEL, SPEED_R = "vit_small_patch16_224", 13
 STATIC = Int8Config(mode="static", max_accuracy_drop=None)
-# The 196-patch reference: Fashion-MNIST at its own 28 px with patch 2 (the same token count as 56 px
-# with patch 4), sized so that the study trains it in minutes on two cores.
-REFERENCE_196 = {"patch_size": 2, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 2.0}
+# The 196-patch reference: Fashion-MNIST at 56 px with patch 4, 96 wide, 6 blocks. Trained in two
+# stages so that two cores afford it: at 28 px (49 patches, a quarter of the tokens) to near
+# convergence, then at 56 px (position embeddings resampled to 14 x 14) for a short fine-tune.
+REFERENCE_196 = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 2.0}
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,15 @@ class Reference:
     dense: Path
     r_values: tuple[int, ...]
     test_limit: int | None = None  # test images evaluated (None: all)
+    schedule: str = "constant"  # the merge schedule at every r
+    stack: bool = False  # also the deployment stack: refit compaction fine-tuned with merging on every image
 
     @property
     def r_finetune(self) -> int:
         return max(self.r_values)
+
+    def merge(self, r: int) -> vc.TokenMergeConfig | None:
+        return vc.TokenMergeConfig(r=r, schedule=self.schedule) if r else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="fashion-mnist", help="data source of both references")
     p.add_argument("--root", default=FASHION_ROOT)
     p.add_argument("--r-values", default="1", help="r of the Fashion-MNIST reference (16 patches, 9 blocks)")
-    p.add_argument("--r-values196", default="16,28", help="r of the 196-patch reference (6 blocks: at most 28)")
+    p.add_argument("--r-values196", default="20,26",
+                   help="r of the 196-patch reference (6 blocks; decreasing schedule: at most 31, constant: 28)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--limit", type=int, default=4000, help="training images of every fine-tune")
     p.add_argument("--finetune-epochs", type=int, default=2)
@@ -84,9 +95,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-limit", type=int, default=2000, help="validation images evaluated")
     p.add_argument("--test-limit", type=int, default=None, help="test images of the 16-patch reference (default all)")
     p.add_argument("--test-limit196", type=int, default=5000, help="test images of the 196-patch reference")
-    p.add_argument("--img196", type=int, default=28, help="input size of the 196-patch reference (patch 2)")
-    p.add_argument("--train196-images", type=int, default=20000)
-    p.add_argument("--train196-epochs", type=int, default=4)
+    p.add_argument("--img196", type=int, default=56, help="input size of the 196-patch reference (patch 4)")
+    p.add_argument("--train196-epochs", type=int, default=8, help="its epochs at half the input size")
+    p.add_argument("--train196-finetune-epochs", type=int, default=1, help="then its epochs at --img196")
+    p.add_argument("--train196-finetune-lr", type=float, default=3e-4)
+    p.add_argument("--schedule196", default="decreasing", choices=("constant", "decreasing"),
+                   help="merge schedule of the 196-patch reference")
+    p.add_argument("--stack-head-ratio", type=float, default=2 / 3, help="heads the deployment stack removes "
+                   "(196-patch reference; 2/3 keeps 1 of 3: the 4x needs it, measured)")
+    p.add_argument("--stack-mlp-ratio", type=float, default=0.5)
+    p.add_argument("--stack-epochs", type=int, default=2, help="the stack's fine-tune with merging on")
+    p.add_argument("--stack-lr", type=float, default=3e-4)
+    p.add_argument("--stack-limit", type=int, default=20000, help="the stack's training images")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the timing")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per pair (trained references)")
     p.add_argument("--speed-seconds", type=float, default=20.0, help="timing budget per pair (vit_small)")
@@ -103,8 +123,8 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
-def merged(model: nn.Module, r: int) -> nn.Module:
-    return vc.merge_tokens(copy.deepcopy(model), vc.TokenMergeConfig(r=r) if r else None).eval()
+def merged(model: nn.Module, merge: vc.TokenMergeConfig | None) -> nn.Module:
+    return vc.merge_tokens(copy.deepcopy(model), merge).eval()
 
 
 def quiet() -> vc.TrainConfig:
@@ -119,33 +139,60 @@ def split_of(model: nn.Module, args: argparse.Namespace) -> vc.DataBundle:
 
 
 def train_reference196(args: argparse.Namespace) -> None:
-    seed_everything(0)
-    model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **REFERENCE_196)
-    split = split_of(model, args)
-    bundle = dataclasses.replace(split, train=first(split.train, args.train196_images, True))
-    config = vc.TrainConfig(epochs=args.train196_epochs, lr=1e-3, warmup_epochs=0.5, seed=0)
+    """The 196-patch reference: `--train196-epochs` at half the input size (a quarter of the tokens), then
+    `--train196-finetune-epochs` at `--img196` with the position embeddings resampled."""
     started = time.perf_counter()
-    vc.train(model, bundle, config, description="196-patch reference")
-    test = vc.evaluate(model, split.test)
-    vc.save(model.eval(), args.dense196, provenance={"stage": "train", "data": args.data, "test": test,
-                                                     "train": config.to_dict(), "images": args.train196_images,
-                                                     "seconds": round(time.perf_counter() - started, 1)})
+    seed_everything(0)
+    low = vc.create_model("vit-fashion-tiny", img_size=args.img196 // 2, **REFERENCE_196)
+    model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **REFERENCE_196)
+    stages = ((low, args.train196_epochs, 1e-3, 1.0), (model, args.train196_finetune_epochs, args.train196_finetune_lr, 0.1))
+    for stage, (net, epochs, lr, warmup) in enumerate(stages):
+        if stage:
+            state = low.state_dict()
+            side = args.img196 // REFERENCE_196["patch_size"]
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
+            net.load_state_dict(state)
+        seed_everything(0)
+        config = vc.TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup, seed=0)
+        vc.train(net, split_of(net, args), config, description=f"196-patch reference, {vc.input_size(net)[1]} px")
+    test = vc.evaluate(model, split_of(model, args).test)
+    vc.save(model.eval(), args.dense196, provenance={
+        "stage": "train", "data": args.data, "test": test, "seconds": round(time.perf_counter() - started, 1),
+        "train": f"{args.train196_epochs} epochs at {args.img196 // 2} px (lr 1e-3), then "
+                 f"{args.train196_finetune_epochs} at {args.img196} px (lr {args.train196_finetune_lr})"})
     print(f"196-patch reference: test top-1 {test['top1']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def one_shot(dense: nn.Module, bundle: vc.DataBundle, seed: int, epochs: int, r: int = 0) -> nn.Module:
-    """The one-shot compact model (the research ratios), fine-tuned with merging at `r` when r > 0."""
-    merge = {"token_merge": vc.TokenMergeConfig(r=r), "finetune_token_merge": True} if r else {}
+def one_shot(dense: nn.Module, bundle: vc.DataBundle, seed: int, epochs: int,
+             merge: vc.TokenMergeConfig | None = None) -> nn.Module:
+    """The one-shot compact model (the research ratios), fine-tuned with `merge` on when there is one."""
+    merge = {"token_merge": merge, "finetune_token_merge": True} if merge else {}
     config = vc.OneShotConfig(head_ratio=RESEARCH.head_ratio, mlp_ratio=RESEARCH.mlp_ratio, finetune_epochs=epochs,
                               seed=seed, train=quiet(), **merge)
     result = vc.prune(copy.deepcopy(dense), bundle, config)
     return vc.compact(result.model, result.masks).eval()
 
 
-def dense_finetuned(dense: nn.Module, bundle: vc.DataBundle, seed: int, r: int, args: argparse.Namespace) -> nn.Module:
-    model = merged(dense, r).train()
+STACK_MODEL, STACK_TRAINING = "refit compact", "refit, fine-tuned with merging"
+
+
+def refit_stack(dense: nn.Module, bundle: vc.DataBundle, seed: int, merge: vc.TokenMergeConfig,
+                args: argparse.Namespace) -> nn.Module:
+    """The deployment stack's compact model: refit at the stack's ratios (no training), then fine-tuned
+    with `merge` on, distilled from the dense model, on `bundle`'s training images."""
+    config = vc.RefitConfig(head_ratio=args.stack_head_ratio, mlp_ratio=args.stack_mlp_ratio, seed=seed,
+                            finetune_epochs=args.stack_epochs, lr=args.stack_lr, token_merge=merge,
+                            finetune_token_merge=True,
+                            train=dataclasses.replace(vc.RefitConfig().train, progress=False))
+    result = vc.prune(copy.deepcopy(dense), bundle, config)
+    return vc.compact(result.model, result.masks).eval()
+
+
+def dense_finetuned(dense: nn.Module, bundle: vc.DataBundle, seed: int, merge: vc.TokenMergeConfig,
+                    args: argparse.Namespace) -> nn.Module:
+    model = merged(dense, merge).train()
     vc.train(model, bundle, dataclasses.replace(quiet(), epochs=args.finetune_epochs, lr=args.dense_finetune_lr,
-                                                seed=seed), description=f"dense fine-tune (r={r})")
+                                                seed=seed), description=f"dense fine-tune (r={merge.r})")
     return model.eval()
 
 
@@ -186,32 +233,41 @@ def reference_rows(ref: Reference, args: argparse.Namespace, units: Units) -> tu
     tune = dataclasses.replace(data, train=first(split.train, args.limit, True))  # its checks on the same images
     folder = ensure_dir(args.work / ref.slug)
     for r in ref.r_values:
-        vc.models.token_merge.check_token_merge(dense, vc.TokenMergeConfig(r=r))
+        vc.models.token_merge.check_token_merge(dense, ref.merge(r))
     r_star = ref.r_finetune
     rows = []
     for r in (0, *ref.r_values):  # no training: the same for every seed
         rows += units.run(f"{ref.slug}/dense-r{r}", lambda r=r: evaluate(
-            merged(dense, r), f"dense-r{r}", folder, data, model="dense", r=r, training="none", seed=None))
+            merged(dense, ref.merge(r)), f"dense-r{r}", folder, data, model="dense", r=r, training="none", seed=None))
     for seed in args.seeds:
         rows += units.run(f"{ref.slug}/seed{seed}/dense-ft-r{r_star}", lambda seed=seed: evaluate(
-            dense_finetuned(dense, tune, seed, r_star, args), f"s{seed}-dense-ft-r{r_star}", folder, data,
+            dense_finetuned(dense, tune, seed, ref.merge(r_star), args), f"s{seed}-dense-ft-r{r_star}", folder, data,
             model="dense", r=r_star, training="fine-tuned with merging", seed=seed))
 
         def compact_rows(seed=seed):
             compact = one_shot(dense, tune, seed, args.finetune_epochs)
             return [row for r in (0, *ref.r_values) for row in evaluate(
-                merged(compact, r), f"s{seed}-compact-r{r}", folder, data, model="compact", r=r,
+                merged(compact, ref.merge(r)), f"s{seed}-compact-r{r}", folder, data, model="compact", r=r,
                 training="one-shot fine-tune" + (", merging off the shelf" if r else ""), seed=seed)]
 
         rows += units.run(f"{ref.slug}/seed{seed}/compact", compact_rows)
         rows += units.run(f"{ref.slug}/seed{seed}/compact-ft-r{r_star}", lambda seed=seed: evaluate(
-            one_shot(dense, tune, seed, args.finetune_epochs, r_star), f"s{seed}-compact-ft-r{r_star}", folder, data,
+            one_shot(dense, tune, seed, args.finetune_epochs, ref.merge(r_star)), f"s{seed}-compact-ft-r{r_star}", folder, data,
             model="compact", r=r_star, training="one-shot fine-tune with merging", seed=seed))
+        if ref.stack:
+            every = dataclasses.replace(data, train=first(split.train, args.stack_limit, True))
+            rows += units.run(f"{ref.slug}/seed{seed}/stack-r{r_star}", lambda seed=seed: evaluate(
+                refit_stack(dense, every, seed, ref.merge(r_star), args), f"s{seed}-stack-r{r_star}", folder, data,
+                model=STACK_MODEL, r=r_star, training=STACK_TRAINING, seed=seed))
     info = {"name": ref.name, "dense": str(ref.dense), "test_images": len(data.test.dataset), "r_values": list(ref.r_values), "r_finetune": r_star,
             "tokens": vc.models.token_merge.model_token_counts(dense), "dense_macs": vc.count(dense).macs,
-            "token_counts": {str(r): vc.models.token_merge.model_token_counts(dense, vc.TokenMergeConfig(r=r))
+            "token_counts": {str(r): vc.models.token_merge.model_token_counts(dense, ref.merge(r))
                              for r in ref.r_values},
-            "dense_structure": describe(dense)}
+            "dense_structure": describe(dense), "schedule": ref.schedule}
+    if ref.stack:
+        info["stack"] = {"head_ratio": args.stack_head_ratio, "mlp_ratio": args.stack_mlp_ratio, "r": r_star,
+                         "epochs": args.stack_epochs, "lr": args.stack_lr,
+                         "images": len(first(split.train, args.stack_limit, True).dataset)}
     return rows, info
 
 
@@ -253,7 +309,7 @@ def aggregate(rows: list[dict], timings: dict[str, dict]) -> list[dict]:
 def full_stack_target(aggregates: list[dict], r_star: int) -> dict:
     """Compaction + merging + static INT8 at least 4x faster than dense FP32 within 1 point of its test top-1."""
     dense = next(a for a in aggregates if a["model"] == "dense" and a["r"] == 0 and a["precision"] == "fp32")
-    stacks = [a for a in aggregates if a["model"] == "compact" and a["r"] and a["precision"] == "int8"]
+    stacks = [a for a in aggregates if a["model"] != "dense" and a["r"] and a["precision"] == "int8"]
     rows = [{"r": a["r"], "training": a["training"], "mean": a["mean"], "drop_points": 100 * (dense["mean"] - a["mean"]),
              "speedup": a["speedup"], "met": bool(a["speedup"] and a["speedup"] >= 4.0
                                                    and 100 * (dense["mean"] - a["mean"]) <= 1.0)} for a in stacks]
@@ -267,8 +323,9 @@ def speed_case(batch: int, args: argparse.Namespace, folder: Path) -> dict:
     data = calibration_data(dense, args.data, args.root, 256)
     dense_onnx = export_quiet(dense, folder / "vit_small-dense.onnx")
     files = {}
-    for label, model in ((f"dense + ToMe r={SPEED_R}", merged(dense, SPEED_R)), ("compact", compact),
-                         (f"compact + ToMe r={SPEED_R}", merged(compact, SPEED_R))):
+    for label, model in ((f"dense + ToMe r={SPEED_R}", merged(dense, vc.TokenMergeConfig(r=SPEED_R))),
+                         ("compact", compact),
+                         (f"compact + ToMe r={SPEED_R}", merged(compact, vc.TokenMergeConfig(r=SPEED_R)))):
         path = folder / f"vit_small-{len(files)}.onnx"
         if not path.exists():
             export_quiet(model, path)
@@ -347,7 +404,7 @@ def to_markdown(report: dict) -> str:
 SERIES = {("dense", "none"): ("o", "#1f77b4"), ("dense", "fine-tuned with merging"): ("s", "#1f77b4"),
           ("compact", "one-shot fine-tune"): ("o", "#d62728"),
           ("compact", "one-shot fine-tune, merging off the shelf"): ("^", "#d62728"),
-          ("compact", "one-shot fine-tune with merging"): ("s", "#d62728")}
+          ("compact", "one-shot fine-tune with merging"): ("s", "#d62728"), (STACK_MODEL, STACK_TRAINING): ("D", "#2ca02c")}
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -390,8 +447,9 @@ def references(args: argparse.Namespace) -> list[Reference]:
     if not args.dense196.is_dir():
         train_reference196(args)
     patches = (args.img196 // REFERENCE_196["patch_size"]) ** 2
-    refs.append(Reference(f"{patches}-patch reference ({args.img196} px, patch 2)", f"fashion{patches}", args.dense196,
-                          ints(args.r_values196), args.test_limit196))
+    refs.append(Reference(f"{patches}-patch reference ({args.img196} px, patch {REFERENCE_196['patch_size']})",
+                          f"fashion{patches}", args.dense196, ints(args.r_values196), args.test_limit196,
+                          args.schedule196, stack=True))
     return refs
 
 
