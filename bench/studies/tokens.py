@@ -66,7 +66,7 @@ class Reference:
     r_values: tuple[int, ...]
     test_limit: int | None = None  # test images evaluated (None: all)
     schedule: str = "constant"  # the merge schedule at every r
-    stack: bool = False  # also the deployment stack: refit compaction fine-tuned with merging on every image
+    stack: bool = False  # also the deployment stack: refit compaction fine-tuned with merging (--stack-*)
 
     @property
     def r_finetune(self) -> int:
@@ -231,6 +231,7 @@ def reference_rows(ref: Reference, args: argparse.Namespace, units: Units) -> tu
     data = dataclasses.replace(split, val=first(split.val, args.val_limit, False),
                                test=first(split.test, ref.test_limit, False))
     tune = dataclasses.replace(data, train=first(split.train, args.limit, True))  # its checks on the same images
+    stack_data = dataclasses.replace(data, train=first(split.train, args.stack_limit, True))
     folder = ensure_dir(args.work / ref.slug)
     for r in ref.r_values:
         vc.models.token_merge.check_token_merge(dense, ref.merge(r))
@@ -255,9 +256,8 @@ def reference_rows(ref: Reference, args: argparse.Namespace, units: Units) -> tu
             one_shot(dense, tune, seed, args.finetune_epochs, ref.merge(r_star)), f"s{seed}-compact-ft-r{r_star}", folder, data,
             model="compact", r=r_star, training="one-shot fine-tune with merging", seed=seed))
         if ref.stack:
-            every = dataclasses.replace(data, train=first(split.train, args.stack_limit, True))
             rows += units.run(f"{ref.slug}/seed{seed}/stack-r{r_star}", lambda seed=seed: evaluate(
-                refit_stack(dense, every, seed, ref.merge(r_star), args), f"s{seed}-stack-r{r_star}", folder, data,
+                refit_stack(dense, stack_data, seed, ref.merge(r_star), args), f"s{seed}-stack-r{r_star}", folder, data,
                 model=STACK_MODEL, r=r_star, training=STACK_TRAINING, seed=seed))
     info = {"name": ref.name, "dense": str(ref.dense), "test_images": len(data.test.dataset), "r_values": list(ref.r_values), "r_finetune": r_star,
             "tokens": vc.models.token_merge.model_token_counts(dense), "dense_macs": vc.count(dense).macs,
@@ -267,7 +267,7 @@ def reference_rows(ref: Reference, args: argparse.Namespace, units: Units) -> tu
     if ref.stack:
         info["stack"] = {"head_ratio": args.stack_head_ratio, "mlp_ratio": args.stack_mlp_ratio, "r": r_star,
                          "epochs": args.stack_epochs, "lr": args.stack_lr,
-                         "images": len(first(split.train, args.stack_limit, True).dataset)}
+                         "images": len(stack_data.train.dataset)}
     return rows, info
 
 
