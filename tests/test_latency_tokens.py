@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -133,11 +134,15 @@ def test_predicted_latency_with_merging_is_within_5_percent_of_the_measured(monk
                              tokens=True)
     assert table.key["tokens"]["counts"] == [7, 17] and table.tokens.merge_r == (2, 5)
     # r=5: block 0's attention sees 17 tokens, its MLP and block 1's attention 12 (interpolated), block 1's MLP 7.
+    # Measured three times (the median): a model this small runs in a third of a millisecond, where one
+    # measurement beside another test worker's load strayed 9 % in CI.
     source, blocks, r = lm.timing_copy(model), [(1, 128), (2, 128)], 5
-    with lm.Interleaved(source, "ort-cpu", 8, 1, FAST, 0) as timer:
-        index = timer.time(merging(vc.compact(source, lm.first_units_masks(source, blocks)), r), "structure")
-        measured = timer.ms(index) * table.dense_ms / timer.dense_ms  # as fast as the machine was for the table
-    assert abs(table.predict(blocks, r) / measured - 1) < 0.05, (table.predict(blocks, r), measured)
+    measured = []
+    for _ in range(3):
+        with lm.Interleaved(source, "ort-cpu", 8, 1, FAST, 0) as timer:
+            index = timer.time(merging(vc.compact(source, lm.first_units_masks(source, blocks)), r), "structure")
+            measured.append(timer.ms(index) * table.dense_ms / timer.dense_ms)  # at the table's machine speed
+    assert abs(table.predict(blocks, r) / statistics.median(measured) - 1) < 0.05, (table.predict(blocks, r), measured)
 
 
 def digits_token_table() -> LatencyTable:
