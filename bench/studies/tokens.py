@@ -142,20 +142,23 @@ def train_reference196(args: argparse.Namespace) -> None:
     """The 196-patch reference: `--train196-epochs` at half the input size (a quarter of the tokens), then
     `--train196-finetune-epochs` at `--img196` with the position embeddings resampled."""
     started = time.perf_counter()
+
+    def fit(net: nn.Module, epochs: int, lr: float, warmup: float) -> vc.DataBundle:
+        seed_everything(0)
+        split = split_of(net, args)
+        vc.train(net, split, vc.TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup, seed=0),
+                 description=f"196-patch reference, {vc.input_size(net)[1]} px")
+        return split
+
     seed_everything(0)
     low = vc.create_model("vit-fashion-tiny", img_size=args.img196 // 2, **REFERENCE_196)
     model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **REFERENCE_196)
-    stages = ((low, args.train196_epochs, 1e-3, 1.0), (model, args.train196_finetune_epochs, args.train196_finetune_lr, 0.1))
-    for stage, (net, epochs, lr, warmup) in enumerate(stages):
-        if stage:
-            state = low.state_dict()
-            side = args.img196 // REFERENCE_196["patch_size"]
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
-            net.load_state_dict(state)
-        seed_everything(0)
-        config = vc.TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup, seed=0)
-        vc.train(net, split_of(net, args), config, description=f"196-patch reference, {vc.input_size(net)[1]} px")
-    test = vc.evaluate(model, split_of(model, args).test)
+    fit(low, args.train196_epochs, 1e-3, 1.0)
+    state = low.state_dict()
+    side = args.img196 // REFERENCE_196["patch_size"]
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
+    model.load_state_dict(state)
+    test = vc.evaluate(model, fit(model, args.train196_finetune_epochs, args.train196_finetune_lr, 0.1).test)
     vc.save(model.eval(), args.dense196, provenance={
         "stage": "train", "data": args.data, "test": test, "seconds": round(time.perf_counter() - started, 1),
         "train": f"{args.train196_epochs} epochs at {args.img196 // 2} px (lr 1e-3), then "
