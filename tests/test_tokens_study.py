@@ -25,11 +25,12 @@ def test_evaluate_gives_fp32_and_static_int8_top1_from_onnxruntime(tmp_path):
 def test_tokens_study_measures_every_series_and_resumes(tmp_path, monkeypatch):
     """The study's plan on digits with one seed; exporting and timing (tested above and in the bench
     tests) are replaced by records of what was asked."""
-    evaluated, timed, heads = [], [], {}
+    evaluated, timed, heads, widths = [], [], {}, {}
 
     def fake_evaluate(net, label, folder, data, **key):
         evaluated.append((label, vc.get_record(net).token_merge))
         heads[label] = net.blocks[0].attn.num_heads
+        widths[label] = net.blocks[0].mlp.fc1.out_features
         return [{**key, "precision": p, "test_top1": 0.5, "val_top1": 0.5, "file": f"{label}.{p}"}
                 for p in ("fp32", "int8")]
 
@@ -43,17 +44,19 @@ def test_tokens_study_measures_every_series_and_resumes(tmp_path, monkeypatch):
     argv = ["--data", "digits", "--dense", str(tmp_path / "none"), "--dense196", str(tmp_path / "ref"),
             "--img196", "16", "--r-values196", "1", "--seeds", "0", "--limit", "64", "--finetune-epochs", "1",
             "--train196-epochs", "1", "--train196-finetune-epochs", "1", "--stack-epochs", "1", "--stack-limit", "256",
-            "--skip-speed", "--work", str(tmp_path / "work"),
+            "--dense196w", str(tmp_path / "wide"), "--r-values196w", "2", "--train196w-epochs", "1",
+            "--train196w-finetune-images", "64", "--stack196w-mlp-ratio", "0.5", "--skip-speed", "--work", str(tmp_path / "work"),
             "--out", str(tmp_path / "out")]
     report = study.main(argv)
-    (ref,) = report["references"]
+    ref, wide = report["references"]
     # the reference: 16 px, patch 4 (trained at 8 px first); merging on the decreasing schedule (2, 1, 1, 0, 0, 0)
     assert ref["info"]["tokens"] == [17] * 6 and ref["info"]["token_counts"] == {"1": [17, 15, 14, 13, 13, 13]}
     assert vc.input_size(vc.load(tmp_path / "ref")) == (1, 16, 16)
     merges = {label: (merge.r, merge.schedule) if merge else 0 for label, merge in evaluated}
-    one = (1, "decreasing")
+    one, two = (1, "decreasing"), (2, "decreasing")
     assert merges == {"dense-r0": 0, "dense-r1": one, "s0-dense-ft-r1": one, "s0-compact-r0": 0, "s0-compact-r1": one,
-                      "s0-compact-ft-r1": one, "s0-stack-r1": one}
+                      "s0-compact-ft-r1": one, "s0-stack-r1": one,
+                      "dense-r2": two, "stack-r0": 0, "stack-r2": two}  # the last three: the wide reference
     assert ref["info"]["stack"] == {"head_ratio": 2 / 3, "mlp_ratio": 0.5, "r": 1, "epochs": 1, "lr": 3e-4, "images": 256}
     # the stack keeps 1 of the 3 heads, the one-shot compact model 2
     assert heads["s0-stack-r1"] == 1 and heads["s0-compact-ft-r1"] == 2 and heads["dense-r1"] == 3
@@ -63,12 +66,31 @@ def test_tokens_study_measures_every_series_and_resumes(tmp_path, monkeypatch):
                 ("compact", 1, "one-shot fine-tune with merging"), (study.STACK_MODEL, 1, study.STACK_TRAINING)}
     assert series == {(*s, p) for s in expected for p in ("fp32", "int8")}
     # one timing per (model, r, precision), on its first file, against the dense FP32 file at batch 8
-    assert sorted(other for _, other, _ in timed) == sorted(
-        ["dense-r0.int8", "dense-r1.fp32", "dense-r1.int8", "s0-compact-r0.fp32", "s0-compact-r0.int8",
-         "s0-compact-r1.fp32", "s0-compact-r1.int8", "s0-stack-r1.fp32", "s0-stack-r1.int8"])
+    # (the wide reference's files after the narrow one's)
+    narrow_files = ["dense-r0.int8", "dense-r1.fp32", "dense-r1.int8", "s0-compact-r0.fp32", "s0-compact-r0.int8",
+                    "s0-compact-r1.fp32", "s0-compact-r1.int8", "s0-stack-r1.fp32", "s0-stack-r1.int8"]
+    assert sorted(other for _, other, _ in timed[:len(narrow_files)]) == sorted(narrow_files)
+    assert sorted(other for _, other, _ in timed[len(narrow_files):]) == sorted(
+        ["dense-r0.int8", "dense-r2.fp32", "dense-r2.int8", "stack-r0.fp32", "stack-r0.int8", "stack-r2.fp32",
+         "stack-r2.int8"])
+
+    # The wide reference (192 wide, MLP x4; trained at 8 px, then on 64 images at 16 px): dense and the
+    # refit stack (half of the neurons, every head; no training) with merging off the shelf at r = 2.
+    wide_model = vc.load(tmp_path / "wide")
+    assert (wide_model.embed_dim, wide_model.blocks[0].mlp.fc1.out_features) == (192, 768)
+    assert vc.input_size(wide_model) == (1, 16, 16)
+    assert "64 images" in json.loads((tmp_path / "wide" / "config.json").read_text())["vitcompact"]["provenance"]["train"]
+    assert wide["info"]["stack"] == {"head_ratio": 0.0, "mlp_ratio": 0.5, "r": None, "epochs": 0, "lr": None,
+                                     "images": None}
+    assert {(a["model"], a["r"], a["training"], a["precision"]) for a in wide["aggregates"]} == {
+        (m, r, t, p) for m, t in (("dense", "none"), (study.STACK_MODEL, study.STACK_NO_TRAINING))
+        for r in (0, 2) for p in ("fp32", "int8")}
+    assert all(row["seed"] is None for row in wide["rows"])
+    assert wide["info"]["token_counts"] == {"2": [17, 13, 10, 8, 7, 7]}
+    assert (heads["stack-r2"], widths["stack-r2"]) == (3, 384)
     assert {(d, b) for d, _, b in timed} == {("dense-r0.fp32", 8)}
     saved = json.loads((tmp_path / "out" / "tokens.json").read_text())
-    assert saved["references"][0]["rows"] == ref["rows"] and len(ref["rows"]) == 14
+    assert saved["references"][0]["rows"] == ref["rows"] and len(ref["rows"]) == 14 and len(wide["rows"]) == 8
     assert "| compact | 1 | one-shot fine-tune with merging | int8 | 50.00 |" in (tmp_path / "out" / "tokens.md").read_text()
     assert (tmp_path / "out" / "tokens.png").stat().st_size > 0
 

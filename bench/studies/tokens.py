@@ -7,15 +7,18 @@ Speed (`vit_small_patch16_224`, random weights, batch 8 and 1): dense + ToMe r=1
 the heads, 30 % of the neurons, widths a multiple of 16), compact + r=13, and each with static INT8,
 timed against the dense FP32 ONNX, onnxruntime CPU, one thread, each pair interleaved in one run.
 
-Accuracy, on two trained references: the Fashion-MNIST reference (`--dense`, 16 patches + class
-token) and a 196-patch one (56 px, patch 4, 96 wide, 6 blocks) the study trains when
-`--dense196` is missing. Per reference: dense + ToMe at each r off the shelf (no training, the same
-for every seed); per seed, the one-shot compact model fine-tuned on `--limit` images, then ToMe at
+Accuracy, on three trained references: the Fashion-MNIST reference (`--dense`, 16 patches + class
+token) and two 196-patch ones (56 px, patch 4, 6 blocks of 3 heads) the study trains when missing:
+narrow (`--dense196`, 96 wide, MLP x2) and wide (`--dense196w`, 192 wide, MLP x4). Per reference:
+dense + ToMe at each r off the shelf (no training, the same for every seed). On the 16-patch and the
+narrow reference, per seed, the one-shot compact model fine-tuned on `--limit` images, then ToMe at
 each r applied off the shelf; and at `r*` (the largest r) the dense model and the one-shot compact
-model fine-tuned with merging on. On the 196-patch reference (merging on the decreasing schedule) also
-the deployment stack: refit compaction at `--stack-head-ratio` / `--stack-mlp-ratio` (2/3 of the heads:
-with 3 heads of 32 the 4x needs 1 head, measured), fine-tuned with merging at `r*` on `--stack-limit`
-images, distilled from the dense model. Every model is exported to ONNX and quantised (static INT8,
+model fine-tuned with merging on. On both 196-patch references (merging on the decreasing schedule)
+also the deployment stack: refit compaction (no training), on the narrow one at `--stack-head-ratio`
+/ `--stack-mlp-ratio` (2/3 of the heads: with 3 heads of 32 the 4x needs 1 head, measured) fine-tuned
+with merging at `r*` on `--stack-limit` images, distilled from the dense model; on the wide one at
+`--stack196w-head-ratio` / `--stack196w-mlp-ratio` with merging off the shelf at every r (or
+fine-tuned, `--stack196w-epochs`). Every model is exported to ONNX and quantised (static INT8,
 calibrated on its training images); test top-1 of both files comes from onnxruntime. Speed-ups are
 measured once per (model, r, precision) on the first seed's file against the dense FP32 ONNX at
 batch 8: the accuracy phase runs first, the timing phase after it, so run the study alone.
@@ -52,10 +55,38 @@ from .pareto import FASHION_ROOT, export_quiet, first
 SCHEMA = "vitcompact.tokens/1"
 SPEED_MODEL, SPEED_R = "vit_small_patch16_224", 13
 STATIC = Int8Config(mode="static", max_accuracy_drop=None)
-# The 196-patch reference: Fashion-MNIST at 56 px with patch 4, 96 wide, 6 blocks. Trained in two
-# stages so that two cores afford it: at 28 px (49 patches, a quarter of the tokens) to near
+# The 196-patch references: Fashion-MNIST at 56 px with patch 4, 6 blocks of 3 heads. Trained in two
+# stages so that two cores afford them: at 28 px (49 patches, a quarter of the tokens) to near
 # convergence, then at 56 px (position embeddings resampled to 14 x 14) for a short fine-tune.
-REFERENCE_196 = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 2.0}
+# The narrow one (96 wide, MLP x2) spends much of its time outside the linear layers, the wide one
+# (192 wide, MLP x4) mostly in them: there compaction and INT8 buy more (docs/results/tokens.md).
+NARROW_196 = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 2.0}
+WIDE_196 = {"patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the study trains a 196-patch reference it does not find: `dims` (its shape), `epochs` at
+    half the input size, then `finetune_epochs` at full size on the first `finetune_images` training
+    images (None: all)."""
+
+    dims: dict
+    epochs: int
+    finetune_epochs: int
+    finetune_images: int | None = None
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A reference's deployment stack: refit compaction at `head_ratio` / `mlp_ratio` (no training),
+    then `epochs` with merging on at r* on `limit` training images, distilled from the dense model at
+    `lr`. With no epochs the refit model is merged off the shelf at every r (one model for every seed)."""
+
+    head_ratio: float
+    mlp_ratio: float
+    epochs: int
+    lr: float
+    limit: int
 
 
 @dataclass(frozen=True)
@@ -66,7 +97,8 @@ class Reference:
     r_values: tuple[int, ...]
     test_limit: int | None = None  # test images evaluated (None: all)
     schedule: str = "constant"  # the merge schedule at every r
-    stack: bool = False  # also the deployment stack: refit compaction fine-tuned with merging (--stack-*)
+    one_shot: bool = True  # the one-shot compact model and the fine-tunes with merging, per seed
+    stack: Stack | None = None  # also the deployment stack
 
     @property
     def r_finetune(self) -> int:
@@ -107,6 +139,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stack-epochs", type=int, default=2, help="the stack's fine-tune with merging on")
     p.add_argument("--stack-lr", type=float, default=3e-4)
     p.add_argument("--stack-limit", type=int, default=20000, help="the stack's training images")
+    p.add_argument("--dense196w", type=Path, default=Path("runs/reference_fashion196w/dense"),
+                   help="the wide 196-patch reference (192 wide, MLP x4); trained here when missing")
+    p.add_argument("--skip-wide", action="store_true", help="no wide 196-patch reference")
+    p.add_argument("--r-values196w", default="20,24", help="r of the wide 196-patch reference")
+    p.add_argument("--train196w-epochs", type=int, default=8, help="its epochs at half the input size")
+    p.add_argument("--train196w-finetune-images", type=int, default=16000,
+                   help="then one epoch at --img196 on this many training images")
+    p.add_argument("--stack196w-head-ratio", type=float, default=0.0, help="heads its deployment stack removes")
+    p.add_argument("--stack196w-mlp-ratio", type=float, default=0.5)
+    p.add_argument("--stack196w-epochs", type=int, default=0,
+                   help="its fine-tune with merging on (0: the refit model, merging off the shelf at every r)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the timing")
     p.add_argument("--seconds", type=float, default=10.0, help="timing budget per pair (trained references)")
     p.add_argument("--speed-seconds", type=float, default=20.0, help="timing budget per pair (vit_small)")
@@ -138,31 +181,35 @@ def split_of(model: nn.Module, args: argparse.Namespace) -> vc.DataBundle:
                         batch_size=128, seed=0)
 
 
-def train_reference196(args: argparse.Namespace) -> None:
-    """The 196-patch reference: `--train196-epochs` at half the input size (a quarter of the tokens), then
-    `--train196-finetune-epochs` at `--img196` with the position embeddings resampled."""
+def train_reference196(args: argparse.Namespace, recipe: Recipe, path: Path) -> None:
+    """A 196-patch reference trained by `recipe` and saved at `path`: its epochs at half of `--img196` (a
+    quarter of the tokens), then at `--img196` with the position embeddings resampled."""
+    dims, epochs, finetune_epochs, finetune_images = (recipe.dims, recipe.epochs, recipe.finetune_epochs,
+                                                      recipe.finetune_images)
     started = time.perf_counter()
 
-    def fit(net: nn.Module, epochs: int, lr: float, warmup: float) -> vc.DataBundle:
+    def fit(net: nn.Module, epochs: int, lr: float, warmup: float, images: int | None = None) -> vc.DataBundle:
         seed_everything(0)
         split = split_of(net, args)
+        split = dataclasses.replace(split, train=first(split.train, images, True))
         vc.train(net, split, vc.TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup, seed=0),
                  description=f"196-patch reference, {vc.input_size(net)[1]} px")
         return split
 
     seed_everything(0)
-    low = vc.create_model("vit-fashion-tiny", img_size=args.img196 // 2, **REFERENCE_196)
-    model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **REFERENCE_196)
-    fit(low, args.train196_epochs, 1e-3, 1.0)
+    low = vc.create_model("vit-fashion-tiny", img_size=args.img196 // 2, **dims)
+    model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **dims)
+    fit(low, epochs, 1e-3, 1.0)
     state = low.state_dict()
-    side = args.img196 // REFERENCE_196["patch_size"]
+    side = args.img196 // dims["patch_size"]
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
     model.load_state_dict(state)
-    test = vc.evaluate(model, fit(model, args.train196_finetune_epochs, args.train196_finetune_lr, 0.1).test)
-    vc.save(model.eval(), args.dense196, provenance={
+    test = vc.evaluate(model, fit(model, finetune_epochs, args.train196_finetune_lr, 0.1, finetune_images).test)
+    images = "" if finetune_images is None else f" on {finetune_images} images"
+    vc.save(model.eval(), path, provenance={
         "stage": "train", "data": args.data, "test": test, "seconds": round(time.perf_counter() - started, 1),
-        "train": f"{args.train196_epochs} epochs at {args.img196 // 2} px (lr 1e-3), then "
-                 f"{args.train196_finetune_epochs} at {args.img196} px (lr {args.train196_finetune_lr})"})
+        "train": f"{epochs} epochs at {args.img196 // 2} px (lr 1e-3), then "
+                 f"{finetune_epochs} at {args.img196} px{images} (lr {args.train196_finetune_lr})"})
     print(f"196-patch reference: test top-1 {test['top1']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -177,16 +224,17 @@ def one_shot(dense: nn.Module, bundle: vc.DataBundle, seed: int, epochs: int,
 
 
 STACK_MODEL, STACK_TRAINING = "refit compact", "refit, fine-tuned with merging"
+STACK_NO_TRAINING = "refit, no training"
 
 
-def refit_stack(dense: nn.Module, bundle: vc.DataBundle, seed: int, merge: vc.TokenMergeConfig,
-                args: argparse.Namespace) -> nn.Module:
-    """The deployment stack's compact model: refit at the stack's ratios (no training), then fine-tuned
-    with `merge` on, distilled from the dense model, on `bundle`'s training images."""
-    config = vc.RefitConfig(head_ratio=args.stack_head_ratio, mlp_ratio=args.stack_mlp_ratio, seed=seed,
-                            finetune_epochs=args.stack_epochs, lr=args.stack_lr, token_merge=merge,
-                            finetune_token_merge=True,
-                            train=dataclasses.replace(vc.RefitConfig().train, progress=False))
+def refit_stack(dense: nn.Module, bundle: vc.DataBundle, seed: int, merge: vc.TokenMergeConfig | None,
+                stack: Stack) -> nn.Module:
+    """The deployment stack's compact model: refit at the stack's ratios (no training), then its epochs
+    (if any) with `merge` on, distilled from the dense model, on `bundle`'s training images."""
+    tune = {"token_merge": merge, "finetune_token_merge": True} if stack.epochs else {}
+    config = vc.RefitConfig(head_ratio=stack.head_ratio, mlp_ratio=stack.mlp_ratio, seed=seed,
+                            finetune_epochs=stack.epochs, lr=stack.lr,
+                            train=dataclasses.replace(vc.RefitConfig().train, progress=False), **tune)
     result = vc.prune(copy.deepcopy(dense), bundle, config)
     return vc.compact(result.model, result.masks).eval()
 
@@ -228,13 +276,36 @@ class Units:
         return self.done[key]
 
 
+def one_shot_rows(ref: Reference, dense: nn.Module, tune: vc.DataBundle, data: vc.DataBundle, folder: Path,
+                  seed: int, args: argparse.Namespace, units: Units) -> list[dict]:
+    """One seed's trained series: the dense model fine-tuned with merging at r*, the one-shot compact
+    model with merging off the shelf at every r, and the one-shot compact model fine-tuned with merging
+    at r*."""
+    r_star = ref.r_finetune
+    rows = [*units.run(f"{ref.slug}/seed{seed}/dense-ft-r{r_star}", lambda: evaluate(
+        dense_finetuned(dense, tune, seed, ref.merge(r_star), args), f"s{seed}-dense-ft-r{r_star}", folder, data,
+        model="dense", r=r_star, training="fine-tuned with merging", seed=seed))]  # a copy: units keeps its own
+
+    def compact_rows():
+        compact = one_shot(dense, tune, seed, args.finetune_epochs)
+        return [row for r in (0, *ref.r_values) for row in evaluate(
+            merged(compact, ref.merge(r)), f"s{seed}-compact-r{r}", folder, data, model="compact", r=r,
+            training="one-shot fine-tune" + (", merging off the shelf" if r else ""), seed=seed)]
+
+    rows += units.run(f"{ref.slug}/seed{seed}/compact", compact_rows)
+    return rows + units.run(f"{ref.slug}/seed{seed}/compact-ft-r{r_star}", lambda: evaluate(
+        one_shot(dense, tune, seed, args.finetune_epochs, ref.merge(r_star)), f"s{seed}-compact-ft-r{r_star}", folder,
+        data, model="compact", r=r_star, training="one-shot fine-tune with merging", seed=seed))
+
+
 def reference_rows(ref: Reference, args: argparse.Namespace, units: Units) -> tuple[list[dict], dict]:
     dense = vc.load(ref.dense).eval()
     split = split_of(dense, args)
     data = dataclasses.replace(split, val=first(split.val, args.val_limit, False),
                                test=first(split.test, ref.test_limit, False))
     tune = dataclasses.replace(data, train=first(split.train, args.limit, True))  # its checks on the same images
-    stack_data = dataclasses.replace(data, train=first(split.train, args.stack_limit, True))
+    stack = ref.stack
+    stack_data = dataclasses.replace(data, train=first(split.train, stack.limit, True)) if stack else None
     folder = ensure_dir(args.work / ref.slug)
     for r in ref.r_values:
         vc.models.token_merge.check_token_merge(dense, ref.merge(r))
@@ -243,34 +314,32 @@ def reference_rows(ref: Reference, args: argparse.Namespace, units: Units) -> tu
     for r in (0, *ref.r_values):  # no training: the same for every seed
         rows += units.run(f"{ref.slug}/dense-r{r}", lambda r=r: evaluate(
             merged(dense, ref.merge(r)), f"dense-r{r}", folder, data, model="dense", r=r, training="none", seed=None))
-    for seed in args.seeds:
-        rows += units.run(f"{ref.slug}/seed{seed}/dense-ft-r{r_star}", lambda seed=seed: evaluate(
-            dense_finetuned(dense, tune, seed, ref.merge(r_star), args), f"s{seed}-dense-ft-r{r_star}", folder, data,
-            model="dense", r=r_star, training="fine-tuned with merging", seed=seed))
-
-        def compact_rows(seed=seed):
-            compact = one_shot(dense, tune, seed, args.finetune_epochs)
+    if stack is not None and not stack.epochs:  # no training: one model for every seed
+        def stack_rows():
+            compact = refit_stack(dense, stack_data, 0, None, stack)
             return [row for r in (0, *ref.r_values) for row in evaluate(
-                merged(compact, ref.merge(r)), f"s{seed}-compact-r{r}", folder, data, model="compact", r=r,
-                training="one-shot fine-tune" + (", merging off the shelf" if r else ""), seed=seed)]
+                merged(compact, ref.merge(r)), f"stack-r{r}", folder, data, model=STACK_MODEL, r=r,
+                training=STACK_NO_TRAINING, seed=None)]
 
-        rows += units.run(f"{ref.slug}/seed{seed}/compact", compact_rows)
-        rows += units.run(f"{ref.slug}/seed{seed}/compact-ft-r{r_star}", lambda seed=seed: evaluate(
-            one_shot(dense, tune, seed, args.finetune_epochs, ref.merge(r_star)), f"s{seed}-compact-ft-r{r_star}", folder, data,
-            model="compact", r=r_star, training="one-shot fine-tune with merging", seed=seed))
-        if ref.stack:
+        rows += units.run(f"{ref.slug}/stack", stack_rows)
+    for seed in args.seeds:
+        if ref.one_shot:
+            rows += one_shot_rows(ref, dense, tune, data, folder, seed, args, units)
+        if stack is not None and stack.epochs:
             rows += units.run(f"{ref.slug}/seed{seed}/stack-r{r_star}", lambda seed=seed: evaluate(
-                refit_stack(dense, stack_data, seed, ref.merge(r_star), args), f"s{seed}-stack-r{r_star}", folder, data,
-                model=STACK_MODEL, r=r_star, training=STACK_TRAINING, seed=seed))
-    info = {"name": ref.name, "dense": str(ref.dense), "test_images": len(data.test.dataset), "r_values": list(ref.r_values), "r_finetune": r_star,
+                refit_stack(dense, stack_data, seed, ref.merge(r_star), stack), f"s{seed}-stack-r{r_star}", folder,
+                data, model=STACK_MODEL, r=r_star, training=STACK_TRAINING, seed=seed))
+    info = {"name": ref.name, "dense": str(ref.dense), "test_images": len(data.test.dataset),
+            "r_values": list(ref.r_values), "r_finetune": r_star,
             "tokens": vc.models.token_merge.model_token_counts(dense), "dense_macs": vc.count(dense).macs,
             "token_counts": {str(r): vc.models.token_merge.model_token_counts(dense, ref.merge(r))
                              for r in ref.r_values},
             "dense_structure": describe(dense), "schedule": ref.schedule}
-    if ref.stack:
-        info["stack"] = {"head_ratio": args.stack_head_ratio, "mlp_ratio": args.stack_mlp_ratio, "r": r_star,
-                         "epochs": args.stack_epochs, "lr": args.stack_lr,
-                         "images": len(stack_data.train.dataset)}
+    if stack is not None:
+        trained = bool(stack.epochs)
+        info["stack"] = {"head_ratio": stack.head_ratio, "mlp_ratio": stack.mlp_ratio, "r": r_star if trained else None,
+                         "epochs": stack.epochs, "lr": stack.lr if trained else None,
+                         "images": len(stack_data.train.dataset) if trained else None}
     return rows, info
 
 
@@ -407,7 +476,8 @@ def to_markdown(report: dict) -> str:
 SERIES = {("dense", "none"): ("o", "#1f77b4"), ("dense", "fine-tuned with merging"): ("s", "#1f77b4"),
           ("compact", "one-shot fine-tune"): ("o", "#d62728"),
           ("compact", "one-shot fine-tune, merging off the shelf"): ("^", "#d62728"),
-          ("compact", "one-shot fine-tune with merging"): ("s", "#d62728"), (STACK_MODEL, STACK_TRAINING): ("D", "#2ca02c")}
+          ("compact", "one-shot fine-tune with merging"): ("s", "#d62728"), (STACK_MODEL, STACK_TRAINING): ("D", "#2ca02c"),
+          (STACK_MODEL, STACK_NO_TRAINING): ("v", "#2ca02c")}
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -434,7 +504,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.set_xlabel("speed-up vs dense FP32 (onnxruntime, batch 8, 1 thread)")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     save_figure(fig, path)
     return path
@@ -447,12 +517,23 @@ def references(args: argparse.Namespace) -> list[Reference]:
                               args.test_limit))
     else:
         print(f"{args.dense} missing (make bench-reference): the 16-patch reference is skipped", flush=True)
-    if not args.dense196.is_dir():
-        train_reference196(args)
-    patches = (args.img196 // REFERENCE_196["patch_size"]) ** 2
-    refs.append(Reference(f"{patches}-patch reference ({args.img196} px, patch {REFERENCE_196['patch_size']})",
-                          f"fashion{patches}", args.dense196, ints(args.r_values196), args.test_limit196,
-                          args.schedule196, stack=True))
+    patches = (args.img196 // NARROW_196["patch_size"]) ** 2
+    narrow = Recipe(NARROW_196, args.train196_epochs, args.train196_finetune_epochs)
+    wide = Recipe(WIDE_196, args.train196w_epochs, 1, args.train196w_finetune_images)
+    for label, slug, path, recipe, r_values, stack, one_shot in (
+            ("", "", args.dense196, narrow, args.r_values196,
+             Stack(args.stack_head_ratio, args.stack_mlp_ratio, args.stack_epochs, args.stack_lr, args.stack_limit), True),
+            (", wide", "w", args.dense196w, wide, args.r_values196w,
+             Stack(args.stack196w_head_ratio, args.stack196w_mlp_ratio, args.stack196w_epochs, args.stack_lr,
+                   args.stack_limit), False)):
+        if slug and args.skip_wide:
+            continue
+        if not path.is_dir():
+            train_reference196(args, recipe, path)
+        dims = recipe.dims
+        refs.append(Reference(f"{patches}-patch reference{label} ({args.img196} px, patch {dims['patch_size']}, "
+                              f"{dims['embed_dim']} wide, MLP x{dims['mlp_ratio']:g})", f"fashion{patches}{slug}",
+                              path, ints(r_values), args.test_limit196, args.schedule196, one_shot, stack))
     return refs
 
 
