@@ -520,7 +520,7 @@ def references(args: argparse.Namespace) -> list[Reference]:
     patches = (args.img196 // NARROW_196["patch_size"]) ** 2
     narrow = Recipe(NARROW_196, args.train196_epochs, args.train196_finetune_epochs)
     wide = Recipe(WIDE_196, args.train196w_epochs, 1, args.train196w_finetune_images)
-    for label, slug, path, recipe, r_values, stack, one_shot in (
+    for label, slug, path, recipe, r_values, stack, trained_series in (
             ("", "", args.dense196, narrow, args.r_values196,
              Stack(args.stack_head_ratio, args.stack_mlp_ratio, args.stack_epochs, args.stack_lr, args.stack_limit), True),
             (", wide", "w", args.dense196w, wide, args.r_values196w,
@@ -533,7 +533,7 @@ def references(args: argparse.Namespace) -> list[Reference]:
         dims = recipe.dims
         refs.append(Reference(f"{patches}-patch reference{label} ({args.img196} px, patch {dims['patch_size']}, "
                               f"{dims['embed_dim']} wide, MLP x{dims['mlp_ratio']:g})", f"fashion{patches}{slug}",
-                              path, ints(r_values), args.test_limit196, args.schedule196, one_shot, stack))
+                              path, ints(r_values), args.test_limit196, args.schedule196, trained_series, stack))
     return refs
 
 
