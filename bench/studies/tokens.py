@@ -184,8 +184,6 @@ def split_of(model: nn.Module, args: argparse.Namespace) -> vc.DataBundle:
 def train_reference196(args: argparse.Namespace, recipe: Recipe, path: Path) -> None:
     """A 196-patch reference trained by `recipe` and saved at `path`: its epochs at half of `--img196` (a
     quarter of the tokens), then at `--img196` with the position embeddings resampled."""
-    dims, epochs, finetune_epochs, finetune_images = (recipe.dims, recipe.epochs, recipe.finetune_epochs,
-                                                      recipe.finetune_images)
     started = time.perf_counter()
 
     def fit(net: nn.Module, epochs: int, lr: float, warmup: float, images: int | None = None) -> vc.DataBundle:
@@ -197,19 +195,20 @@ def train_reference196(args: argparse.Namespace, recipe: Recipe, path: Path) -> 
         return split
 
     seed_everything(0)
-    low = vc.create_model("vit-fashion-tiny", img_size=args.img196 // 2, **dims)
-    model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **dims)
-    fit(low, epochs, 1e-3, 1.0)
+    low = vc.create_model("vit-fashion-tiny", img_size=args.img196 // 2, **recipe.dims)
+    model = vc.create_model("vit-fashion-tiny", img_size=args.img196, **recipe.dims)
+    fit(low, recipe.epochs, 1e-3, 1.0)
     state = low.state_dict()
-    side = args.img196 // dims["patch_size"]
+    side = args.img196 // recipe.dims["patch_size"]
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=(side, side), num_prefix_tokens=1)
     model.load_state_dict(state)
-    test = vc.evaluate(model, fit(model, finetune_epochs, args.train196_finetune_lr, 0.1, finetune_images).test)
-    images = "" if finetune_images is None else f" on {finetune_images} images"
+    test = vc.evaluate(model, fit(model, recipe.finetune_epochs, args.train196_finetune_lr, 0.1,
+                                  recipe.finetune_images).test)
+    images = "" if recipe.finetune_images is None else f" on {recipe.finetune_images} images"
     vc.save(model.eval(), path, provenance={
         "stage": "train", "data": args.data, "test": test, "seconds": round(time.perf_counter() - started, 1),
-        "train": f"{epochs} epochs at {args.img196 // 2} px (lr 1e-3), then "
-                 f"{finetune_epochs} at {args.img196} px{images} (lr {args.train196_finetune_lr})"})
+        "train": f"{recipe.epochs} epochs at {args.img196 // 2} px (lr 1e-3), then "
+                 f"{recipe.finetune_epochs} at {args.img196} px{images} (lr {args.train196_finetune_lr})"})
     print(f"196-patch reference: test top-1 {test['top1']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
