@@ -42,7 +42,8 @@ def test_nothing_pruned_reproduces_the_dense_model(family, settings):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
     x = input_for(model, 8, seed=99)
     torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-5)
-    assert all(f.after < 1e-4 and not f.fell_back for f in report.branches)
+    assert all(f.after < 1e-4 and not f.fell_back for f in report.branches + report.inputs)
+    assert len(report.inputs) == (0 if settings.target == "local" else 2 * len(model.blocks))
 
 
 def block_error(pruned, dense, x: torch.Tensor, index: int) -> float:
@@ -158,6 +159,69 @@ def test_cross_validation_keeps_weights_the_data_cannot_improve_and_follows_data
     assert cross_validated_ridge(fold_grams(many, exact, 1), w0, torch.zeros(3), 1e10) == FALLBACK_RIDGE
 
 
+def embedded(model, x: torch.Tensor) -> torch.Tensor:
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def assert_ridge_fit(layer: torch.nn.Linear, rows: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                     old: torch.nn.Linear, ridge: float) -> None:
+    """`layer`'s `rows` are the ridge fit of `target`'s `rows` by x Wᵀ + b (both (images, tokens, ·)),
+    pulled towards `old`'s rows by `ridge` times the mean diagonal of xᵀx, the bias unpenalised:
+    solved here from the explicit matrices in float64."""
+    x = torch.cat([x.flatten(0, 1).double(), torch.ones(x.shape[0] * x.shape[1], 1, dtype=torch.float64)], dim=1)
+    y = target[..., rows].flatten(0, 1).double()
+    k = x.shape[1] - 1
+    system = x.T @ x
+    penalty = torch.zeros(k + 1, dtype=torch.float64)
+    penalty[:k] = ridge * system.diagonal()[:k].mean()
+    start = torch.cat([old.weight[rows].double().T, old.bias[rows].double()[None]])
+    solution = torch.linalg.solve(system + torch.diag(penalty), x.T @ y + penalty[:, None] * start)
+    torch.testing.assert_close(layer.weight[rows].double(), solution[:k].T, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(layer.bias[rows].double(), solution[k], rtol=1e-3, atol=1e-4)
+
+
+def test_input_refit_is_the_least_squares_fit_of_the_dense_pre_activations():
+    dense = small_vit()
+    calib = images(dense, 64)
+    masks = pruned_masks(dense, calib)
+    model = copy.deepcopy(dense)
+    report = refit(model, masks, calib, RefitSettings(ridge=1e-4))
+    kept = masks.structure().blocks
+    x = torch.cat(calib)
+    with torch.no_grad():
+        h_p, h_d = embedded(model, x), embedded(dense, x)
+        # Block 0's attention sees the dense stream itself: the fit is exact (up to the rounding
+        # of a residual computed from the Gram's sums).
+        b_p, b_d = model.blocks[0], dense.blocks[0]
+        assert report.inputs[0].after < 1e-3
+        # Block 0's fc1, after the (refit) attention branch: the fit of the dense pre-activations.
+        a_p, a_d = h_p + b_p.attn(b_p.norm1(h_p)), h_d + b_d.attn(b_d.norm1(h_d))
+        assert_ridge_fit(b_p.mlp.fc1, torch.tensor(kept[0].neurons), b_p.norm2(a_p), b_d.mlp.fc1(b_d.norm2(a_d)),
+                         b_d.mlp.fc1, 1e-4)
+        # Block 1's qkv (the kept heads' q, k and v rows) on the refit block 0's output, all tokens.
+        heads, dim = torch.tensor(kept[1].heads), dense.blocks[1].attn.head_dim
+        columns = (heads[:, None] * dim + torch.arange(dim)).flatten()
+        rows = (torch.arange(3)[:, None] * dense.embed_dim + columns).flatten()
+        assert_ridge_fit(model.blocks[1].attn.qkv, rows, model.blocks[1].norm1(b_p(h_p)),
+                         dense.blocks[1].attn.qkv(dense.blocks[1].norm1(b_d(h_d))), dense.blocks[1].attn.qkv, 1e-4)
+    assert [(f.block, f.branch) for f in report.inputs] == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
+    assert all(f.after < f.before for f in report.inputs[1:])
+
+
+def test_without_input_refit_qkv_and_fc1_stay_the_masked_dense_ones():
+    dense = small_vit()
+    calib = images(dense, 32)
+    masks = pruned_masks(dense, calib)
+    masked = masks.apply_(copy.deepcopy(dense))
+    for settings in (RefitSettings(inputs=False), RefitSettings(target="local")):
+        model = copy.deepcopy(dense)
+        assert refit(model, masks, calib, settings).inputs == []
+        for name in ("attn.qkv.weight", "attn.qkv.bias", "mlp.fc1.weight", "mlp.fc1.bias"):
+            for block, reference in zip(model.blocks, masked.blocks):
+                assert torch.equal(block.get_parameter(name), reference.get_parameter(name)), name
+    assert vc.RefitConfig().settings().inputs and not vc.RefitConfig(refit_inputs=False).settings().inputs
+
+
 def test_refit_reports_the_ridge_of_each_layer():
     model = small_vit()
     calib = images(model, 48)
@@ -201,12 +265,14 @@ def test_forced_fallback_keeps_weights_and_compensates_bias():
     masks = pruned_masks(dense, calib)
     model = copy.deepcopy(dense)
     report = refit(model, masks, calib, RefitSettings(max_condition=1.0 + 1e-9))
-    assert len(report.fallbacks) == len(report.branches) == 4
+    assert len(report.branches) == len(report.inputs) == 4
+    assert report.fallbacks == [f"block {b} {branch}" for b in (0, 1) for branch in ("attention", "mlp")] + \
+        [f"block {b} {branch} input" for b in (0, 1) for branch in ("attention", "mlp")]
     masked = masks.apply_(copy.deepcopy(dense))
     for name, p in model.named_parameters():
         if name.endswith("weight"):
             assert torch.equal(p, dict(masked.named_parameters())[name]), name
-    assert all(f.after <= f.before + 1e-9 for f in report.branches)
+    assert all(f.after <= f.before + 1e-9 for f in report.branches + report.inputs)
 
 
 def test_nan_in_activations_is_a_data_error_naming_the_block_and_changes_nothing():

@@ -1,6 +1,7 @@
 """The refit's fast path (branches on their kept units alone, stored inputs, the last MLP on the
 tokens the classifier reads, batched Gram products) against the refit as first written: the
-masked full-width branches on all images at once, with float64 products."""
+masked full-width branches on all images at once, with float64 products, the input layers (qkv,
+fc1) solved the same way."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import torch
 from conftest import input_for, make_family
 
 import vitcompact as vc
-from vitcompact.pruning.refit import Gram, RefitSettings, cross_validated_ridge, kept_columns, refit, ridge_solve
-from vitcompact.pruning.refit_scores import (batch_moments, layer_scale, merged_moments, output_layer, read_tokens,
-                                             rows_of)
+from vitcompact.pruning.refit import (Gram, RefitSettings, cross_validated_ridge, input_layer, input_rows,
+                                     kept_columns, refit, ridge_solve)
+from vitcompact.pruning.refit_scores import batch_moments, layer_scale, merged_moments, output_layer, read_tokens
 
 SMALL = {"embed_dim": 32, "num_heads": 4}
 
@@ -24,8 +25,39 @@ def _branch(block, unit, h):
     return block.ls2(block.mlp(block.norm2(h)))
 
 
+def _fit(x, target, old_weight, old_bias, settings, emphasis=None):
+    """Ridge solve of target ≈ x Wᵀ + b (rows, ·), all rows in one batch; the ridge cross-validated
+    with image i in fold i mod folds where `settings` fixes none."""
+    gram = Gram(x.shape[-1], target.shape[-1], True)
+    gram.add(x.flatten(0, -2), target.flatten(0, -2))
+    ridge = settings.ridge
+    if ridge is None:
+        folds = [Gram(x.shape[-1], target.shape[-1], True) for _ in range(settings.folds)]
+        for k, fold in enumerate(folds):
+            fold.add(x[k::settings.folds].flatten(0, -2), target[k::settings.folds].flatten(0, -2))
+        ridge = cross_validated_ridge(folds, old_weight, old_bias, settings.max_condition, emphasis)
+    weight, bias, _ = ridge_solve(gram, old_weight, old_bias, ridge, settings.max_condition)
+    return weight, bias
+
+
+def _solve_input(block, dense_block, layout, kept, unit, streams, share, tokens, settings):
+    """The input layer's fit: all tokens for qkv; for the last fc1 those the classifier reads."""
+    pruned, dense, _ = streams
+    read = slice(None) if tokens is None or unit == "head" else tokens
+    pruned, dense = pruned[:, read], dense[:, read]
+    (norm, layer), (dense_norm, dense_layer) = input_layer(block, unit), input_layer(dense_block, unit)
+    rows = input_rows(layout, unit, kept_columns(layout, kept, unit))
+    target = (share * dense_layer(dense_norm(dense)) + (1 - share) * dense_layer(dense_norm(pruned)))[..., rows]
+    weight, bias = _fit(norm(pruned).double(), target.double(), dense_layer.weight[rows].double(),
+                        dense_layer.bias[rows].double(), settings)
+    layer.weight[rows] = weight.float()
+    layer.bias[rows] = bias.float()
+
+
 def _solve(block, dense_block, layout, kept, unit, streams, share, tokens, settings):
     pruned, dense, local = streams
+    if settings.inputs and share > 0:
+        _solve_input(block, dense_block, layout, kept, unit, streams, share, tokens, settings)
     layer = output_layer(block, unit)
     seen = []
     hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -39,17 +71,9 @@ def _solve(block, dense_block, layout, kept, unit, streams, share, tokens, setti
         target /= gamma
     columns = kept_columns(layout, kept, unit)
     x = seen[0][..., columns]
-    gram = Gram(columns.numel(), layer.out_features, True)
-    gram.add(rows_of(x, tokens), rows_of(target, tokens))
-    old_weight, old_bias = layer.weight[:, columns].double(), layer.bias.double()
-    ridge = settings.ridge
-    if ridge is None:  # image i in fold i mod folds, all images in one batch
-        folds = [Gram(columns.numel(), layer.out_features, True) for _ in range(settings.folds)]
-        for k, fold in enumerate(folds):
-            fold.add(rows_of(x[k::settings.folds], tokens), rows_of(target[k::settings.folds], tokens))
-        emphasis = None if gamma is None else gamma.double().square()
-        ridge = cross_validated_ridge(folds, old_weight, old_bias, settings.max_condition, emphasis)
-    weight, bias, _ = ridge_solve(gram, old_weight, old_bias, ridge, settings.max_condition)
+    read = slice(None) if tokens is None else tokens
+    weight, bias = _fit(x[:, read], target[:, read], layer.weight[:, columns].double(), layer.bias.double(), settings,
+                        None if gamma is None else gamma.double().square())
     layer.weight.zero_()
     layer.weight[:, columns] = weight.float()
     layer.bias.copy_(bias)
@@ -90,8 +114,10 @@ def test_fast_refit_equals_the_reference(family, settings, ratio):
     fast, slow = copy.deepcopy(model), copy.deepcopy(model)
     refit(fast, masks, calib, settings)
     reference_refit(slow, masks, calib, settings)
+    # The last MLP's fc1 and fc2, both fit on 160 class tokens at cross-validated ridges down to
+    # 1e-5, amplify float32 rounding the most (1.7e-5 of fc2's largest weight, layerscale at 0.25).
     for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-5 * float(q.detach().abs().max()), msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4 * float(q.detach().abs().max()), msg=name)
 
 
 def test_float32_products_stay_close_to_float64_when_the_mean_dwarfs_the_spread():

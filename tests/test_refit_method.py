@@ -44,10 +44,12 @@ def test_refit_prunes_without_training_and_compacts_exactly(trained):
     assert [len(b.heads) for b in result.structure.blocks] == [2, 2]
     assert result.masks.is_quasi_structured() and result.masks == vc.PruneMasks.from_weights(model)
     assert not any(r["phase"] in ("refit", "finetune") for r in result.metrics)  # no training pass
-    # The refit changed the kept output layers, never the kept inputs of a block.
-    assert not torch.equal(before["blocks.0.attn.proj.weight"], model.state_dict()["blocks.0.attn.proj.weight"])
+    # The refit changed the kept output layers and the kept rows of the input layers (refit_inputs).
+    after = model.state_dict()
+    assert not torch.equal(before["blocks.0.attn.proj.weight"], after["blocks.0.attn.proj.weight"])
     kept = result.structure.blocks[0].neurons
-    assert torch.equal(before["blocks.0.mlp.fc1.weight"][kept], model.state_dict()["blocks.0.mlp.fc1.weight"][kept])
+    assert not torch.equal(before["blocks.0.mlp.fc1.weight"][kept], after["blocks.0.mlp.fc1.weight"][kept])
+    assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
     small = vc.compact(model, result.masks).eval()
     x = torch.randn(4, *vc.input_size(small))
     with torch.no_grad():

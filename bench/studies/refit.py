@@ -32,6 +32,7 @@ def variants(finetune: int) -> dict[str, vc.PruneConfig]:
         "magnitude, no fine-tuning": vc.OneShotConfig(finetune_epochs=0, train=QUIET),
         "magnitude + 8 epochs": vc.OneShotConfig(finetune_epochs=8, train=QUIET),
         "refit local": vc.RefitConfig(refit_target="local", train=REFIT_QUIET),
+        "refit global, output layers only": vc.RefitConfig(refit_inputs=False, train=REFIT_QUIET),
         "refit global": vc.RefitConfig(refit_target="global", train=REFIT_QUIET),
         "refit mix 0.5": vc.RefitConfig(refit_target="mix", train=REFIT_QUIET),
         "fisher + refit global": vc.RefitConfig(criteria="fisher", train=REFIT_QUIET),

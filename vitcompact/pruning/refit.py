@@ -7,6 +7,10 @@ weights and bias that best reproduce a target stream:
 - `local`: the dense block run from the pruned model's input to the block;
 - `global`: the dense model's own stream, so that the block also absorbs earlier blocks' drift;
 - `mix`: `alpha` parts global, the rest local.
+Before that (`inputs`, with a global share) the branch's input layer, `attn.qkv` / `mlp.fc1`, is
+solved on its kept rows so that, from the pruned stream, its pre-activations reproduce the dense
+branch's on the dense stream: earlier blocks' drift is corrected before the nonlinearity
+(attention, GELU), which the output layer, linear in what comes out of it, cannot do.
 The normal equations are summed in float64 over batches (memory does not grow with the image
 count; `Gram` says in what precision each batch's products are taken) and solved with a ridge
 penalty towards the current weights, each layer's own ridge chosen by cross-validation on the
@@ -63,7 +67,8 @@ class RefitSettings:
     exceeds `max_condition`, or with a non-finite value, falls back to bias compensation: the
     weights are kept and the bias absorbs the mean of what the removed units added.
     `batch_size` images go through each forward pass; `num_images` caps the images read from the
-    calibration data (None: all of them)."""
+    calibration data (None: all of them). `inputs` also refits each branch's input layer (module
+    docstring; nothing to do for the local target)."""
 
     target: str = "global"
     alpha: float = 0.5
@@ -72,6 +77,7 @@ class RefitSettings:
     max_condition: float = 1e10
     batch_size: int = 32
     num_images: int | None = None
+    inputs: bool = True
 
     def __post_init__(self) -> None:
         one_of("refit target", self.target, TARGETS)
@@ -107,17 +113,21 @@ class BranchFit:
 
 @dataclass
 class RefitReport:
-    """What `refit` did: the number of calibration images and one `BranchFit` per refit layer."""
+    """What `refit` did: the number of calibration images, one `BranchFit` per refit output layer
+    (`branches`) and one per refit input layer (`inputs`)."""
 
     images: int
     branches: list[BranchFit] = field(default_factory=list)
+    inputs: list[BranchFit] = field(default_factory=list)
 
     @property
     def fallbacks(self) -> list[str]:
-        return [f"block {f.block} {f.branch}" for f in self.branches if f.fell_back]
+        return [f"block {f.block} {f.branch}" for f in self.branches if f.fell_back] + \
+            [f"block {f.block} {f.branch} input" for f in self.inputs if f.fell_back]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "branches": [asdict(f) for f in self.branches]}
+        return {"images": self.images, "branches": [asdict(f) for f in self.branches],
+                "inputs": [asdict(f) for f in self.inputs]}
 
 
 class Gram:
@@ -293,6 +303,19 @@ def kept_columns(block: BlockLayout, kept: BlockStructure, unit: str) -> torch.T
     return (heads[:, None] * block.head_dim + torch.arange(block.head_dim)).flatten()
 
 
+def input_rows(block: BlockLayout, unit: str, columns: torch.Tensor) -> torch.Tensor:
+    """The input layer's rows that feed the output layer's kept input `columns`: fc1's same rows,
+    or qkv's query, key and value rows of the kept heads (q | k | v)."""
+    if unit == "neuron":
+        return columns
+    return (torch.arange(3, device=columns.device)[:, None] * block.attn_dim + columns).flatten()
+
+
+def input_layer(block: nn.Module, unit: str) -> tuple[nn.Module, nn.Linear]:
+    """The branch's norm and input layer: (norm1, attn.qkv) or (norm2, mlp.fc1)."""
+    return (block.norm1, block.attn.qkv) if unit == "head" else (block.norm2, block.mlp.fc1)
+
+
 @dataclass
 class _Streams:
     """Residual streams over all calibration images: the pruned model's, the dense model's
@@ -342,7 +365,7 @@ def _kept_inputs(block: nn.Module, layout: BlockLayout, unit: str,
         return nn.Sequential(block.norm2, mlp)
     attn = copy.deepcopy(block.attn)
     qkv, heads = attn.qkv, columns.numel() // layout.head_dim
-    rows = (torch.arange(3, device=columns.device)[:, None] * layout.attn_dim + columns).flatten()  # q | k | v
+    rows = input_rows(layout, unit, columns)
     attn.qkv = _Linear(qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
     attn.num_heads, attn.attn_dim = heads, columns.numel()
     attn.proj = nn.Identity()
@@ -404,12 +427,22 @@ def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, inputs: Callable
     return grams
 
 
-def _solve_into(layer: nn.Linear, columns: torch.Tensor, folds: list[Gram], gamma: torch.Tensor | None,
-                settings: RefitSettings) -> tuple[float, float, bool, float]:
-    """Write the refit output layer; return the relative residuals before and after, whether the
-    solve fell back to bias compensation, and the ridge it was solved with."""
-    old_weight = layer.weight.detach()[:, columns].double()
-    old_bias = None if layer.bias is None else layer.bias.detach().double()
+@dataclass
+class _Solution:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    before: float  # relative residuals, see BranchFit
+    after: float
+    fell_back: bool
+    ridge: float
+
+
+def _solve(folds: list[Gram], old_weight: torch.Tensor, old_bias: torch.Tensor | None,
+           gamma: torch.Tensor | None, settings: RefitSettings) -> _Solution:
+    """The ridge solution of the `folds`' equations towards the current weights, its ridge
+    cross-validated unless `settings` fixes one; residuals weighted by `gamma`² (LayerScale)."""
+    old_weight = old_weight.detach().double()
+    old_bias = None if old_bias is None else old_bias.detach().double()
     gram = Gram.total(folds)
     emphasis = torch.ones_like(gram.yy) if gamma is None else gamma.double().square()
     ridge = settings.ridge if settings.ridge is not None else \
@@ -420,19 +453,67 @@ def _solve_into(layer: nn.Linear, columns: torch.Tensor, folds: list[Gram], gamm
     def relative(w: torch.Tensor, b: torch.Tensor | None) -> float:
         return (float((gram.residual(w, b) * emphasis).sum()) / total) ** 0.5 if total > 0 else 0.0
 
-    before, after = relative(old_weight, old_bias), relative(weight, bias)
+    return _Solution(weight, bias, relative(old_weight, old_bias), relative(weight, bias), fell_back, ridge)
+
+
+def _solve_into(layer: nn.Linear, columns: torch.Tensor, folds: list[Gram], gamma: torch.Tensor | None,
+                settings: RefitSettings) -> _Solution:
+    """Solve the output layer's kept input `columns` (the others zero) and its bias, and write them."""
+    solution = _solve(folds, layer.weight[:, columns], layer.bias, gamma, settings)
     new = torch.zeros_like(layer.weight)
-    new[:, columns] = weight.to(new.dtype)
+    new[:, columns] = solution.weight.to(new.dtype)
     layer.weight.copy_(new)
-    if bias is not None:
-        layer.bias.copy_(bias.to(layer.bias.dtype))
-    return before, after, fell_back, ridge
+    if solution.bias is not None:
+        layer.bias.copy_(solution.bias.to(layer.bias.dtype))
+    return solution
+
+
+def _check_finite(grams: list[Gram], block: BlockLayout, unit: str) -> None:
+    if not all(gram.finite() for gram in grams):
+        raise DataError(f"non-finite activations in block {block.index} ({BRANCHES[unit]}); check "
+                        "the calibration images for NaN or inf values")
+
+
+def _refit_input_layer(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: int, unit: str,
+                       rows: torch.Tensor, streams: _Streams, settings: RefitSettings) -> BranchFit:
+    """Solve the input layer's kept `rows` (and their bias) so that, on the pruned stream, they
+    reproduce the dense input layer's pre-activations on the global target's stream (the local
+    target's share: on the pruned stream itself), and write them."""
+    norm, layer = input_layer(pruned, unit)
+    dense_norm, dense_layer = input_layer(dense, unit)
+    weight, bias = dense_layer.weight[rows], None if dense_layer.bias is None else dense_layer.bias[rows]
+    images, length, width = streams.pruned.shape
+    folds = 1 if settings.ridge is not None else min(settings.folds, images)
+    grams = [Gram(width, rows.numel(), bias is not None, weight.device,
+                  _products(streams.pruned.dtype, images * length // folds, width + 1)) for _ in range(folds)]
+    share = settings.global_share
+    for part in streams.parts():
+        x = norm(streams.pruned[part])
+        target = share * F.linear(dense_norm(streams.dense[part]), weight, bias)
+        if share < 1:
+            target += (1 - share) * F.linear(dense_norm(streams.pruned[part]), weight, bias)
+        for k, gram in enumerate(grams):
+            first = (k - part.start) % folds
+            gram.add(rows_of(x[first::folds], None), rows_of(target[first::folds], None))
+    _check_finite(grams, block, unit)
+    solution = _solve(grams, layer.weight[rows], None if layer.bias is None else layer.bias[rows], None, settings)
+    layer.weight[rows] = solution.weight.to(layer.weight.dtype)
+    if solution.bias is not None:
+        layer.bias[rows] = solution.bias.to(layer.bias.dtype)
+    return BranchFit(block.index, BRANCHES[unit], kept, solution.before, solution.after, solution.fell_back,
+                     solution.ridge)
 
 
 def _refit_branch(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure, unit: str,
-                  streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None) -> BranchFit:
-    """Refit one branch's output layer, then move the pruned stream past the refit branch."""
+                  streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None,
+                  report: RefitReport) -> None:
+    """Refit one branch's input layer (`settings.inputs`, with a global target) and output layer,
+    then move the pruned stream past the refit branch."""
     columns = kept_columns(block, kept, unit).to(streams.pruned.device)
+    count = len(kept.heads if unit == "head" else kept.neurons)
+    if settings.inputs and streams.dense is not None and columns.numel():
+        report.inputs.append(_refit_input_layer(dense, pruned, block, count, unit, input_rows(block, unit, columns),
+                                                streams, settings))
     inputs = _kept_inputs(pruned, block, unit, columns)
     images, length, width = streams.pruned.shape
     # The output layer's inputs are kept for the second pass when they take no more memory than a
@@ -441,26 +522,24 @@ def _refit_branch(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept:
     folds = 1 if settings.ridge is not None else min(settings.folds, images)
     grams = _accumulate(dense, pruned, unit, inputs, columns.numel(), streams, settings.global_share, tokens, stored,
                         folds)
-    if not all(gram.finite() for gram in grams):
-        raise DataError(f"non-finite activations in block {block.index} ({BRANCHES[unit]}); check "
-                        "the calibration images for NaN or inf values")
+    _check_finite(grams, block, unit)
     layer = output_layer(pruned, unit)
-    before, after, fell_back, ridge = _solve_into(layer, columns, grams, layer_scale(pruned, unit), settings)
+    solution = _solve_into(layer, columns, grams, layer_scale(pruned, unit), settings)
     weight = layer.weight[:, columns]
     for part in streams.parts():
         x = stored[part] if stored is not None else inputs(streams.pruned[part])
         streams.pruned[part] += _branch_from_inputs(pruned, unit, x, weight)
-    return BranchFit(block.index, BRANCHES[unit], len(kept.heads if unit == "head" else kept.neurons),
-                     before, after, fell_back, ridge)
+    report.branches.append(BranchFit(block.index, BRANCHES[unit], count, solution.before, solution.after,
+                                     solution.fell_back, solution.ridge))
 
 
 def _refit_block(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: BlockStructure,
-                 streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None) -> list[BranchFit]:
+                 streams: _Streams, settings: RefitSettings, tokens: list[int] | slice | None,
+                 report: RefitReport) -> None:
     """Refit both branches of one block, then move the pruned stream past it. In the last block
     (`tokens`: those the classifier reads) the MLP runs on those tokens alone."""
     if streams.local is not None:
         streams.local.copy_(streams.pruned)
-    fits = []
     for unit in UNITS:
         if unit == "neuron" and tokens is not None:
             streams.keep_tokens(tokens)
@@ -470,14 +549,13 @@ def _refit_block(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: 
                 if stream is not None:
                     stream += _branch(owner, unit, stream)
             continue
-        fits.append(_refit_branch(dense, pruned, block, kept, unit, streams, settings, tokens))
-    return fits
+        _refit_branch(dense, pruned, block, kept, unit, streams, settings, tokens, report)
 
 
 def refit(model: nn.Module, masks: PruneMasks | Structure, calibration: Iterable[Any],
           settings: RefitSettings | None = None) -> RefitReport:
     """Mask `model` in place to the quasi-structured `masks` (or `structure`) and refit every
-    block's proj and fc2 on `calibration` (an iterable of image batches, or (images, labels)
+    block's proj and fc2 (and qkv and fc1, `settings.inputs`) on `calibration` (an iterable of image batches, or (images, labels)
     pairs; labels unused), on the model's device. On an error the model is left as it came."""
     settings = settings or RefitSettings()
     if isinstance(masks, Structure):
@@ -498,8 +576,8 @@ def refit(model: nn.Module, masks: PruneMasks | Structure, calibration: Iterable
             report = RefitReport(streams.pruned.shape[0])
             for block, kept in zip(masks.layout.blocks, structure.blocks):
                 tokens = read_tokens(model) if block.index == last else None
-                report.branches += _refit_block(dense.blocks[block.index], model.blocks[block.index], block,
-                                                kept, streams, settings, tokens)
+                _refit_block(dense.blocks[block.index], model.blocks[block.index], block, kept, streams, settings,
+                             tokens, report)
     except BaseException:
         model.load_state_dict(dense.state_dict())
         raise
