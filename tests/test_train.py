@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 from conftest import tiny
+from torch.utils.data import DataLoader, Subset
 from typer.testing import CliRunner
 
 import vitcompact as vc
 from vitcompact.cli.app import app
 from vitcompact.errors import ConfigError
 from vitcompact.training import MetricsLog, TrainConfig, evaluate, train
-from vitcompact.training.trainer import _lr_factor, distill_loss
+from vitcompact.training.trainer import _lr_factor, block_distill_loss, block_outputs, distill_loss
 
 FAST = dict(epochs=1, progress=False)
 
@@ -116,10 +118,70 @@ def test_distillation_loss_is_zero_for_identical_logits():
     assert float(distill_loss(x, x.flip(-1), 2.0)) > 0
 
 
+def stream_after_each_block(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    outputs = []
+    for block in model.blocks:
+        h = block(h)
+        outputs.append(h)
+    return outputs
+
+
+def test_block_outputs_records_each_block_and_leaves_no_hook():
+    model = tiny().eval()
+    x = torch.randn(3, *vc.input_size(model))
+    with torch.no_grad(), block_outputs(model) as seen:
+        model(x)
+    expected = stream_after_each_block(model, x)
+    assert len(seen) == len(expected) == 2 and all(torch.equal(a, b) for a, b in zip(seen, expected))
+    assert all(not block._forward_hooks for block in model.blocks)
+    with block_outputs(model, enabled=False) as nothing:
+        model(x)
+    assert nothing == []
+    with pytest.raises(ConfigError, match="distill_blocks needs a ViT with a `blocks` sequence; Linear has none"):
+        with block_outputs(nn.Linear(2, 2)):
+            pass
+
+
+def test_block_distill_loss_is_relative_to_the_teachers_stream_and_refuses_other_shapes():
+    t = [torch.randn(2, 5, 8), 100 * torch.randn(2, 5, 8)]
+    assert float(block_distill_loss(t, t)) == 0.0
+    # Twice the teacher's stream: an error equal to the stream in every block, whatever its scale.
+    assert float(block_distill_loss([2 * t[0], 2 * t[1]], t)) == pytest.approx(1.0, rel=1e-6)
+    assert float(block_distill_loss([2 * t[0], t[1]], t)) == pytest.approx(0.5, rel=1e-6)
+    with pytest.raises(ConfigError, match=r"block 0 gives \(2, 3, 8\) in the student and \(2, 5, 8\) in the teacher"):
+        block_distill_loss([torch.zeros(2, 3, 8)], t[:1])
+    with pytest.raises(ConfigError, match="the student ran 1 blocks, the teacher 2"):
+        block_distill_loss(t[:1], t)
+
+
+def test_block_distillation_adds_its_weighted_loss_to_the_soft_target_term(bundle):
+    """One step on one batch: the recorded loss grows by distill_blocks times the block loss of the
+    starting weights on that batch (the same seed gives both runs the same batch)."""
+    one = dataclasses.replace(bundle, train=DataLoader(Subset(bundle.train.dataset, range(32)), batch_size=32,
+                                                       collate_fn=bundle.train.collate_fn))
+    teacher = vc.create_model("vit-digits", depth=2)  # other random weights, the same shapes
+    batches = []
+    teacher.register_forward_pre_hook(lambda module, args: batches.append(args[0].detach().clone()))
+    losses = {}
+    for weight in (0.0, 3.0):
+        student = tiny()
+        config = TrainConfig(epochs=1, progress=False, precision="fp32", distill_alpha=0.5, distill_blocks=weight)
+        losses[weight] = train(student, one, config, teacher=teacher).epochs[0]["train_loss"]
+    assert torch.equal(batches[0], batches[1])
+    start = tiny().train()
+    with torch.no_grad():
+        expected = block_distill_loss(stream_after_each_block(start, batches[0]),
+                                      stream_after_each_block(teacher.eval(), batches[0]))
+    assert float(expected) > 0.1
+    assert losses[3.0] - losses[0.0] == pytest.approx(0.5 * 3.0 * float(expected), rel=1e-4)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("optimizer", "lamb", "unknown optimizer 'lamb'; choose one of: adamw, sgd"),
     ("lr", 0.0, "lr must be > 0, got 0.0"),
     ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\), got 1.0"),
+    ("distill_blocks", -1.0, "distill_blocks must be >= 0, got -1.0"),
 ])
 def test_bad_train_config_is_refused(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,8 +7,9 @@ and again after every optimiser step (AdamW's momentum and weight decay would ot
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,11 @@ class WeightMasks(Protocol):
 class TrainConfig:
     """How to train. `warmup_epochs` may be fractional and takes at most half the run (the rest
     decays to `min_lr` on a cosine); `clip_grad=None` disables clipping.
-    `distill_alpha` weighs the teacher's soft targets when a teacher is passed to `train`.
+    `distill_alpha` weighs the teacher's soft targets when a teacher is passed to `train`;
+    `distill_blocks` times the mean squared error of each block's output against the teacher's,
+    relative to the teacher's mean square and averaged over blocks, joins that soft-target term
+    (the student's blocks must give the teacher's shapes: a pruned model does, token merging
+    does not).
     `precision` is the autocast type of the forward pass: `auto` takes bf16 where the hardware
     computes it natively (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX; fp16 with loss
     scaling on older GPUs) and fp32 elsewhere (emulated bf16 is many times slower than fp32); on
@@ -73,6 +78,8 @@ class TrainConfig:
     deterministic: bool = knob(True, "Deterministic algorithms where torch has them.")
     distill_alpha: float = knob(0.5, "Weight of the teacher's soft targets when distilling.")
     distill_temperature: float = knob(2.0, "Distillation temperature.")
+    distill_blocks: float = knob(0.0, "Weight of the block outputs' distillation (relative mean squared error "
+                                      "against the teacher's, each block; 0: off).")
     progress: bool = knob(True, "Show progress bars.")
 
     def __post_init__(self) -> None:
@@ -91,6 +98,7 @@ class TrainConfig:
         in_range("cutmix", self.cutmix, 0.0)
         in_range("distill_alpha", self.distill_alpha, 0.0, 1.0)
         in_range("distill_temperature", self.distill_temperature, 0.0, low_open=True)
+        in_range("distill_blocks", self.distill_blocks, 0.0)
         seed("seed", self.seed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +182,40 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature
     t = temperature
     return F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                     reduction="batchmean", log_target=True) * (t * t)
+
+
+@contextmanager
+def block_outputs(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
+    """The outputs of `model.blocks`, in order, of the forward passes run inside the context
+    (nothing is recorded when not `enabled`)."""
+    outputs: list[torch.Tensor] = []
+    if not enabled:
+        yield outputs
+        return
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not len(blocks):
+        raise ConfigError(f"distill_blocks needs a ViT with a `blocks` sequence; {type(model).__name__} has none")
+    hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out)) for block in blocks]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def block_distill_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of ||s - t||² / ||t||² (per element means): each block counts alike
+    whatever the scale of its stream."""
+    if len(student) != len(teacher):
+        raise ConfigError(f"distill_blocks: the student ran {len(student)} blocks, the teacher {len(teacher)}")
+    losses = []
+    for k, (s, t) in enumerate(zip(student, teacher)):
+        if s.shape != t.shape:
+            raise ConfigError(f"distill_blocks: block {k} gives {tuple(s.shape)} in the student and "
+                              f"{tuple(t.shape)} in the teacher (token merging changes the shapes; turn one off)")
+        t = t.float()
+        losses.append(F.mse_loss(s.float(), t) / t.square().mean().clamp_min(1e-12))
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -273,13 +315,17 @@ def _step(model: nn.Module, run: _Session, config: TrainConfig, x: torch.Tensor,
     soft, value = None, 0.0
     if run.mixer is not None and len(y) % 2 == 0:
         x, soft = run.mixer(x, y)
+    blocks = teacher is not None and config.distill_blocks > 0
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-        logits = run.net(x)
+        with block_outputs(model, blocks) as student_blocks:
+            logits = run.net(x)
         loss = _loss(logits, y, soft, config.label_smoothing)
         if teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), block_outputs(teacher, blocks) as teacher_blocks:
                 t_logits = teacher(x).float()
             kd = distill_loss(logits.float(), t_logits, config.distill_temperature)
+            if blocks:
+                kd = kd + config.distill_blocks * block_distill_loss(student_blocks, teacher_blocks)
             loss = (1 - config.distill_alpha) * loss + config.distill_alpha * kd
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
