@@ -555,8 +555,9 @@ def _refit_block(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept: 
 def refit(model: nn.Module, masks: PruneMasks | Structure, calibration: Iterable[Any],
           settings: RefitSettings | None = None) -> RefitReport:
     """Mask `model` in place to the quasi-structured `masks` (or `structure`) and refit every
-    block's proj and fc2 (and qkv and fc1, `settings.inputs`) on `calibration` (an iterable of image batches, or (images, labels)
-    pairs; labels unused), on the model's device. On an error the model is left as it came."""
+    block's proj and fc2 (and qkv and fc1, `settings.inputs`) on `calibration` (an iterable of
+    image batches, or (images, labels) pairs; labels unused), on the model's device. On an error
+    the model is left as it came."""
     settings = settings or RefitSettings()
     if isinstance(masks, Structure):
         masks = structure_masks(model, masks)
