@@ -62,6 +62,15 @@ def _option_type(kind: Any) -> Any:
     return typing.Optional[str if typing.get_origin(kind) is tuple else kind]
 
 
+def _switch(flags: str, kind: Any) -> str:
+    """A yes/no field's flags as an on/off pair (`--x/--no-x`), so a default of true can be turned
+    off; other fields' flags unchanged."""
+    if kind != typing.Optional[bool] or "/" in flags:
+        return flags
+    first, *rest = flags.split()
+    return " ".join([f"{first}/--no-{first.removeprefix('--')}", *rest])
+
+
 def config_options(*groups: Fields) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a command `fn(..., given: dict[str, Any])` so typer sees its own parameters (minus
     `given`) followed by one option per offered field; `given` receives the options that were set."""
@@ -83,7 +92,7 @@ def config_options(*groups: Fields) -> Callable[[Callable[..., Any]], Callable[.
         if clash:
             raise ValueError(f"options {sorted(clash)} are both the command's own and a config's")
         generated = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                       default=typer.Option(None, *flag.split(), help=_escape(text),
+                                       default=typer.Option(None, *_switch(flag, kind).split(), help=_escape(text),
                                                             show_default=False))
                      for name, (_, flag, kind, text) in params.items()]
 

@@ -76,6 +76,20 @@ def test_cli_refit_from_a_flat_folder_of_unlabelled_images(tmp_path):
     assert vc.is_compact(vc.load(out)) is False and (out / "masks.safetensors").exists()
 
 
+def test_cli_turns_off_a_refit_default_with_its_no_flag(tmp_path):
+    folder = flat_folder(tmp_path / "calib", 80)
+    runs = {}
+    for name, extra in (("default", []), ("off", ["--no-refit-inputs", "--no-distill"]),
+                        ("on", ["--refit-inputs"])):
+        out = tmp_path / name
+        result = runner.invoke(app, ["prune", "vit-digits", "--method", "refit", "--calib-data", str(folder),
+                                     "--calib-images", "64", "--head-ratio", "0.5", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        run = json.loads((out / "run.json").read_text())
+        runs[name] = (run["refit_inputs"], run["distill"])
+    assert runs == {"default": (True, True), "off": (False, False), "on": (True, True)}
+
+
 @pytest.mark.parametrize("count,args,message", [
     (0, [], "holds no images"),
     (20, [], "the calibration data holds 18 images, fewer than one batch (64)"),
