@@ -90,6 +90,10 @@ class RefitSettings:
         if self.num_images is not None:
             integer("num_images", self.num_images, 1)
 
+    def fold_count(self, images: int) -> int:
+        """Cross-validation folds over `images` (1 where the ridge is fixed: nothing to choose)."""
+        return 1 if self.ridge is not None else min(self.folds, images)
+
     @property
     def global_share(self) -> float:
         """Weight of the global target (the rest goes to the local one)."""
@@ -399,6 +403,16 @@ def _products(dtype: torch.dtype, rows: int, columns: int) -> torch.dtype:
     return torch.float32
 
 
+def _add_by_fold(grams: list[Gram], part: slice, x: torch.Tensor, y: torch.Tensor,
+                 tokens: list[int] | slice | None) -> None:
+    """Add the images `part` of the calibration set (inputs `x`, targets `y`) to the fold Grams:
+    image i to fold i mod len(grams)."""
+    folds = len(grams)
+    for k, gram in enumerate(grams):
+        first = (k - part.start) % folds
+        gram.add(rows_of(x[first::folds], tokens), rows_of(y[first::folds], tokens))
+
+
 def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, inputs: Callable[[torch.Tensor], torch.Tensor],
                 kept: int, streams: _Streams, share: float, tokens: list[int] | slice | None,
                 stored: torch.Tensor | None, folds: int) -> list[Gram]:
@@ -421,9 +435,7 @@ def _accumulate(dense: nn.Module, pruned: nn.Module, unit: str, inputs: Callable
                 target += weight * stream[part]
         if gamma is not None:  # fit proj / fc2 before the LayerScale that follows them
             target /= torch.where(gamma == 0, torch.ones_like(gamma), gamma)
-        for k, gram in enumerate(grams):
-            first = (k - part.start) % folds
-            gram.add(rows_of(x[first::folds], tokens), rows_of(target[first::folds], tokens))
+        _add_by_fold(grams, part, x, target, tokens)
     return grams
 
 
@@ -483,7 +495,7 @@ def _refit_input_layer(dense: nn.Module, pruned: nn.Module, block: BlockLayout, 
     dense_norm, dense_layer = input_layer(dense, unit)
     weight, bias = dense_layer.weight[rows], None if dense_layer.bias is None else dense_layer.bias[rows]
     images, length, width = streams.pruned.shape
-    folds = 1 if settings.ridge is not None else min(settings.folds, images)
+    folds = settings.fold_count(images)
     grams = [Gram(width, rows.numel(), bias is not None, weight.device,
                   _products(streams.pruned.dtype, images * length // folds, width + 1)) for _ in range(folds)]
     share = settings.global_share
@@ -492,9 +504,7 @@ def _refit_input_layer(dense: nn.Module, pruned: nn.Module, block: BlockLayout, 
         target = share * F.linear(dense_norm(streams.dense[part]), weight, bias)
         if share < 1:
             target += (1 - share) * F.linear(dense_norm(streams.pruned[part]), weight, bias)
-        for k, gram in enumerate(grams):
-            first = (k - part.start) % folds
-            gram.add(rows_of(x[first::folds], None), rows_of(target[first::folds], None))
+        _add_by_fold(grams, part, x, target, None)
     _check_finite(grams, block, unit)
     solution = _solve(grams, layer.weight[rows], None if layer.bias is None else layer.bias[rows], None, settings)
     layer.weight[rows] = solution.weight.to(layer.weight.dtype)
@@ -519,7 +529,7 @@ def _refit_branch(dense: nn.Module, pruned: nn.Module, block: BlockLayout, kept:
     # The output layer's inputs are kept for the second pass when they take no more memory than a
     # residual stream (a head branch, or an MLP pruned to a quarter); wider ones are recomputed.
     stored = streams.pruned.new_empty(images, length, columns.numel()) if columns.numel() <= width else None
-    folds = 1 if settings.ridge is not None else min(settings.folds, images)
+    folds = settings.fold_count(images)
     grams = _accumulate(dense, pruned, unit, inputs, columns.numel(), streams, settings.global_share, tokens, stored,
                         folds)
     _check_finite(grams, block, unit)
