@@ -8,7 +8,7 @@ OUT ?= runs/demo
 # The research studies live in bench/studies/, outside the installed package.
 STUDY := PYTHONPATH=bench $(BIN)/python -m
 
-.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model bench-budget-accuracy bench-refit bench-refit-fashion bench-tokens clean
+.PHONY: setup demo test bench-latency bench-compact bench-train-speed bench-data-speed bench-data-memory bench-reference bench-pareto bench-int8 bench-latency-model bench-budget-accuracy bench-refit bench-refit-fashion bench-refit-calibration bench-tokens clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,13 @@ bench-refit-fashion: $(STAMP)
 	$(STUDY) studies.pareto --dense runs/reference_fashion/dense --shift 0 --limit 4000 \
 		--methods magnitude,oneshot,refit,refit-ft --global-at none --distill-at none --seeds 0,1,2 \
 		--states 2 --epochs-per-state 2 --finetune-epochs 4 --bench-seconds 5 --out docs/refit-fashion
+
+# Refit accuracy against the number of calibration images (--calib-images), on the Fashion-MNIST reference
+# (validation and test) and on digits (validation, 3 seeds): docs/refit-calibration.
+bench-refit-calibration: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	test -d runs/reference_fashion/dense || $(STUDY) studies.reference_fashion --out runs/reference_fashion --no-baselines
+	$(STUDY) studies.refit_calibration --dense runs/reference_fashion/dense --out docs/refit-calibration
 
 # Token merging stacked with compaction and static INT8 (docs/tokens): vit_small speed targets, and accuracy
 # against measured speed-up on the Fashion-MNIST reference and a 196-patch reference the study trains, 3 seeds.

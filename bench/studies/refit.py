@@ -40,6 +40,15 @@ def variants(finetune: int) -> dict[str, vc.PruneConfig]:
     }
 
 
+def digits_dense(seed: int, epochs: int) -> tuple[torch.nn.Module, vc.DataBundle]:
+    """A vit-digits model trained `epochs` on its seed's split (a quarter held out for validation)."""
+    seed_everything(seed)
+    dense = vc.create_model("vit-digits", num_classes=10)
+    data = vc.load_data_for(dense, "digits", seed=seed, val_fraction=0.25)
+    vc.train(dense, data, vc.TrainConfig(epochs=epochs, seed=seed, progress=False))
+    return dense, data
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1")
@@ -50,10 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     rows, started = [], time.perf_counter()
     for seed in (int(s) for s in args.seeds.split(",")):
-        seed_everything(seed)
-        dense = vc.create_model("vit-digits", num_classes=10)
-        data = vc.load_data_for(dense, "digits", seed=seed, val_fraction=0.25)
-        vc.train(dense, data, vc.TrainConfig(epochs=args.dense_epochs, seed=seed, progress=False))
+        dense, data = digits_dense(seed, args.dense_epochs)
         rows.append({"seed": seed, "variant": "dense", "ratio": "0/0", "val_top1": vc.evaluate(dense, data.val)["top1"]})
         for ratio in args.ratios.split(","):
             head, mlp = (float(v) for v in ratio.split("/"))
