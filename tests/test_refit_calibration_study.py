@@ -15,7 +15,8 @@ def test_calibration_study_runs_each_seed_ratio_and_count_and_writes_its_files(t
     # more images than the training split holds: the run reads them all, and says how many
     assert all(r["images"] < 5000 for r in rows[1::2]) and rows[1]["images"] == rows[3]["images"]
     assert all(0.0 <= r["val_top1"] <= 1.0 and r["seconds"] > 0 and "test_top1" not in r for r in rows)
-    assert json.loads((tmp_path / "refit-calibration.json").read_text())["rows"] == rows
+    saved = json.loads((tmp_path / "refit-calibration.json").read_text())
+    assert saved["rows"] == rows and saved["environment"]["backend"] == "torch-cpu" and saved["environment"]["cpu"]
     table = (tmp_path / "refit-calibration.md").read_text()
     assert "fashion-mnist" not in table and "| 64 | " in table
     assert (tmp_path / "refit-calibration.png").stat().st_size > 0

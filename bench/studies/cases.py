@@ -66,10 +66,10 @@ def time_pair(dense_onnx: str | Path, other: str | Path, batch: int, threads: in
 
 
 def write_study(out: Path, name: str, report: dict[str, Any], threads: int, markdown: Callable[[dict], str],
-                plot: Callable[[dict, Path], Any]) -> dict[str, Any]:
-    """Record the machine in `report` (onnxruntime CPU at `threads`) and write `<name>.json`,
-    `<name>.md` and `<name>.png` into `out`."""
-    report["environment"] = environment({"backend": "ort-cpu", "threads": threads,
+                plot: Callable[[dict, Path], Any], backend: str = "ort-cpu") -> dict[str, Any]:
+    """Record the machine in `report` (`backend`, onnxruntime CPU by default, at `threads`) and write
+    `<name>.json`, `<name>.md` and `<name>.png` into `out`."""
+    report["environment"] = environment({"backend": backend, "threads": threads,
                                          "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     files = [out / f"{name}.{ext}" for ext in ("json", "md", "png")]
     write_json(files[0], report)

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 import vitcompact as vc
-from vitcompact.io import ensure_dir, save_figure, write_json, write_text
+from vitcompact.io import ensure_dir, save_figure
 
 from studies import pareto
+from studies.cases import write_study
 from studies.refit import REFIT_QUIET, digits_dense
 
 SCHEMA = "vitcompact.refit-calibration/1"
@@ -141,13 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     digits, dense["digits"] = digits_rows(args)
     rows += digits
     report = {"schema": SCHEMA, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "dense": dense,
-              "torch": torch.__version__, "seconds": time.perf_counter() - started}
-    out = ensure_dir(args.out)
-    write_json(out / "refit-calibration.json", report)
-    write_text(out / "refit-calibration.md", to_markdown(report))
-    plot(report, out / "refit-calibration.png")
+              "seconds": time.perf_counter() - started}
     print(to_markdown(report))
-    return report
+    return write_study(ensure_dir(args.out), "refit-calibration", report, torch.get_num_threads(), to_markdown, plot,
+                       backend="torch-cpu")
 
 
 if __name__ == "__main__":
