@@ -65,6 +65,11 @@ def time_pair(dense_onnx: str | Path, other: str | Path, batch: int, threads: in
             "speedup_low": b.speedup.low, "speedup_high": b.speedup.high, "rounds": b.rounds}
 
 
+def ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (a study's seeds, counts or r values)."""
+    return tuple(int(v) for v in text.split(","))
+
+
 def write_study(out: Path, name: str, report: dict[str, Any], threads: int, markdown: Callable[[dict], str],
                 plot: Callable[[dict, Path], Any], backend: str = "ort-cpu") -> dict[str, Any]:
     """Record the machine in `report` (`backend`, onnxruntime CPU by default, at `threads`) and write

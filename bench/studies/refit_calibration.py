@@ -26,14 +26,10 @@ import vitcompact as vc
 from vitcompact.io import ensure_dir, save_figure
 
 from studies import pareto
-from studies.cases import write_study
+from studies.cases import ints, write_study
 from studies.refit import REFIT_QUIET, digits_dense
 
 SCHEMA = "vitcompact.refit-calibration/1"
-
-
-def counts(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
 
 
 def refit_run(dense: torch.nn.Module, bundle: vc.DataBundle, ratio: tuple[float, float], images: int,
@@ -126,10 +122,10 @@ def plot(report: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", type=Path, default=Path("runs/reference_fashion/dense"))
-    p.add_argument("--counts", type=counts, default=counts("128,256,512,1024,2048,4000,8000,16000"))
+    p.add_argument("--counts", type=ints, default=ints("128,256,512,1024,2048,4000,8000,16000"))
     p.add_argument("--ratios", type=pareto.parse_ratios, default=pareto.parse_ratios("0.3/0.3,0.5/0.5,0.7/0.7"))
-    p.add_argument("--digits-counts", type=counts, default=counts("64,128,256,512,1024"))
-    p.add_argument("--digits-seeds", type=counts, default=counts("0,1,2"))
+    p.add_argument("--digits-counts", type=ints, default=ints("64,128,256,512,1024"))
+    p.add_argument("--digits-seeds", type=ints, default=ints("0,1,2"))
     p.add_argument("--digits-epochs", type=int, default=30)
     p.add_argument("--skip-fashion", action="store_true", help="digits only (no Fashion-MNIST reference needed)")
     p.add_argument("--out", type=Path, default=Path("runs/refit-calibration"))

@@ -49,7 +49,7 @@ from vitcompact.export import Int8Config, to_int8
 from vitcompact.io import ensure_dir, read_json, save_figure, write_json
 from vitcompact.training.seeding import seed_everything
 
-from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, time_pair, write_study
+from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, ints, time_pair, write_study
 from .pareto import FASHION_ROOT, export_quiet, first
 
 SCHEMA = "vitcompact.tokens/1"
@@ -160,10 +160,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     return args
-
-
-def ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
 
 
 def merged(model: nn.Module, merge: vc.TokenMergeConfig | None) -> nn.Module:
