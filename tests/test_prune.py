@@ -130,6 +130,20 @@ def test_global_selection_ranks_across_blocks_and_respects_min_keep():
     assert [len(k) for k in kept] == [3, 3, 3]
 
 
+def test_global_selection_ranks_one_scale_scores_as_they_are():
+    """Scores on one scale in every block (Fisher's: the loss's growth) are not normalised per
+    block: the slot goes to block 0's 10, not to block 1's 0.9 (1.35 times its block's mean)."""
+    scores = [torch.tensor([10.0, 10.0, 10.0]), torch.tensor([1.0, 0.9, 0.1])]
+    normalised = select_units(scores, ratio=0.5, mode="global", min_keep=1)
+    as_they_are = select_units(scores, ratio=0.5, mode="global", min_keep=1, one_scale=True)
+    assert [k.tolist() for k in normalised] == [[0], [0, 1]]
+    assert [k.tolist() for k in as_they_are] == [[0, 1], [0]]
+    assert [k.tolist() for k in select_units(scores, 0.5, "layer-wise", one_scale=True)] == [[0], [0]]  # unchanged
+    from vitcompact.pruning.criteria import on_one_scale
+    assert [on_one_scale(c) for c in ("fisher", "activation", "magnitude")] == [True, False, False]
+    assert on_one_scale(lambda model, masks, ctx: []) is False  # a callable that does not say
+
+
 def test_global_regroup_ranks_heads_across_blocks():
     model = tiny_model()
     with torch.no_grad():  # block 1: one dominant head, three weak ones (relative to its own mean)

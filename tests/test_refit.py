@@ -358,3 +358,19 @@ def test_reconstruction_score_is_the_error_left_when_a_unit_is_removed_and_the_r
                 fit = torch.linalg.lstsq(design, y).solution
                 left = (y - design @ fit).square().sum() / len(x)
                 assert float(got[unit_index]) == pytest.approx(float(left), rel=1e-3), (block.index, unit)
+
+
+def test_fisher_scores_do_not_depend_on_how_many_images_share_a_backward_pass(monkeypatch):
+    """Each image's mask gradient is its own, so splitting a batch into passes (to bound memory)
+    gives the scores of one pass over the whole batch."""
+    from vitcompact.pruning import refit_scores
+    model = small_vit()
+    layout = vc.vit_layout(model)
+    calib = images(model, 32)
+    split = refit_scores.fisher_scores(model, layout, calib)  # 8 images a pass
+    monkeypatch.setattr(refit_scores, "FISHER_IMAGES_PER_PASS", 1000)
+    whole = refit_scores.fisher_scores(model, layout, calib)
+    assert refit_scores.FISHER_IMAGES_PER_PASS != 8 and len(calib[0]) == 16
+    for (h1, n1), (h2, n2) in zip(split, whole):
+        torch.testing.assert_close(h1, h2, rtol=1e-5, atol=0)
+        torch.testing.assert_close(n1, n2, rtol=1e-5, atol=0)

@@ -7,8 +7,8 @@ ratio (layer-wise selection) and pruning seed; `--global-at` adds global selecti
 Refill and one-shot run through `vc.prune` with PruneConfig's defaults for everything the study
 does not vary (one epoch budget for all three); `magnitude` regroups the dense weights by
 magnitude and cuts them, without training (one run: it has no seed); `refit` is `RefitConfig`
-(no training: activation scores on calibration images from the pruning split, least-squares refit
-of each block's output layers) and `refit-ft` the same followed by `--refit-finetune` epochs
+(no training, at its defaults: Fisher scores on calibration images from the pruning split selected
+globally, least-squares refit of each block's layers) and `refit-ft` the same followed by `--refit-finetune` epochs
 (docs/refit-fashion, issue 26). Each result is compacted;
 the compact model's test top-1, its ideal (MAC) speed-up and its onnxruntime CPU speed-up
 against the dense ONNX, timed interleaved, are reported. Layer-wise structures at one ratio have
@@ -191,9 +191,10 @@ def prune_config(point: Point, seed: int, args: argparse.Namespace) -> vc.PruneC
     quiet = dataclasses.replace(vc.TrainConfig(), progress=False)
     if point.method in REFIT_METHODS:
         calib = {} if args.calib_images is None else {"calib_images": args.calib_images}
-        return vc.RefitConfig(head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, mode=point.mode, seed=seed,
-                              train=dataclasses.replace(vc.RefitConfig().train, progress=False), finetune_epochs=args.refit_finetune if point.method == "refit-ft" else 0,
-                              **calib)
+        # Its own selection too (global): the ratios, not each block's share, are the study's.
+        return vc.RefitConfig(head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, seed=seed,
+                              train=dataclasses.replace(vc.RefitConfig().train, progress=False),
+                              finetune_epochs=args.refit_finetune if point.method == "refit-ft" else 0, **calib)
     return same_budget(point.method, args.states, args.epochs_per_state, args.finetune_epochs, train=quiet,
                        head_ratio=point.head_ratio, mlp_ratio=point.mlp_ratio, mode=point.mode,
                        distill=point.distill, seed=seed, **prune_overrides(args, point.method))

@@ -5,7 +5,8 @@ validation top-1 on digits (the test set is not read: this is where refit's defa
 
 For each seed a vit-digits model is trained (30 epochs), then pruned at each ratio by: one-shot
 magnitude with no fine-tuning, one-shot magnitude with its 8-epoch fine-tune, and `RefitConfig`
-with each refit target (and `--finetune 1`: one epoch after the refit).
+with each refit target, each criterion (activation, Fisher) and selection (layer-wise, global), and
+`--finetune 1`: one epoch after the refit.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from vitcompact.training.seeding import seed_everything
 
 QUIET = vc.TrainConfig(progress=False)
 REFIT_QUIET = dataclasses.replace(vc.RefitConfig().train, progress=False)  # refit's own (its fine-tune distils)
+# Refit's choice of units until December 2026 (then Fisher scores selected globally): the calibration
+# and token studies were measured with it and keep it, so that their published numbers reproduce.
+EARLIER_SELECTION = {"criteria": "activation", "mode": "layer-wise"}
 
 
 def variants(finetune: int) -> dict[str, vc.PruneConfig]:
@@ -35,7 +39,9 @@ def variants(finetune: int) -> dict[str, vc.PruneConfig]:
         "refit global, output layers only": vc.RefitConfig(refit_inputs=False, train=REFIT_QUIET),
         "refit global": vc.RefitConfig(refit_target="global", train=REFIT_QUIET),
         "refit mix 0.5": vc.RefitConfig(refit_target="mix", train=REFIT_QUIET),
-        "fisher + refit global": vc.RefitConfig(criteria="fisher", train=REFIT_QUIET),
+        "activation scores, layer-wise": vc.RefitConfig(**EARLIER_SELECTION, train=REFIT_QUIET),
+        "fisher scores, layer-wise": vc.RefitConfig(criteria="fisher", mode="layer-wise", train=REFIT_QUIET),
+        "activation scores, global": vc.RefitConfig(criteria="activation", mode="global", train=REFIT_QUIET),
         f"refit global + {finetune} epoch": vc.RefitConfig(finetune_epochs=finetune, train=REFIT_QUIET),
     }
 
@@ -67,8 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
                 config = type(config)(**{**vars(config), "head_ratio": head, "mlp_ratio": mlp, "seed": seed})
                 t0 = time.perf_counter()
                 result = vc.prune(copy.deepcopy(dense), data, config)
+                blocks = result.structure.blocks
                 rows.append({"seed": seed, "variant": name, "ratio": ratio, "val_top1": result.val["top1"],
-                             "seconds": time.perf_counter() - t0})
+                             "heads": sum(len(b.heads) for b in blocks),
+                             "neurons": sum(len(b.neurons) for b in blocks), "seconds": time.perf_counter() - t0})
                 print(f"seed {seed} {ratio} {name:<28} val {100 * result.val['top1']:.2f}", flush=True)
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
               "torch": torch.__version__, "seconds": time.perf_counter() - started}
@@ -93,6 +101,12 @@ def to_markdown(rows: list[dict]) -> str:
     lines = [f"Validation top-1 (%), mean over seeds; dense {100 * dense:.2f}.", "",
              "| method | " + " | ".join(ratios) + " |", "|---|" + "---:|" * len(ratios)]
     lines += [f"| {n} | " + " | ".join(f"{100 * means[(n, r)]:.2f}" for r in ratios) + " |" for n in names]
+    kept: dict[tuple[str, str], str] = {}
+    for r in (r for r in rows if "heads" in r):
+        kept.setdefault((r["variant"], r["ratio"]), f"{r['heads']} / {r['neurons']}")
+    lines += ["", "Kept heads / neurons, all blocks (the first seed; global selection may vary with the seed):", "",
+              "| method | " + " | ".join(ratios) + " |", "|---|" + "---:|" * len(ratios)]
+    lines += [f"| {n} | " + " | ".join(kept.get((n, r), "") for r in ratios) + " |" for n in names]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,8 @@
         --out docs/refit-calibration        (or `make bench-refit-calibration`)
 
 Prunes the converged Fashion-MNIST reference with `RefitConfig` at its defaults but for
-`calib_images`, at each head/MLP ratio and calibration count (the first N images of the
+`calib_images` and the choice of units (activation scores, layer-wise: `EARLIER_SELECTION`, with
+which this study was measured), at each head/MLP ratio and calibration count (the first N images of the
 training split, unaugmented, labels unused; the split of docs/refit-fashion), and reports
 validation and test top-1 and the seconds each run took. Then the same on digits (validation
 only, as studies.refit: a 30-epoch vit-digits model per seed; its training split holds about
@@ -27,14 +28,15 @@ from vitcompact.io import ensure_dir, save_figure
 
 from studies import pareto
 from studies.cases import ints, write_study
-from studies.refit import REFIT_QUIET, digits_dense
+from studies.refit import EARLIER_SELECTION, REFIT_QUIET, digits_dense
 
 SCHEMA = "vitcompact.refit-calibration/1"
 
 
 def refit_run(dense: torch.nn.Module, bundle: vc.DataBundle, ratio: tuple[float, float], images: int,
               test: bool) -> dict:
-    config = vc.RefitConfig(head_ratio=ratio[0], mlp_ratio=ratio[1], calib_images=images, train=REFIT_QUIET)
+    config = vc.RefitConfig(head_ratio=ratio[0], mlp_ratio=ratio[1], calib_images=images, train=REFIT_QUIET,
+                            **EARLIER_SELECTION)
     started = time.perf_counter()
     result = vc.prune(copy.deepcopy(dense), bundle, config)
     seconds = time.perf_counter() - started

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     rss_before = _peak_rss_mb()
     timing = time_refit(model, batches, config, args.batch_size)
     report = {"model": args.model, "data": args.data, "ratio": args.ratio, "target": args.target,
+              "criteria": config.criteria, "mode": config.mode,
               "batch_size": args.batch_size, "threads": torch.get_num_threads(), **timing,
               "peak_rss_mb": _peak_rss_mb(), "peak_rss_before_mb": rss_before,
               "cpu": cpu_features().model, "logical_cpus": os.cpu_count(),

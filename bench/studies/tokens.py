@@ -51,6 +51,7 @@ from vitcompact.training.seeding import seed_everything
 
 from .cases import RESEARCH, calibration_data, compact_model, dense_model, describe, ints, time_pair, write_study
 from .pareto import FASHION_ROOT, export_quiet, first
+from .refit import EARLIER_SELECTION
 
 SCHEMA = "vitcompact.tokens/1"
 SPEED_MODEL, SPEED_R = "vit_small_patch16_224", 13
@@ -228,7 +229,7 @@ def refit_stack(dense: nn.Module, bundle: vc.DataBundle, seed: int, merge: vc.To
     (if any) with `merge` on, distilled from the dense model, on `bundle`'s training images."""
     tune = {"token_merge": merge, "finetune_token_merge": True} if stack.epochs else {}
     config = vc.RefitConfig(head_ratio=stack.head_ratio, mlp_ratio=stack.mlp_ratio, seed=seed,
-                            finetune_epochs=stack.epochs, lr=stack.lr,
+                            finetune_epochs=stack.epochs, lr=stack.lr, **EARLIER_SELECTION,  # as measured
                             train=dataclasses.replace(vc.RefitConfig().train, progress=False), **tune)
     result = vc.prune(copy.deepcopy(dense), bundle, config)
     return vc.compact(result.model, result.masks).eval()

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..validate import integer, one_of, ratio
 from ..latency.budget import Allocation, LatencyBudget, allocate
-from .criteria import CRITERIA, Criterion, ScoreContext, score_units
+from .criteria import CRITERIA, Criterion, ScoreContext, on_one_scale, score_units
 from ..masks import PruneMasks, head_view
 from .selection import SELECTION_MODES, select_units
 
@@ -89,11 +89,13 @@ def regroup_with_allocation(model: nn.Module, masks: PruneMasks, config: Regroup
         heads = allocation.heads if config.target != "mlp" else None
         neurons = allocation.neurons if config.target != "head" else None
     else:
+        one_scale = on_one_scale(config.criteria)
         if config.target != "mlp":
-            heads = select_units([s[0] for s in scores], config.head_ratio, config.mode, config.min_keep)
+            heads = select_units([s[0] for s in scores], config.head_ratio, config.mode, config.min_keep,
+                                 one_scale=one_scale)
         if config.target != "head":
             neurons = select_units([s[1] for s in scores], config.mlp_ratio, config.mode, config.min_keep,
-                                   config.round_to)
+                                   config.round_to, one_scale)
     out = {}
     for i, block in enumerate(masks.layout.blocks):
         for name, m in masks.block_masks(block).items():

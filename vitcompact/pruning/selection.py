@@ -5,7 +5,8 @@ Rules, stated once:
   (ratio 0.3 keeps 2 of 3 heads and 268 of 384 neurons);
 - global keeps `max(sum of min_keeps, floor(N * (1 - ratio)))` units of all `N` together: each
   block first keeps its `min_keep` best, the rest go to the best per-layer-normalised scores
-  (score / mean score of its block, so layers compete fairly);
+  (score / mean score of its block, so layers compete fairly), or to the best scores as they are
+  where the criterion's scores share one scale in every block (`one_scale`: Fisher);
 - `round_to` then rounds every block's count up to a multiple (capped at `n`), taking the
   block's next-best units, so hardware-friendly widths never prune more than asked.
 Ties keep the lower index.
@@ -46,7 +47,7 @@ def _best(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_units(scores: list[torch.Tensor | None], ratio: float, mode: str = "layer-wise",
-                 min_keep: int = 1, round_to: int = 1) -> list[torch.Tensor | None]:
+                 min_keep: int = 1, round_to: int = 1, one_scale: bool = False) -> list[torch.Tensor | None]:
     """Sorted indices of the units to keep in each block (None where a block has no such units)."""
     if mode not in SELECTION_MODES:
         raise ConfigError(f"unknown selection mode {mode!r}; choose one of: {', '.join(SELECTION_MODES)}")
@@ -56,7 +57,7 @@ def select_units(scores: list[torch.Tensor | None], ratio: float, mode: str = "l
     if mode == "layer-wise":
         counts = [None if s is None else keep_count(s.numel(), ratio, min_keep) for s in scores]
     else:
-        counts = _global_counts(scores, ratio, min_keep)
+        counts = _global_counts(scores, ratio, min_keep, one_scale)
     kept: list[torch.Tensor | None] = []
     for s, k in zip(scores, counts):
         if s is None:
@@ -67,7 +68,8 @@ def select_units(scores: list[torch.Tensor | None], ratio: float, mode: str = "l
     return kept
 
 
-def _global_counts(scores: list[torch.Tensor | None], ratio: float, min_keep: int) -> list[int | None]:
+def _global_counts(scores: list[torch.Tensor | None], ratio: float, min_keep: int,
+                   one_scale: bool) -> list[int | None]:
     sizes = [0 if s is None else s.numel() for s in scores]
     reserved = [min(min_keep, n) for n in sizes]
     total_keep = max(sum(reserved), math.floor(sum(sizes) * (1.0 - ratio) + 1e-9))
@@ -75,7 +77,7 @@ def _global_counts(scores: list[torch.Tensor | None], ratio: float, min_keep: in
     for b, s in enumerate(scores):
         if s is None:
             continue
-        mean = s.double().mean()
+        mean = 1.0 if one_scale else s.double().mean()
         normalised = s.double() / mean if mean > 0 else torch.zeros_like(s, dtype=torch.float64)
         for rank, idx in enumerate(_best(s, s.numel()).tolist()):
             if rank >= reserved[b]:
