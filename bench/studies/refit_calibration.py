@@ -5,8 +5,8 @@
 
 Prunes the converged Fashion-MNIST reference with `RefitConfig` at its defaults but for
 `calib_images` and the choice of units (activation scores, layer-wise: `EARLIER_SELECTION`, with
-which this study was measured), at each head/MLP ratio and calibration count (the first N images of the
-training split, unaugmented, labels unused; the split of docs/refit-fashion), and reports
+which this study was measured), at each head/MLP ratio and calibration count (the first N images
+of the training split, unaugmented, labels unused; the split of docs/refit-fashion), and reports
 validation and test top-1 and the seconds each run took. Then the same on digits (validation
 only, as studies.refit: a 30-epoch vit-digits model per seed; its training split holds about
 1,000 images, so its counts stop there). No training anywhere but the digits dense models: a
