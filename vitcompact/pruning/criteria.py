@@ -38,11 +38,15 @@ def criterion(name: str, needs_data: bool = False, one_scale: bool = False) -> C
     return add
 
 
+def resolve(criteria: str | Criterion) -> Criterion:
+    """The named criterion, or the callable itself."""
+    return CRITERIA.get(criteria) if isinstance(criteria, str) else criteria
+
+
 def on_one_scale(criteria: str | Criterion) -> bool:
     """Whether the criterion's scores compare across blocks as they are (a callable that does not
     say so is normalised per block, as the built-in weight and activation criteria are)."""
-    fn = CRITERIA.get(criteria) if isinstance(criteria, str) else criteria
-    return bool(getattr(fn, "one_scale", False))
+    return bool(getattr(resolve(criteria), "one_scale", False))
 
 
 @dataclass
@@ -213,8 +217,7 @@ def reconstruction(model: nn.Module, masks: PruneMasks, ctx: ScoreContext) -> li
 def score_units(model: nn.Module, masks: PruneMasks, criteria: str | Criterion,
                 ctx: ScoreContext | None = None) -> list[BlockScores]:
     """Scores per block with the named criterion, or with a callable of the criterion signature."""
-    fn = CRITERIA.get(criteria) if isinstance(criteria, str) else criteria
-    return fn(model, masks, ctx or ScoreContext())
+    return resolve(criteria)(model, masks, ctx or ScoreContext())
 
 
 # The registered criteria that score on calibration data, by name (read from their declarations).

@@ -95,7 +95,7 @@ def regroup_with_allocation(model: nn.Module, masks: PruneMasks, config: Regroup
                                  one_scale=one_scale)
         if config.target != "head":
             neurons = select_units([s[1] for s in scores], config.mlp_ratio, config.mode, config.min_keep,
-                                   config.round_to, one_scale)
+                                   config.round_to, one_scale=one_scale)
     out = {}
     for i, block in enumerate(masks.layout.blocks):
         for name, m in masks.block_masks(block).items():
