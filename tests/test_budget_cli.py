@@ -86,6 +86,16 @@ def test_prune_to_a_speedup_writes_the_budget_report(tmp_path, synthetic_table):
     assert summary["latency_budget"]["requested_speedup"] == pytest.approx(2.0)
 
 
+def test_refit_to_a_budget_that_removes_a_whole_block(tmp_path, synthetic_table):
+    # Every block at 1 head and 32 neurons predicts 0.2 + 4 * 0.21 = 1.04 ms; 0.9 ms takes a whole
+    # block (a constant add) as the last resort, and the refit fits that block's branches to constants.
+    result = runner.invoke(app, ["prune", "vit-digits", "--data", "digits", "--method", "refit", "--round-to", "32",
+                                 "--latency-ms", "0.9", "--allow-missed-budget", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    shape = [tuple(b) for b in vc.Structure.load(tmp_path / "run" / "structure.json").shape()]
+    assert sorted(shape) == [(0, 0), (1, 32), (1, 32), (1, 32)]
+
+
 def test_a_budget_below_the_fixed_cost_is_refused_and_nothing_is_written(tmp_path, synthetic_table):
     out = tmp_path / "run"
     one_line_error(runner.invoke(app, [*PRUNE, "--latency-ms", "0.1", "--out", str(out)]),

@@ -71,6 +71,38 @@ def test_refit_lowers_the_block_error_of_plain_removal(settings):
     assert not report.fallbacks
 
 
+@pytest.mark.parametrize("branch", ["attention", "mlp"])
+def test_a_branch_with_every_unit_removed_is_refit_to_the_mean_of_the_dense_branch(branch):
+    # A latency budget may remove a whole branch (block removal). Block 0 keeps no head (or no
+    # neuron): the branch becomes its output layer's bias alone, which the refit sets to the mean
+    # over the calibration tokens of what the dense branch adds (block 0 sees the dense stream).
+    dense = small_vit()
+    calib = images(dense, 32)
+    masks = vc.PruneMasks.ones(dense)
+    names = ("attn.qkv", "attn.proj") if branch == "attention" else ("mlp.fc1", "mlp.fc2")
+    for name in names:
+        masks.masks[f"blocks.0.{name}.weight"].zero_()
+    model = copy.deepcopy(dense)
+    report = refit(model, masks, calib)
+    with torch.no_grad():
+        added = torch.cat([_added(dense, x, branch) for x in calib]).flatten(0, -2).double().mean(0)
+    output = model.get_submodule(f"blocks.0.{names[1]}")
+    torch.testing.assert_close(output.bias.double(), added, rtol=1e-4, atol=1e-6)
+    assert not any(model.get_submodule(f"blocks.0.{name}").weight.any() for name in names)
+    fit = next(f for f in report.branches if f.block == 0 and f.branch == branch)
+    assert fit.kept == 0 and fit.after < fit.before
+    vc.compact(model, masks)  # and the refit model compacts, the branch a constant
+
+
+def _added(model, x: torch.Tensor, branch: str) -> torch.Tensor:
+    """What block 0's `branch` adds to the dense model's stream on images `x`."""
+    block = model.blocks[0]
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    if branch == "attention":
+        return block.attn(block.norm1(h))
+    return block.mlp(block.norm2(h + block.attn(block.norm1(h))))
+
+
 def test_gram_accumulated_in_batches_equals_one_batch():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 7, generator=g), torch.randn(200, 3, generator=g)

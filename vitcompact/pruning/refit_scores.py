@@ -106,7 +106,7 @@ def read_tokens(model: nn.Module) -> list[int] | slice | None:
 def rows_of(x: torch.Tensor, tokens: list[int] | slice | None) -> torch.Tensor:
     """(images, tokens, features) as (rows, features), keeping only `tokens`."""
     x = x if tokens is None else x[:, tokens]
-    return x.reshape(-1, x.shape[-1])
+    return x.flatten(0, -2)  # also with no features: a branch with every unit removed
 
 
 def scaled_output_weight(block: nn.Module, unit: str) -> torch.Tensor:
