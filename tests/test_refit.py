@@ -96,8 +96,7 @@ def test_a_branch_with_every_unit_removed_is_refit_to_the_mean_of_the_dense_bran
 
 def _added(model, x: torch.Tensor, branch: str) -> torch.Tensor:
     """What block 0's `branch` adds to the dense model's stream on images `x`."""
-    block = model.blocks[0]
-    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    block, h = model.blocks[0], embedded(model, x)
     if branch == "attention":
         return block.attn(block.norm1(h))
     return block.mlp(block.norm2(h + block.attn(block.norm1(h))))
