@@ -3,19 +3,18 @@
 Run: PYTHONPATH=bench python -m studies.pareto --dense runs/reference_fashion/dense --out docs/pareto
 (or `make bench-pareto`). Every method prunes a copy of one trained dense model at each head/MLP
 ratio (layer-wise selection; refit at its own, global) and pruning seed; `--global-at` adds global
-selection and `--distill-at` distillation from the dense model, at one ratio each, as extra
-series. RSST,
-Refill and one-shot run through `vc.prune` with PruneConfig's defaults for everything the study
-does not vary (one epoch budget for all three); `magnitude` regroups the dense weights by
-magnitude and cuts them, without training (one run: it has no seed); `refit` is `RefitConfig`
-(no training, at its defaults: Fisher scores on calibration images from the pruning split selected
+selection and `--distill-at` distillation from the dense model, at one ratio each, as extra series.
+RSST, Refill and one-shot run through `vc.prune` with PruneConfig's defaults for everything the
+study does not vary (one epoch budget for all three); `magnitude` regroups the dense weights by
+magnitude and cuts them, without training (one run: it has no seed); `refit` is `RefitConfig` (no
+training, at its defaults: Fisher scores on calibration images from the pruning split selected
 globally, least-squares refit of each block's layers) and `refit-ft` the same followed by
-`--refit-finetune` epochs (docs/refit-fashion, issue 26). Each result is compacted;
-the compact model's test top-1, its ideal (MAC) speed-up and its onnxruntime CPU speed-up
-against the dense ONNX, timed interleaved, are reported. Layer-wise structures at one ratio have
-the same shapes, so each distinct shape is timed once and its points share that measurement.
-The pruning runs train on the first `--limit` images of the dense model's own training split
-(same split seed, same normalisation); validation and test sets stay whole.
+`--refit-finetune` epochs (docs/refit-fashion, issue 26). Each result is compacted; the compact
+model's test top-1, its ideal (MAC) speed-up and its onnxruntime CPU speed-up against the dense
+ONNX, timed interleaved, are reported. Layer-wise structures at one ratio have the same shapes, so
+each distinct shape is timed once and its points share that measurement. The pruning runs train on
+the first `--limit` images of the dense model's own training split (same split seed, same
+normalisation); validation and test sets stay whole.
 Writes `pareto.json`, `pareto.md` and `pareto.png`. A benchmark, not a test.
 """
 

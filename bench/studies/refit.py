@@ -102,8 +102,9 @@ def to_markdown(rows: list[dict]) -> str:
              "| method | " + " | ".join(ratios) + " |", "|---|" + "---:|" * len(ratios)]
     lines += [f"| {n} | " + " | ".join(f"{100 * means[(n, r)]:.2f}" for r in ratios) + " |" for n in names]
     kept: dict[tuple[str, str], str] = {}
-    for r in (r for r in rows if "heads" in r):
-        kept.setdefault((r["variant"], r["ratio"]), f"{r['heads']} / {r['neurons']}")
+    for row in rows:
+        if "heads" in row:  # not the dense rows
+            kept.setdefault((row["variant"], row["ratio"]), f"{row['heads']} / {row['neurons']}")
     lines += ["", "Kept heads / neurons, all blocks (the first seed; global selection may vary with the seed):", "",
               "| method | " + " | ".join(ratios) + " |", "|---|" + "---:|" * len(ratios)]
     lines += [f"| {n} | " + " | ".join(kept.get((n, r), "") for r in ratios) + " |" for n in names]
